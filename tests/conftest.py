@@ -1,0 +1,38 @@
+"""Shared fixtures: run the suite's scripts as a user would, with the tiny GPT-2 config."""
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_script(script, *args, cwd=None, timeout=300, env=None):
+    """Run ``python <script> args`` from the repo; return the CompletedProcess (text)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def read_cell(csv_path):
+    """The cell's rows and metadata."""
+    stem = os.path.splitext(str(csv_path))[0]
+    with open(stem + ".json") as f:
+        return pd.read_csv(csv_path), json.load(f)
+
+
+@pytest.fixture
+def generate(tmp_path):
+    """Run the request generator with the tiny model; returns (proc, csv_path)."""
+    def _run(*args, name="cell.csv", tiny=True, check=True):
+        out = tmp_path / name
+        extra = ["--tiny"] if tiny else []
+        proc = run_script("request_generator.py", *extra, "--quiet", "--output", out, *args)
+        if check:
+            assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc, out
+    return _run

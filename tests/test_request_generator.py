@@ -1,0 +1,174 @@
+"""The request generator: schema, exact counts, real concurrency, metadata, bad input, interruption."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT, read_cell, run_script
+import metrics
+import request_generator as rg
+
+
+def intervals_overlap(df):
+    """Number of request pairs whose generation intervals [t_start, t_end] overlap."""
+    iv = sorted(zip(df.t_start_s, df.t_end_s))
+    return sum(1 for i in range(len(iv)) for j in range(i + 1, len(iv)) if iv[j][0] < iv[i][1])
+
+
+@pytest.fixture(scope="module")
+def cell_c4(tmp_path_factory):
+    out = tmp_path_factory.mktemp("c4") / "baseline_c4.csv"
+    proc = run_script("request_generator.py", "--tiny", "--quiet", "--config", "baseline", "--concurrency", 4,
+                      "--num-requests", 8, "--max-new-tokens", 6, "--spacing-ms", 0, "--trials", 2,
+                      "--output", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    df, meta = read_cell(out)
+    return df, meta, proc
+
+
+def test_schema_and_counts(cell_c4):
+    df, meta, _ = cell_c4
+    assert list(df.columns) == rg.COLUMNS
+    assert len(df) == 16
+    assert sorted(df.trial.unique()) == [1, 2]
+    for _, g in df.groupby("trial"):
+        assert sorted(g.request_id) == list(range(8))  # the warm-up request is not among them
+    assert (df.status == "ok").all()
+    assert (df.output_tokens == 6).all()
+    assert (df.prompt_chars.between(27, 41)).all()
+    assert (df.gate_decision == "none").all()
+
+
+def test_derived_columns_match_timestamps(cell_c4):
+    df, _, _ = cell_c4
+    again = metrics.derive(df)
+    for col in ["queue_ms", "defer_ms", "sched_ms", "service_ms", "ttft_ms", "tpot_ms", "e2e_ms"]:
+        np.testing.assert_allclose(df[col], again[col], rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(df.e2e_ms, (df.t_end_s - df.t_submit_s) * 1000, atol=1e-6)
+    assert (df.e2e_ms >= df.service_ms).all()
+    parts = df.queue_ms + df.defer_ms + df.sched_ms + df.service_ms
+    np.testing.assert_allclose(parts, df.e2e_ms, atol=1e-6)
+    assert (df.t_submit_s <= df.t_dequeue_s).all() and (df.t_start_s <= df.t_first_token_s).all()
+    assert (df.t_first_token_s <= df.t_end_s).all()
+
+
+def test_requests_overlap_at_concurrency_4(cell_c4):
+    df, meta, _ = cell_c4
+    for _, g in df.groupby("trial"):
+        assert intervals_overlap(g) >= 1
+    assert meta["peak_in_flight"] >= 2
+
+
+def test_metadata(cell_c4):
+    df, meta, proc = cell_c4
+    assert meta["config"]["concurrency"] == 4 and meta["config"]["tiny"] is True
+    env = meta["environment"]
+    for key in ["git_commit", "git_dirty", "python", "versions", "torch_threads", "torch_interop_threads",
+                "thread_env", "cpu_model", "cpu_count", "mem_total_bytes", "kernel", "proc_self_cgroup",
+                "model"]:
+        assert key in env, key
+    assert set(env["versions"]) == {"torch", "transformers", "numpy"}
+    assert env["model"]["init_seed"] == 0 and env["model"]["pretrained"] is False
+    assert meta["counts"] == {"ok": 16, "rejected": 0, "failed": 0}
+    assert [t["trial"] for t in meta["trials"]] == [1, 2]
+    assert meta["warmup_s"] > 0 and meta["start_wall"] <= meta["end_wall"]
+    assert meta["interrupted"] is False
+    assert "p95 e2e" in proc.stderr  # the per-trial summary line
+
+
+def test_no_overlap_at_concurrency_1(generate):
+    _, out = generate("--concurrency", 1, "--num-requests", 4, "--max-new-tokens", 6, "--spacing-ms", 0)
+    df, meta = read_cell(out)
+    assert len(df) == 4 and intervals_overlap(df) == 0
+    assert meta["peak_in_flight"] == 1
+
+
+def test_124m_architecture_overlaps_at_default_spacing(generate):
+    """The issue's acceptance command: 8 ok rows, at least two of them overlapping in time."""
+    _, out = generate("--config", "baseline", "--concurrency", 4, "--num-requests", 8, "--max-new-tokens", 8,
+                      tiny=False)
+    df, meta = read_cell(out)
+    assert (df.status == "ok").sum() == 8 and (df.output_tokens == 8).all()
+    assert intervals_overlap(df) >= 1
+    assert meta["environment"]["model"]["n_params"] == 124_439_808
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--concurrency", "0"], "--concurrency must be >= 1"),
+    (["--num-requests", "0"], "--num-requests must be >= 1"),
+    (["--config", "nonsense"], "unknown config 'nonsense'"),
+    (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 1"),
+    (["--torch-threads", "two"], "--torch-threads must be"),
+    (["--prompts", "/nonexistent/prompts.txt"], "cannot read prompts file"),
+    (["--prompts", "EMPTY"], "has no prompts"),
+    (["--output", "/proc/forbidden/x.csv"], "cannot create output directory"),
+    (["--concurrency", "x"], "invalid int value"),
+])
+def test_bad_input_is_one_line_exit_2_and_no_files(tmp_path, args, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    args = [str(empty) if a == "EMPTY" else a for a in args]
+    out = tmp_path / "out" / "cell.csv"
+    if "--output" not in args:
+        args += ["--output", str(out)]
+    proc = run_script("request_generator.py", "--tiny", *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_sigint_keeps_finished_rows(tmp_path):
+    out = tmp_path / "cell.csv"
+    cmd = [sys.executable, os.path.join(ROOT, "request_generator.py"), "--tiny", "--quiet", "--concurrency", "2",
+           "--num-requests", "400", "--max-new-tokens", "40", "--spacing-ms", "0", "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if out.exists() and len(out.read_text().splitlines()) >= 4:  # header + 3 finished rows
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    df, meta = read_cell(out)
+    assert 3 <= len(df) < 400
+    assert list(df.columns) == rg.COLUMNS
+    assert (df.status == "ok").all() and (df.output_tokens == 40).all()  # only whole requests are rows
+    assert meta["interrupted"] is True and meta["counts"]["ok"] == len(df)
+
+
+def test_llm_server_runs_one_cell_with_the_papers_file_name(tmp_path):
+    proc = run_script("llm_server.py", "--config", "baseline", "--concurrency", 2, "--num-requests", 2,
+                      "--max-new-tokens", 2, "--tiny", "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    df, meta = read_cell(tmp_path / "results" / "baseline_c2.csv")
+    assert len(df) == 2 and meta["config"]["output"] == "results/baseline_c2.csv"
+
+
+def test_presets_and_explicit_flags():
+    cfg = rg.parse_config(["--config", "psi"])
+    assert cfg.admission == "gate" and cfg.psi_threshold == 95.0 and cfg.psi_interval_ms == 500
+    assert cfg.psi_max_checks == 10 and cfg.on_timeout == "admit" and cfg.output == "results/psi_c1.csv"
+    assert rg.parse_config(["--config", "psi", "--admission", "none"]).admission == "none"
+    assert rg.parse_config([]).admission == "none"
+    assert rg.parse_config(["--config", "limit1"]).concurrency_limit == 1
+    with pytest.raises(dataclasses_frozen_error()):
+        cfg.concurrency = 3
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+    return dataclasses.FrozenInstanceError
+
+
+def test_list_configs():
+    proc = run_script("request_generator.py", "--list-configs")
+    assert proc.returncode == 0
+    rows = dict(line.split() for line in proc.stdout.splitlines())
+    assert rows["baseline"] == "unlimited" and rows["cgroups"] == "limited" and rows["psi"] == "limited"
