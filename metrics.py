@@ -74,3 +74,17 @@ def min_samples_for(q: float, confidence: float = 0.95) -> int:
     if p >= 1:
         return np.iinfo(np.int64).max
     return int(np.ceil(np.log(1 - confidence) / np.log(p)))
+
+
+def ideal_fifo(t_submit_s, service_s) -> np.ndarray:
+    """End-to-end seconds of each request under a perfect one-at-a-time FIFO server taking ``service_s``
+    (one value, or one per request) for each: start_i = max(t_submit_i, end_{i-1}), end_i = start_i + S_i.
+    Requests are served in submission order; the result is in the input order."""
+    t = np.asarray(t_submit_s, dtype=float)
+    s = np.broadcast_to(np.asarray(service_s, dtype=float), t.shape)
+    e2e = np.empty_like(t)
+    end = -np.inf
+    for i in np.argsort(t, kind="stable"):
+        end = max(t[i], end) + s[i]
+        e2e[i] = end - t[i]
+    return e2e

@@ -14,6 +14,7 @@ import concurrent.futures as cf
 import csv
 import dataclasses
 import json
+import logging
 import math
 import os
 import platform
@@ -52,6 +53,8 @@ CONFIGS = {
     "psi_threads": dict(limited=True, admission="gate", torch_threads="auto"),
     "limit1": dict(limited=True, admission="limit", concurrency_limit=1, torch_threads="auto"),
     "adaptive": dict(limited=True, admission="adaptive", torch_threads="auto"),
+    "batch": dict(limited=True, batching="dynamic", torch_threads="auto"),
+    "batch_psi": dict(limited=True, batching="dynamic", admission="adaptive", torch_threads="auto"),
 }
 
 COLUMNS = ["trial", "request_id", "config", "concurrency", "prompt_id", "prompt_chars", "prompt_tokens",
@@ -77,6 +80,7 @@ class RunConfig:
     torch_threads: str | None = None
     warmup: bool = True
     quiet: bool = False
+    verbose: bool = False
     admission: str = "none"          # none | gate | limit | adaptive
     concurrency_limit: int = 1
     psi_threshold: float = 95.0
@@ -86,7 +90,9 @@ class RunConfig:
     psi_source: str = "system"
     psi_signal: str = "avg10"
     psi_mode: str = "poll"
-    psi_policy: str = "gate"
+    adaptive_low_pct: float = 20.0   # adaptive limit: add one below this pressure (%)
+    adaptive_high_pct: float = 90.0  # halve at or above this pressure (%)
+    adaptive_tolerance: float = 1.5  # halve when median service exceeds the minimum by this factor
     timeline_interval_ms: float = 250.0
     batching: str = "off"
     max_batch: int = 8
@@ -124,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", default=None, help="N, 'auto' (= the cgroup's CPU quota) or default")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every admission decision")
     p.add_argument("--admission", choices=["none", "gate", "limit", "adaptive"], default=None)
     p.add_argument("--concurrency-limit", type=int, default=None)
     p.add_argument("--psi-threshold", type=float, default=d.psi_threshold, help="percent")
@@ -133,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--psi-source", choices=["system", "cgroup"], default=d.psi_source)
     p.add_argument("--psi-signal", choices=["avg10", "total"], default=d.psi_signal)
     p.add_argument("--psi-mode", choices=["poll", "trigger"], default=d.psi_mode)
-    p.add_argument("--psi-policy", choices=["gate", "adaptive"], default=d.psi_policy)
+    p.add_argument("--psi-policy", choices=["gate", "adaptive"], default=None,
+                   help="the pressure-driven admission: the paper's gate or the adaptive limit (= --admission)")
+    p.add_argument("--adaptive-low-pct", type=float, default=d.adaptive_low_pct)
+    p.add_argument("--adaptive-high-pct", type=float, default=d.adaptive_high_pct)
+    p.add_argument("--adaptive-tolerance", type=float, default=d.adaptive_tolerance)
     p.add_argument("--timeline-interval-ms", type=float, default=d.timeline_interval_ms)
     p.add_argument("--batching", choices=["off", "dynamic"], default=None)
     p.add_argument("--max-batch", type=int, default=d.max_batch)
@@ -145,6 +156,9 @@ def parse_config(argv, default_output="results/{config}_c{concurrency}.csv") -> 
     """argv -> validated, frozen RunConfig. Raises UsageError with a one-line message."""
     a = vars(build_parser().parse_args(argv))
     a.pop("list_configs")
+    policy = a.pop("psi_policy")
+    if policy is not None and a["admission"] is None:
+        a["admission"] = policy
     if a["config"] not in CONFIGS:
         raise UsageError(f"unknown config {a['config']!r} (choose from {', '.join(CONFIGS)})")
     preset = {k: v for k, v in CONFIGS[a["config"]].items() if k != "limited"}
@@ -294,7 +308,7 @@ class CsvSink:
 
     def write(self, row: dict) -> None:
         import pandas as pd
-        derived = metrics.derive(pd.DataFrame([row])).iloc[0].to_dict()
+        derived = metrics.derive(pd.DataFrame([row]).reindex(columns=COLUMNS)).iloc[0].to_dict()
         clean = {k: ("" if derived.get(k) is None or (isinstance(derived.get(k), float)
                                                      and math.isnan(derived[k])) else derived[k])
                  for k in COLUMNS}
@@ -318,7 +332,10 @@ def make_admission(cfg: RunConfig):
     if cfg.admission == "none":
         return None
     import psi_admission
-    return psi_admission.build_admission(cfg)
+    try:
+        return psi_admission.build_admission(cfg)
+    except psi_admission.PsiUnavailable as e:
+        raise UsageError(str(e)) from None
 
 
 def make_timeline(cfg: RunConfig, trial: int, t0: float, state_fn):
@@ -446,6 +463,8 @@ def run(cfg: RunConfig) -> int:
     """Run every trial of one cell; return the exit status (130 if interrupted)."""
     from llm_server import Engine
     from tqdm import tqdm
+    logging.basicConfig(level=logging.DEBUG if cfg.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s")
     prompts = load_prompts(cfg)
     check_output(cfg.output)
     meta_path = cfg.stem + ".json"
@@ -455,6 +474,7 @@ def run(cfg: RunConfig) -> int:
     if cfg.batching != "off":
         import batch_engine
         engine = batch_engine.wrap(engine, cfg)
+    admission = make_admission(cfg)  # before any file is written: no PSI here fails cleanly
     probe = CgroupProbe()
     meta = {"config": dataclasses.asdict(cfg), "argv": sys.argv, "limited": CONFIGS[cfg.config]["limited"],
             "start_wall": datetime.now(timezone.utc).isoformat(), "environment": environment(engine),
@@ -467,14 +487,15 @@ def run(cfg: RunConfig) -> int:
     stop = threading.Event()
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     status = 0
-    admission = None
     try:
         if cfg.warmup:  # excluded from the results: first-call allocations and lazy initialisation
             w0 = time.monotonic()
             engine.generate(prompts[0], cfg.max_new_tokens, seed=cfg.seed)
             meta["warmup_s"] = time.monotonic() - w0
-        admission = make_admission(cfg)
         for trial in range(1, cfg.trials + 1):
+            if trial > 1 and admission is not None:  # trials are independent repeats: a fresh controller
+                admission.close()
+                admission = make_admission(cfg)
             with tqdm(total=cfg.num_requests, disable=cfg.quiet, file=sys.stderr, unit="req",
                       desc=f"{cfg.config} c={cfg.concurrency} trial {trial}") as bar:
                 t = Trial(cfg, engine, prompts, sink, admission, trial, stop, bar)

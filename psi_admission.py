@@ -1,0 +1,498 @@
+"""PSI-gated admission: pressure reading, the paper's gate, kernel triggers, a timeline sampler.
+
+    python psi_admission.py --show        # current pressure of every source, one JSON line
+    python psi_admission.py --bench       # admit() overhead and reaction times to a CPU step load (JSON)
+
+The gate (the paper): before each request, read /proc/pressure/cpu "some avg10"; at or below the
+threshold admit at once, else sleep the interval and check again; after the last of max_checks checks
+over the threshold admit anyway (on_timeout=admit, the paper) or reject (on_timeout=reject). Variants:
+source = the service's own cgroup, signal = stall share over the last interval from total= deltas,
+mode = a kernel PSI trigger (shared by all workers) deciding "over" instead of a read. Each decision is
+one DEBUG log line; run with -v to see them.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import csv
+import dataclasses
+import errno
+import json
+import logging
+import math
+import os
+import select
+import signal
+import sys
+import threading
+import time
+
+log = logging.getLogger("psi_admission")
+
+PSI_FIX = "boot with psi=1 on the kernel command line (needs CONFIG_PSI=y)"
+TRIGGER_WINDOW_S = 2.0   # unprivileged triggers need a window that is a multiple of 2 s
+MIN_DELTA_S = 0.1        # shortest stall-share delta (first check with no earlier sample)
+FAKE_ENV = "PSI_FAKE_PRESSURE"  # TEST HOOK: a constant pressure (percent) replaces every gate reading
+
+
+class PsiUnavailable(RuntimeError):
+    """No usable pressure file; the message names the file and the fix."""
+
+
+class TriggerUnavailable(RuntimeError):
+    """A kernel PSI trigger cannot be set up here; the message says why."""
+
+
+def parse_pressure(text: str) -> dict:
+    """PSI file text -> {"some": {avg10, avg60, avg300, total}, "full": {...} or None}. ValueError on garbage."""
+    out = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        kind, *fields = line.split()
+        try:
+            if kind not in ("some", "full") or kind in out:
+                raise ValueError
+            kv = dict(f.split("=", 1) for f in fields)
+            rec = {k: float(kv[k]) for k in ("avg10", "avg60", "avg300")}
+            rec["total"] = int(kv["total"])
+        except (KeyError, ValueError):
+            raise ValueError(f"unparseable PSI line {line.strip()!r}") from None
+        out[kind] = rec
+    if "some" not in out:
+        raise ValueError("no 'some' line in PSI text")
+    out.setdefault("full", None)
+    return out
+
+
+class PressureFile:
+    """One PSI file (/proc/pressure/<res> or a cgroup's <res>.pressure), re-read on every call."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self) -> dict:
+        try:
+            with open(self.path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise PsiUnavailable(f"{self.path} does not exist: no PSI on this kernel; {PSI_FIX}") from None
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP:
+                raise PsiUnavailable(f"{self.path}: PSI is disabled at boot; {PSI_FIX}") from None
+            raise PsiUnavailable(f"cannot read {self.path}: {e.strerror}") from None
+        return parse_pressure(text)
+
+    def avg10(self) -> float:
+        return self.read()["some"]["avg10"]
+
+    def total_us(self) -> int:
+        return self.read()["some"]["total"]
+
+
+def system_path(resource: str = "cpu") -> str:
+    return f"/proc/pressure/{resource}"
+
+
+def cgroup_path(resource: str = "cpu", proc_cgroup: str = "/proc/self/cgroup",
+                root: str = "/sys/fs/cgroup") -> str | None:
+    """<resource>.pressure of this process's v2 cgroup (the unified hierarchy on hybrid hosts), or None."""
+    try:
+        with open(proc_cgroup) as f:
+            rel = next(line[3:].strip() for line in f if line.startswith("0::"))
+    except (OSError, StopIteration):
+        return None
+    for base in (os.path.join(root, "unified"), root):
+        path = os.path.join(base, rel.lstrip("/"), f"{resource}.pressure")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+class StallShare:
+    """Stall share (%) over about the last `window_s`, from some total= deltas; one per source, shared by
+    all workers (a sample taken by one is the baseline of the next). With no sample at least MIN_DELTA_S
+    old (first check, or the last one went stale) it waits for a short fresh delta."""
+
+    def __init__(self, read_total, window_s: float, clock=time.monotonic, sleep=time.sleep):
+        self.read_total, self.clock, self.sleep = read_total, clock, sleep
+        self.window_s = max(window_s, MIN_DELTA_S)
+        self._hist = collections.deque()   # (t, total_us), oldest first
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            now, total = self.clock(), self.read_total()
+            h = self._hist
+            if h and now - h[0][0] > 4 * self.window_s and now - h[-1][0] > self.window_s:
+                h.clear()                                  # stale: the share would span an idle gap
+            if not h or now - h[0][0] < MIN_DELTA_S:
+                if not h:
+                    h.append((now, total))
+                self.sleep(MIN_DELTA_S - (now - h[0][0]))
+                now, total = self.clock(), self.read_total()
+            h.append((now, total))
+            while len(h) > 2 and now - h[1][0] >= self.window_s:
+                h.popleft()                                # keep one sample at least window_s old
+            t0, tot0 = h[0]
+            return 100.0 * (total - tot0) / max((now - t0) * 1e6, 1.0)
+
+
+class TriggerMonitor:
+    """A kernel PSI trigger "some <stall_us> <window_us>" on one pressure file, watched by a daemon
+    thread. Events come at most once per window while the stall stays over the threshold (every 2-4 s
+    here), so pressure counts as high until 2 windows after the last event."""
+
+    def __init__(self, path: str, threshold_pct: float, window_s: float = TRIGGER_WINDOW_S,
+                 poll_s: float = 0.5, clock=time.monotonic):
+        self.path, self.window_s, self.clock = path, window_s, clock
+        self.poll_ms = int(min(max(poll_s, 0.05), 1.0) * 1000)
+        window_us = int(window_s * 1e6)
+        self.stall_us = int(round(window_us * threshold_pct / 100.0))
+        if not 0 < self.stall_us <= window_us:
+            raise TriggerUnavailable(f"threshold {threshold_pct}% gives no valid stall time (0 < stall <= window)")
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        except OSError as e:
+            raise TriggerUnavailable(f"cannot open {path} read-write: {e.strerror}") from None
+        try:
+            os.write(self.fd, f"some {self.stall_us} {window_us}".encode() + b"\0")
+        except OSError as e:
+            os.close(self.fd)
+            why = {errno.EINVAL: "kernel refused the trigger (unprivileged windows must be a multiple of 2 s)",
+                   errno.EBUSY: "a trigger already exists on this file descriptor",
+                   errno.EOPNOTSUPP: f"PSI is disabled at boot; {PSI_FIX}",
+                   errno.EPERM: "not permitted", errno.EACCES: "not permitted"}.get(e.errno, e.strerror)
+            raise TriggerUnavailable(f"{path}: {why}") from None
+        self.last_event, self.error = None, None
+        self.fired = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="psi-trigger", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLPRI)
+        while not self._stop.is_set():
+            for _, ev in poller.poll(self.poll_ms):
+                if ev & (select.POLLERR | select.POLLNVAL | select.POLLHUP):
+                    self.error = f"POLLERR on {self.path}: the pressure file went away"
+                    return
+                if ev & select.POLLPRI:
+                    self.last_event = self.clock()
+                    self.fired.set()
+                    log.debug("trigger event on %s (stall >= %d us in %.0f s)", self.path, self.stall_us,
+                              self.window_s)
+
+    def high(self) -> bool:
+        return self.last_event is not None and self.clock() - self.last_event <= 2 * self.window_s + 0.5
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        os.close(self.fd)
+
+
+class Detector:
+    """Over the threshold? Poll: the read signal (avg10 or stall share) is above it. Trigger: the kernel
+    trigger fired recently; the check reads no file (reads racing the kernel's 2 s update starve
+    unprivileged triggers: reads every 10 ms here stopped all events), so the value is NaN. A trigger
+    that dies (POLLERR) falls back to polling, saying so once."""
+
+    def __init__(self, read, threshold: float, name: str, monitor: TriggerMonitor | None = None):
+        self.read, self.threshold, self.name, self.monitor = read, threshold, name, monitor
+        self._warned = False
+
+    def check(self) -> tuple[bool, float]:
+        m = self.monitor
+        if m is not None and not m.error:
+            return m.high(), math.nan
+        if m is not None and not self._warned:
+            self._warned = True
+            log.warning("%s; falling back to polling %s", m.error, self.name)
+        value = float(self.read())
+        return value > self.threshold, value
+
+    @property
+    def label(self) -> str:
+        m = self.monitor
+        return f"{m.path} trigger some {m.stall_us} {int(m.window_s * 1e6)}" if m and not m.error else self.name
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+
+def make_detector(source: str, sig: str, mode: str, threshold: float, interval_s: float, path=None):
+    """The detector for one gate configuration; PsiUnavailable (with the fix) if the file is unusable."""
+    path = path or (system_path("cpu") if source == "system" else cgroup_path("cpu"))
+    if path is None:
+        raise PsiUnavailable("no cgroup v2 cpu.pressure for this process (0:: line of /proc/self/cgroup); "
+                             "mount cgroup2 (unified) or use --psi-source system")
+    pf = PressureFile(path)
+    pf.read()
+    read = pf.avg10 if sig == "avg10" else StallShare(pf.total_us, interval_s)
+    name = f"{path} some {sig}"
+    if mode == "trigger":
+        try:
+            return Detector(read, threshold, name, TriggerMonitor(path, threshold, poll_s=interval_s))
+        except TriggerUnavailable as e:
+            log.warning("PSI trigger unavailable (%s); falling back to polling %s", e, name)
+    return Detector(read, threshold, name)
+
+
+@dataclasses.dataclass
+class Decision:
+    decision: str     # admitted | admitted_after_timeout | rejected
+    checks: int
+    pressure: float   # the signal's value at the decision (NaN: no reading: limit, trigger)
+
+
+class Admission:
+    """What each worker calls: admit() before its request, release() after it."""
+
+    def admit(self) -> Decision:
+        raise NotImplementedError
+
+    def release(self, service_s: float | None = None) -> None:
+        pass
+
+    def state(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class Gate(Admission):
+    """The paper's gate over any detector: check, defer while over, give up after max_checks checks."""
+
+    def __init__(self, detector, interval_s: float, max_checks: int, on_timeout: str = "admit",
+                 sleep=time.sleep, clock=time.monotonic):
+        if on_timeout not in ("admit", "reject"):
+            raise ValueError(f"on_timeout must be admit or reject, got {on_timeout!r}")
+        if max_checks < 1:
+            raise ValueError(f"max_checks must be >= 1, got {max_checks}")
+        self.detector, self.interval_s, self.max_checks = detector, interval_s, max_checks
+        self.on_timeout, self.sleep, self.clock = on_timeout, sleep, clock
+        self._waiting = 0
+        self._lock = threading.Lock()
+
+    def admit(self) -> Decision:
+        t0 = self.clock()
+        with self._lock:
+            self._waiting += 1
+        try:
+            for check in range(1, self.max_checks + 1):
+                over, value = self.detector.check()
+                if not over:
+                    dec = Decision("admitted", check, value)
+                    break
+                if check < self.max_checks:
+                    self.sleep(self.interval_s)
+            else:
+                dec = Decision("admitted_after_timeout" if self.on_timeout == "admit" else "rejected",
+                               self.max_checks, value)
+        finally:
+            with self._lock:
+                self._waiting -= 1
+        log.debug("%s checks=%d pressure=%.2f deferred=%.0fms [%s]", dec.decision, dec.checks, dec.pressure,
+                  (self.clock() - t0) * 1000, self.detector.label)
+        return dec
+
+    def state(self) -> dict:
+        return {"waiting": self._waiting}
+
+    def close(self) -> None:
+        self.detector.close()
+
+
+class Limit(Admission):
+    """A plain concurrency limit: FIFO, admit() waits until one of `limit` slots is free."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"concurrency limit must be >= 1, got {limit}")
+        self.limit, self._in_use, self._queue = limit, 0, collections.deque()
+        self._cv = threading.Condition()
+
+    def admit(self) -> Decision:
+        me = object()
+        with self._cv:
+            self._queue.append(me)
+            self._cv.wait_for(lambda: self._queue[0] is me and self._in_use < self.limit)
+            self._queue.popleft()
+            self._in_use += 1
+            self._cv.notify_all()
+        log.debug("admitted (limit %d, %d in use)", self.limit, self._in_use)
+        return Decision("admitted", 1, math.nan)
+
+    def release(self, service_s: float | None = None) -> None:
+        with self._cv:
+            self._in_use -= 1
+            self._cv.notify_all()
+
+    def state(self) -> dict:
+        return {"limit": self.limit, "waiting": len(self._queue)}
+
+
+def build_admission(cfg, read=None) -> Admission | None:
+    """The admission controller cfg asks for; `read` (or env PSI_FAKE_PRESSURE) injects the gate's signal."""
+    if cfg.admission == "none":
+        return None
+    if cfg.admission == "limit":
+        return Limit(cfg.concurrency_limit)
+    if cfg.admission == "adaptive":
+        import adaptive_control
+        return adaptive_control.build(cfg)
+    if cfg.admission != "gate":
+        raise ValueError(f"unknown admission {cfg.admission!r}")
+    interval_s = cfg.psi_interval_ms / 1000.0
+    fake = os.environ.get(FAKE_ENV)
+    if read is None and fake:  # TEST HOOK, never set in experiments
+        log.warning("%s=%s: the gate reads a constant fake pressure (test hook)", FAKE_ENV, fake)
+        read = lambda value=float(fake): value  # noqa: E731
+    if read is not None:
+        detector = Detector(read, cfg.psi_threshold, "injected")
+    else:
+        detector = make_detector(cfg.psi_source, cfg.psi_signal, cfg.psi_mode, cfg.psi_threshold, interval_s)
+    return Gate(detector, interval_s, cfg.psi_max_checks, cfg.on_timeout)
+
+
+TIMELINE_COLUMNS = ["t_s", "trial", "sys_cpu_some_avg10", "sys_cpu_some_total_us", "sys_cpu_some_pct",
+                    "cg_cpu_some_avg10", "cg_cpu_some_total_us", "cg_cpu_some_pct",
+                    "nr_periods", "nr_throttled", "throttled_usec", "in_flight", "waiting", "limit"]
+
+
+def _throttle_reader():
+    """cgroup_lib.read_counters of this process's cgroup as a no-argument callable, or None."""
+    try:
+        import cgroup_lib
+        info = cgroup_lib.own_cgroup()
+        cgroup_lib.read_counters(info)
+    except Exception as e:  # the timeline never fails a run: these columns stay empty
+        log.info("no throttling counters in the timeline: %s: %s", type(e).__name__, e)
+        return None
+    return lambda: cgroup_lib.read_counters(info)
+
+
+class TimelineSampler:
+    """Daemon thread appending one row every interval to <stem>_timeline.csv (header once, flushed)."""
+
+    def __init__(self, path, interval_ms, trial, state_fn, t0):
+        self.path, self.interval_s, self.trial, self.state_fn, self.t0 = path, interval_ms / 1000.0, trial, state_fn, t0
+        cg = cgroup_path("cpu")
+        self.sources = {"sys": PressureFile(system_path("cpu")), "cg": PressureFile(cg) if cg else None}
+        self.counters = _throttle_reader()
+        self._prev = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="psi-timeline", daemon=True)
+
+    def start(self) -> None:
+        new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+        self._f = open(self.path, "a", newline="")
+        self._w = csv.DictWriter(self._f, fieldnames=TIMELINE_COLUMNS, extrasaction="ignore")
+        if new:
+            self._w.writeheader()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._f.close()
+
+    def row(self) -> dict:
+        now = time.monotonic()
+        row = {"t_s": round(now - self.t0, 4), "trial": self.trial}
+        for key, pf in self.sources.items():
+            try:
+                some = pf.read()["some"] if pf else None
+            except (PsiUnavailable, ValueError):
+                some = None
+            if some is None:
+                continue
+            prev = self._prev.get(key)
+            self._prev[key] = (now, some["total"])
+            row.update({f"{key}_cpu_some_avg10": some["avg10"], f"{key}_cpu_some_total_us": some["total"]})
+            if prev and now > prev[0]:
+                row[f"{key}_cpu_some_pct"] = round(100.0 * (some["total"] - prev[1]) / ((now - prev[0]) * 1e6), 2)
+        try:
+            row.update({k: v for k, v in (self.counters() if self.counters else {}).items()
+                        if k in ("nr_periods", "nr_throttled", "throttled_usec")})
+            row.update(self.state_fn() or {})
+        except Exception as e:
+            log.debug("timeline row incomplete: %s", e)
+        return row
+
+    def _run(self) -> None:
+        deadline, stopped = time.monotonic(), False
+        while not stopped:                     # a row at start, every interval, and one at stop
+            self._w.writerow(self.row())
+            self._f.flush()
+            deadline += self.interval_s
+            stopped = self._stop.wait(max(0.0, deadline - time.monotonic()))
+        self._w.writerow(self.row())
+        self._f.flush()
+
+
+def show() -> dict:
+    """Current pressure of every available source."""
+    def read_all(path_of):
+        out = {}
+        for res in ("cpu", "memory", "io"):
+            path = path_of(res)
+            try:
+                out[res] = PressureFile(path).read() if path else None
+            except (PsiUnavailable, ValueError) as e:
+                out[res] = {"error": str(e)}
+        return out
+    cg = cgroup_path("cpu")
+    counters = _throttle_reader()
+    return {"system": read_all(system_path),
+            "cgroup": {"dir": os.path.dirname(cg), **read_all(cgroup_path)} if cg else None,
+            "throttling": counters() if counters else None}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv=None) -> int:
+    p = _Parser(prog="psi_admission.py", description=__doc__.split("\n\n")[0])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--show", action="store_true", help="current pressure of every source, one JSON line")
+    g.add_argument("--bench", action="store_true", help="admit() overhead and reaction times (JSON)")
+    p.add_argument("--bench-threshold", type=float, default=50.0, help="percent, besides the paper's 95")
+    p.add_argument("--bench-seconds", type=float, default=40.0, help="longest step load")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every decision and trigger event")
+    a = p.parse_args(argv)
+    if not 0 < a.bench_threshold <= 100 or not 0 < a.bench_seconds <= 300:
+        p.error("--bench-threshold must be in (0, 100] and --bench-seconds in (0, 300]")
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    errors = (PsiUnavailable, OSError)
+    with contextlib.suppress(ImportError):
+        import cgroup_lib
+        errors += (cgroup_lib.CgroupError,)
+    try:
+        if a.show:
+            PressureFile(system_path("cpu")).read()
+            print(json.dumps(show()))
+        else:
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            import psi_bench
+            print(json.dumps(psi_bench.bench(a.bench_threshold, a.bench_seconds)))
+    except errors as e:
+        print(f"psi_admission.py: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("psi_admission.py: interrupted; load stopped and cgroup removed", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""PSI parsing, the gate with an injected pressure source, the limit, triggers and the timeline sampler."""
+import csv
+import errno
+import logging
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import pytest
+
+from conftest import read_cell, run_script
+import psi_admission as pa
+
+CPU_SAMPLE = ("some avg10=1.26 avg60=0.43 avg300=0.52 total=3345418\n"
+              "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+OLD_CPU_SAMPLE = "some avg10=12.50 avg60=3.10 avg300=0.75 total=987654321\n"   # kernels < 5.13: no full line
+SYSTEM_CPU = "/proc/pressure/cpu"
+
+
+def test_parse_real_format():
+    p = pa.parse_pressure(CPU_SAMPLE)
+    assert p["some"] == {"avg10": 1.26, "avg60": 0.43, "avg300": 0.52, "total": 3345418}
+    assert p["full"] == {"avg10": 0.0, "avg60": 0.0, "avg300": 0.0, "total": 0}
+    for res in ("cpu", "memory", "io"):              # and this host's files, where it has PSI
+        if os.path.exists(f"/proc/pressure/{res}"):
+            assert pa.PressureFile(f"/proc/pressure/{res}").read()["some"]["total"] >= 0
+
+
+def test_parse_missing_full_line():
+    p = pa.parse_pressure(OLD_CPU_SAMPLE)
+    assert p["full"] is None and p["some"]["avg10"] == 12.5 and p["some"]["total"] == 987654321
+
+
+@pytest.mark.parametrize("text", ["", "hello world\n", "some avg10=1.0 avg60=2.0 total=5\n",
+                                  "some avg10=x avg60=0 avg300=0 total=1\n", "some avg10 avg60 avg300 total\n",
+                                  "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n",
+                                  CPU_SAMPLE + "some avg10=0 avg60=0 avg300=0 total=0\n"])
+def test_parse_garbage_raises(text):
+    with pytest.raises(ValueError):
+        pa.parse_pressure(text)
+
+
+def test_missing_file_names_the_fix(tmp_path):
+    with pytest.raises(pa.PsiUnavailable, match="psi=1"):
+        pa.PressureFile(str(tmp_path / "cpu")).read()
+
+
+def test_psi_disabled_at_boot_names_the_fix(monkeypatch):
+    def no_psi(*_a, **_k):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+    monkeypatch.setattr(pa, "open", no_psi, raising=False)
+    with pytest.raises(pa.PsiUnavailable, match="disabled at boot.*psi=1"):
+        pa.PressureFile(SYSTEM_CPU).read()
+
+
+@pytest.mark.parametrize("hybrid", [True, False])
+def test_cgroup_path_hybrid_and_v2(tmp_path, hybrid):
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:memory:/x\n1:cpu:/\n0::/llm_service\n" if hybrid else "0::/llm_service\n")
+    d = tmp_path / "root" / ("unified" if hybrid else "") / "llm_service"
+    d.mkdir(parents=True)
+    (d / "cpu.pressure").write_text(CPU_SAMPLE)
+    assert pa.cgroup_path("cpu", str(proc), str(tmp_path / "root")) == str(d / "cpu.pressure")
+    assert pa.cgroup_path("io", str(proc), str(tmp_path / "root")) is None
+
+
+class FakeClock:
+    """A clock that only moves when the code sleeps: no real waiting in unit tests."""
+
+    def __init__(self):
+        self.t, self.sleeps = 100.0, []
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.sleeps.append(s)
+        self.t += s
+
+
+def scripted(*values):
+    it = iter(values)
+    return lambda: next(it)
+
+
+def make_gate(values, max_checks=10, on_timeout="admit", threshold=95.0):
+    clock = FakeClock()
+    det = pa.Detector(scripted(*values), threshold, "fake")
+    return pa.Gate(det, 0.5, max_checks, on_timeout, sleep=clock.sleep, clock=clock), clock
+
+
+def test_gate_admits_at_once_at_or_below_threshold():
+    gate, clock = make_gate([95.0])
+    assert gate.admit() == pa.Decision("admitted", 1, 95.0)
+    assert clock.sleeps == []
+
+
+def test_gate_defers_until_pressure_drops():
+    gate, clock = make_gate([99.0, 97.5, 96.0, 40.0])
+    assert gate.admit() == pa.Decision("admitted", 4, 40.0)
+    assert clock.sleeps == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("on_timeout,decision", [("admit", "admitted_after_timeout"), ("reject", "rejected")])
+def test_gate_timeout(on_timeout, decision):
+    gate, clock = make_gate([99.0] * 10, on_timeout=on_timeout)
+    assert gate.admit() == pa.Decision(decision, 10, 99.0)
+    assert clock.sleeps == [0.5] * 9          # the paper: 10 checks 500 ms apart, no sleep after the last
+
+
+def test_gate_counts_waiting_workers():
+    release = threading.Event()
+    det = pa.Detector(lambda: 99.0, 95.0, "fake")
+    gate = pa.Gate(det, 0.0, 3, sleep=lambda _s: release.wait(5))
+    workers = [threading.Thread(target=gate.admit) for _ in range(3)]
+    for w in workers:
+        w.start()
+    deadline = time.monotonic() + 5
+    while gate.state()["waiting"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert gate.state() == {"waiting": 3}
+    release.set()
+    for w in workers:
+        w.join()
+    assert gate.state() == {"waiting": 0}
+
+
+def test_stall_share_first_check_takes_a_short_fresh_delta():
+    clock, totals = FakeClock(), iter([1_000_000, 1_080_000, 1_130_000, 1_200_000])
+    share = pa.StallShare(lambda: next(totals), 0.5, clock=clock, sleep=clock.sleep)
+    assert share() == pytest.approx(80.0)     # 80 ms of stall in the fresh 100 ms
+    assert clock.sleeps == [pytest.approx(0.1)]
+    clock.t += 0.4
+    assert share() == pytest.approx(26.0)     # 130 ms over the 500 ms since the first sample
+    clock.t += 0.5
+    assert share() == pytest.approx(14.0)     # baseline moved up: 70 ms over the last 500 ms
+    assert len(clock.sleeps) == 1
+
+
+def test_limit_is_fifo_and_bounded():
+    lim, order = pa.Limit(2), []
+    first = lim.admit()
+    assert first.decision == "admitted" and first.checks == 1 and math.isnan(first.pressure)
+    lim.admit()
+    threads = []
+    for i in range(3):                         # queue up three waiters, in order
+        threads.append(threading.Thread(target=lambda i=i: (lim.admit(), order.append(i))))
+        threads[-1].start()
+        while lim.state()["waiting"] < i + 1:
+            time.sleep(0.002)
+    assert order == [] and lim.state() == {"limit": 2, "waiting": 3}
+    for i in range(3):
+        lim.release()
+        while len(order) < i + 1:
+            time.sleep(0.002)
+    for t in threads:
+        t.join()
+    assert order == [0, 1, 2] and lim.state()["waiting"] == 0
+
+
+def cfg(**kw):
+    base = dict(admission="gate", psi_threshold=95.0, psi_interval_ms=1.0, psi_max_checks=3, on_timeout="admit",
+                psi_source="system", psi_signal="avg10", psi_mode="poll", concurrency_limit=2,
+                concurrency=4, batching="off", max_batch=8, adaptive_low_pct=20.0, adaptive_high_pct=90.0,
+                adaptive_tolerance=1.5)
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def test_build_admission_kinds(monkeypatch):
+    monkeypatch.delenv(pa.FAKE_ENV, raising=False)
+    assert pa.build_admission(cfg(admission="none")) is None
+    assert isinstance(pa.build_admission(cfg(admission="limit")), pa.Limit)
+    adaptive = pa.build_admission(cfg(admission="adaptive"))
+    try:
+        assert isinstance(adaptive, pa.Limit) and adaptive.limit == 1 and adaptive.max_limit == 4
+    finally:
+        adaptive.close()
+    gate = pa.build_admission(cfg(on_timeout="reject"), read=lambda: 100.0)
+    assert gate.admit() == pa.Decision("rejected", 3, 100.0)
+
+
+def test_fake_pressure_env_hook(monkeypatch):
+    monkeypatch.setenv(pa.FAKE_ENV, "99")
+    assert pa.build_admission(cfg()).admit() == pa.Decision("admitted_after_timeout", 3, 99.0)
+
+
+def test_trigger_refused_falls_back_to_polling_once(monkeypatch, caplog, tmp_path):
+    path = tmp_path / "cpu.pressure"
+    path.write_text(CPU_SAMPLE)
+
+    def busy(*_a):
+        raise OSError(errno.EBUSY, "Device or resource busy")
+    monkeypatch.setattr(pa.os, "write", busy)
+    with caplog.at_level(logging.WARNING, logger="psi_admission"):
+        det = pa.make_detector("system", "avg10", "trigger", 95.0, 0.5, path=str(path))
+    assert det.monitor is None and det.check() == (False, 1.26)
+    assert len(caplog.records) == 1 and "already exists" in caplog.text and "falling back" in caplog.text
+
+
+def test_trigger_decides_without_reading_the_file():
+    monitor = types.SimpleNamespace(path="/p/cpu.pressure", error=None, high=lambda: True, stall_us=1_900_000,
+                                    window_s=2.0, close=lambda: None)
+    over, value = pa.Detector(pytest.fail, 95.0, "poll", monitor).check()
+    assert over is True and math.isnan(value)
+
+
+def test_trigger_pollerr_falls_back_once(caplog):
+    monitor = types.SimpleNamespace(path="/gone/cpu.pressure", error="POLLERR on /gone/cpu.pressure",
+                                    close=lambda: None)
+    det = pa.Detector(lambda: 97.0, 95.0, "poll", monitor)
+    with caplog.at_level(logging.WARNING, logger="psi_admission"):
+        assert det.check() == (True, 97.0) and det.check() == (True, 97.0)
+    assert len(caplog.records) == 1 and "POLLERR" in caplog.text
+
+
+def test_timeline_sampler_rows(tmp_path):
+    path = tmp_path / "cell_timeline.csv"
+    for trial in (1, 2):
+        s = pa.TimelineSampler(str(path), 20, trial, lambda: {"in_flight": 1, "waiting": 2}, time.monotonic())
+        s.start()
+        time.sleep(0.1)
+        s.stop()
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    with open(path) as f:
+        assert f.readline().strip().split(",") == pa.TIMELINE_COLUMNS    # one header, even when appending
+    assert {r["trial"] for r in rows} == {"1", "2"} and len(rows) >= 4
+    assert all(r["in_flight"] == "1" and r["waiting"] == "2" and r["limit"] == "" for r in rows)
+    if os.path.exists(SYSTEM_CPU):
+        assert all(r["sys_cpu_some_avg10"] != "" for r in rows)
+        assert any(r["sys_cpu_some_pct"] != "" for r in rows)
+
+
+def test_real_trigger_and_stall_share_under_cpu_load():
+    if not os.path.exists(SYSTEM_CPU):
+        pytest.skip(f"{SYSTEM_CPU} missing: kernel without PSI (boot with psi=1)")
+    try:
+        monitor = pa.TriggerMonitor(SYSTEM_CPU, 10.0, poll_s=0.05)   # 200 ms of stall in a 2 s window
+    except pa.TriggerUnavailable as e:
+        pytest.skip(f"PSI trigger unavailable here: {e}")
+    share = pa.StallShare(pa.PressureFile(SYSTEM_CPU).total_us, 0.5)
+    burn = "import time\nend = time.monotonic() + 10\nwhile time.monotonic() < end: pass"
+    n = (os.cpu_count() or 1) + 1              # one more burner than CPUs: someone always waits
+    procs = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(n)]
+    try:
+        assert monitor.fired.wait(8), f"no POLLPRI within 8 s of {n} CPU burners"
+        assert monitor.high() and monitor.error is None
+        assert share() > 10.0
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        monitor.close()
+
+
+def test_generator_records_rejected_rows(tmp_path):
+    if not os.path.exists(os.path.join(os.path.dirname(pa.__file__), "request_generator.py")):
+        pytest.skip("request_generator.py missing")
+    for on_timeout, decision, status in (("reject", "rejected", "rejected"),
+                                         ("admit", "admitted_after_timeout", "ok")):
+        out = tmp_path / f"psi_{on_timeout}.csv"
+        proc = run_script("request_generator.py", "--tiny", "--quiet", "--no-warmup", "--config", "psi",
+                          "--concurrency", 2, "--num-requests", 3, "--spacing-ms", 0, "--max-new-tokens", 2,
+                          "--psi-interval-ms", 1, "--psi-max-checks", 2, "--on-timeout", on_timeout,
+                          "--timeline-interval-ms", 20, "--output", out, env={pa.FAKE_ENV: "99"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        df, _meta = read_cell(out)
+        assert len(df) == 3 and set(df["status"]) == {status} and set(df["gate_decision"]) == {decision}
+        assert set(df["gate_checks"]) == {2} and set(df["gate_pressure"]) == {99.0}
+        assert (df["defer_ms"] >= 1.0).all()
+        with open(str(out).replace(".csv", "_timeline.csv")) as f:
+            assert len(list(csv.DictReader(f))) >= 1
