@@ -1,0 +1,374 @@
+"""Figures and paper.pdf from an analyze_results.Analysis, with matplotlib only (no pyplot state).
+
+write_figures(an) saves the PNGs into the results directory and returns {path: Figure}; write_paper(an,
+figures, path) builds the report: environment and method as run (from the cell JSONs), the tables beside the
+published ones, findings and differences phrased from the measured numbers, then the figures.
+"""
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_pdf import PdfPages
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, NullLocator
+
+import analyze_results as ar
+import metrics
+
+DPI = 120
+PAGE, MARGIN = (11.69, 8.27), 0.6  # A4 landscape, inches
+RC = {"pdf.fonttype": 42, "font.size": 10, "axes.titlesize": 10}  # TrueType: the PDF's text is extractable
+TITLES = {"e2e": "end-to-end latency (submission → last token)",
+          "service": "service time (generation start → last token)"}
+# The paper's method as it states it (reference/README.md): what the run is compared with.
+PAPER_METHOD = {"cpu_count": 4, "num_requests": 20, "trials": 1, "max_new_tokens": 50, "temperature": 0.7,
+                "spacing_ms": 100.0, "quota_cores": 0.5, "memory_gib": 4.0, "psi_threshold": 95.0,
+                "psi_interval_ms": 500.0, "psi_max_checks": 10}
+
+
+def color(an, config: str) -> str:
+    return f"C{ar.order(set(ar.LABELS) | set(an.configs)).index(config) % 10}"
+
+
+def focus(an) -> int:
+    """The concurrency of the CDF and timeline figures: 8, the paper's hardest level, or the highest run."""
+    levels = {k[1] for k in an.cells}
+    return 8 if 8 in levels else max(levels)
+
+
+def column(df: pd.DataFrame, name: str) -> pd.Series:
+    return pd.to_numeric(df[name], errors="coerce") if name in df else pd.Series(np.nan, index=df.index)
+
+
+def fig_p95(an) -> Figure:
+    fig = Figure(figsize=(11, 5.2))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, metric in zip(axes, TITLES):
+        for cfg in an.configs:
+            rows = [r for c in an.concurrencies if (r := an.pooled(cfg, c))]
+            y, lo, hi = (np.array([r[f"p95_{metric}{k}_ms"] for r in rows]) / 1000 for k in ("", "_ci_low", "_ci_high"))
+            ax.errorbar([r["concurrency"] for r in rows], y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)],
+                        marker="o", capsize=3, color=color(an, cfg), label=f"{ar.label(cfg)} (ours)")
+        for cfg, col in ar.PAPER_COLUMNS.items():
+            ax.plot(an.published.index, an.published[col] / 1000, ls="--", marker="s", mfc="none",
+                    color=color(an, cfg), label=f"{ar.label(cfg)} (published)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(an.concurrencies, [str(c) for c in an.concurrencies])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set(title=f"p95 {TITLES[metric]}", xlabel="concurrency (worker threads)")
+    axes[0].set_ylabel("p95 latency (s, log scale)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle("p95 vs concurrency: ours (pooled over trials; bars: 95% bootstrap CI) and the published Table I\n"
+                 "(dashed; the paper labels its values end-to-end, they are drawn on both panels)")
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    return fig
+
+
+def fig_cdf(an, c: int) -> Figure:
+    fig = Figure(figsize=(11, 4.6))
+    for ax, metric in zip(fig.subplots(1, 2), TITLES):
+        for cfg in an.configs:
+            if (cell := an.cells.get((cfg, c))) is not None:
+                v = np.sort(cell.rows.loc[cell.rows["status"] == "ok", f"{metric}_ms"].dropna().to_numpy(float)) / 1000
+                ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", color=color(an, cfg),
+                        label=f"{ar.label(cfg)} (n={len(v)})")
+        ax.axhline(0.95, ls=":", color="grey", lw=1)
+        ax.set_xscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set(title=TITLES[metric].capitalize(), xlabel="latency (s, log scale)", ylabel="share of ok requests ≤ x",
+               ylim=(0, 1.02))
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Latency CDF at concurrency {c}, all trials pooled (dotted line: p95)")
+    fig.tight_layout()
+    return fig
+
+
+PSI_LINES = {"sys_cpu_some_avg10": dict(color="C0", label="system, avg10"),
+             "sys_cpu_some_pct": dict(color="C0", ls=":", label="system, per sample"),
+             "cg_cpu_some_avg10": dict(color="C1", ls="--", label="cgroup, avg10"),
+             "cg_cpu_some_pct": dict(color="C1", ls="-.", label="cgroup, per sample")}
+
+
+def fig_timeline(an, c: int) -> Figure | None:
+    cells = [cell for cfg in an.configs if (cell := an.cells.get((cfg, c))) is not None
+             and cell.timeline is not None and "t_s" in cell.timeline and len(cell.timeline)]
+    if not cells:
+        return None
+    fig = Figure(figsize=(11, 1.0 + 2.6 * len(cells)))
+    for (a, b), cell in zip(fig.subplots(len(cells), 2, squeeze=False), cells):
+        tl = cell.timeline[column(cell.timeline, "trial") == 1] if "trial" in cell.timeline else cell.timeline
+        t, name = column(tl, "t_s"), f"{ar.label(cell.config)} c={c}, trial 1"
+        for col, style in PSI_LINES.items():
+            if column(tl, col).notna().any():
+                a.plot(t, column(tl, col), **style)
+        if cell.meta.get("config", {}).get("admission") == "gate":
+            a.axhline(cell.meta["config"].get("psi_threshold", np.nan), color="red", lw=1, label="gate threshold")
+        a.set(ylim=(0, 105), ylabel="CPU some (%)", title=f"{name}: CPU pressure")
+        counts = [col for col in ("in_flight", "waiting", "limit") if column(tl, col).notna().any()]
+        for col in counts:
+            b.step(t, column(tl, col), where="post", label=col.replace("_", "-"))
+        top = max([column(tl, col).max() for col in counts] + [1])
+        b.set(ylim=(0, 1.1 * top), ylabel="requests", title=f"{name}: requests and throttling")
+        b.yaxis.set_major_locator(MaxNLocator(integer=True))
+        throttled = column(tl, "nr_throttled")
+        if throttled.notna().any():
+            since = throttled - throttled.dropna().iloc[0]
+            b2 = b.twinx()
+            b2.plot(t, since, color="C3", lw=1, label="throttled periods since start")
+            b2.set(ylim=(0, max(1.0, 1.05 * since.max())), ylabel="throttled periods")
+            b2.legend(fontsize=7, loc="upper right")
+        for ax in (a, b):
+            ax.grid(True, alpha=0.3)
+            ax.set_xlabel("time since trial start (s)")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"PSI and throttling timeline at concurrency {c}")
+    fig.tight_layout()
+    return fig
+
+
+def fig_breakdown(an) -> Figure:
+    cols = min(4, len(an.configs))
+    rows = math.ceil(len(an.configs) / cols)
+    fig = Figure(figsize=(11, 0.8 + 3.0 * rows))
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    x = np.arange(len(an.concurrencies))
+    for ax, cfg in zip(axes, an.configs):
+        bottom = np.zeros(len(x))
+        for i, part in enumerate(("queue", "defer", "sched", "service")):
+            v = np.nan_to_num([r[f"mean_{part}_ms"] / 1000 if (r := an.pooled(cfg, c)) else 0
+                               for c in an.concurrencies])
+            ax.bar(x, v, bottom=bottom, color=f"C{i}", label=part)
+            bottom += v
+        ax.set_xticks(x, [str(c) for c in an.concurrencies])
+        ax.set(title=ar.label(cfg), xlabel="concurrency", ylabel="mean time (s)")
+    for ax in axes[len(an.configs):]:
+        ax.axis("off")
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle("Where the end-to-end time goes: mean queue + defer + sched + service = mean end-to-end (ok requests)")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def write_figures(an) -> dict:
+    """Save the PNG figures into the results directory; returns {path: Figure} for write_paper."""
+    c, out = focus(an), {}
+    makers = {"p95_vs_concurrency": lambda: fig_p95(an), f"latency_cdf_c{c}": lambda: fig_cdf(an, c),
+              f"timeline_c{c}": lambda: fig_timeline(an, c), "latency_breakdown": lambda: fig_breakdown(an)}
+    with matplotlib.rc_context(RC):
+        for name, make in makers.items():
+            if (fig := make()) is None:
+                ar.warn(f"no timeline files at concurrency {c}: no timeline figure")
+                continue
+            out[os.path.join(an.results_dir, name + ".png")] = fig
+            fig.savefig(os.path.join(an.results_dir, name + ".png"), dpi=DPI)
+    return out
+
+
+def text_pages(text: str) -> list[Figure]:
+    """A markdown-like text (#/## headings, paragraphs, | table lines) laid out on A4 pages; a section
+    (heading to heading) that fits on one page is not split across two."""
+    width, sections, table = 72 * (PAGE[0] - 2 * MARGIN), [[]], []
+    for line in text.splitlines() + [""]:  # blocks: (font size, lines, text properties, space after)
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if table:
+            size = min(9.0, width / (0.61 * max(map(len, table))))
+            sections[-1].append((size, table, {"family": "DejaVu Sans Mono"}, 0.08))
+            table = []
+        if line.startswith("#"):
+            sections.append([(15 if line.startswith("# ") else 12, [line.lstrip("# ")], {"weight": "bold"}, 0.04)])
+        elif line:
+            sections[-1].append((10, textwrap.wrap(line, width=int(width / 5.4)), {}, 0.06))
+    pages, y = [], 0.0
+    height = lambda blocks: sum(len(ls) * size * 1.45 / 72 + after + 0.15 for size, ls, _, after in blocks)
+    for section in sections:
+        if not pages or y - min(height(section), PAGE[1] - 2 * MARGIN) < MARGIN:
+            pages.append(Figure(figsize=PAGE))
+            y = PAGE[1] - MARGIN
+        for size, lines, props, after in section:
+            y -= 0.15 if "weight" in props else 0
+            for line in lines:
+                if y - size * 1.45 / 72 < MARGIN:
+                    pages.append(Figure(figsize=PAGE))
+                    y = PAGE[1] - MARGIN
+                pages[-1].text(MARGIN / PAGE[0], y / PAGE[1], line, fontsize=size, va="top", **props)
+                y -= size * 1.45 / 72
+            y -= after
+    return pages
+
+
+def distinct(values) -> str:
+    """'v' when all cells agree, else 'v1 (n cells); v2 (m cells)'."""
+    counts = pd.Series([str(v) for v in values], dtype=object).value_counts(sort=False)
+    return counts.index[0] if len(counts) == 1 else "; ".join(f"{v} ({n} cells)" for v, n in counts.items())
+
+
+def limits(cell) -> dict:
+    return cell.meta.get("cgroup", {}).get("limits") or {}
+
+
+def quota(cell) -> str:
+    """CPU quota of the cell's cgroup as recorded, in cores ('none' if it had none)."""
+    q, period = limits(cell).get("cpu_quota_us"), limits(cell).get("cpu_period_us")
+    return f"{q / period:.3g} cores" if q and period else "none"
+
+
+def environment(an) -> list[str]:
+    env = [cell.meta.get("environment", {}) for cell in an.cells.values()]
+    of = lambda key, items=env: distinct(x.get(key) for x in items)
+    model = [e.get("model", {}) for e in env]
+    limited = [cell for cell in an.cells.values() if cell.limited]
+    gib = lambda b: f"{b / 2**30:.1f} GiB" if b else "unlimited"
+    versions = distinct(", ".join(f"{k} {v}" for k, v in (e.get("versions") or {}).items()) for e in env)
+    return [f"Host: {of('cpu_model')}, {of('cpu_count')} CPUs, {distinct(gib(e.get('mem_total_bytes')) for e in env)}"
+            f" RAM, kernel {of('kernel')}.",
+            f"Software: Python {of('python')}; {versions}; git commit {of('git_commit')}.",
+            f"Model: {of('source', model)}, {of('n_params', model)} parameters, pretrained: {of('pretrained', model)}, "
+            f"{of('dtype', model)}, temperature {of('temperature', model)}.",
+            "Limited cells, cgroup as recorded: " + (
+                f"CPU quota {distinct(map(quota, limited))}, memory.max "
+                f"{distinct(gib(limits(c).get('memory_max_bytes')) for c in limited)}." if limited else "none.")]
+
+
+def method(an) -> list[str]:
+    rows = []
+    for cfg in an.configs:
+        cells = [cell for k, cell in sorted(an.cells.items()) if k[0] == cfg]
+        run = [cell.meta.get("config", {}) for cell in cells]
+        get = lambda key: distinct("default" if r.get(key, "—") is None else r.get(key, "—") for r in run)
+        gate = (f"{get('psi_source')} {get('psi_signal')} > {get('psi_threshold')}, every {get('psi_interval_ms')} "
+                f"ms, ≤ {get('psi_max_checks')} checks" if any(r.get("admission") == "gate" for r in run) else "")
+        rows.append([ar.label(cfg), ", ".join(str(cell.concurrency) for cell in cells)]
+                    + [get(k) for k in ("num_requests", "trials", "max_new_tokens", "spacing_ms", "torch_threads",
+                                        "admission")] + [gate])
+    return ar.md_table(["config", "c", "requests", "trials", "new tokens", "spacing ms", "torch threads", "admission",
+                        "gate"], rows)
+
+
+def span(values, unit="×", digits=2) -> str:
+    """'lo–hi<unit>' of the finite values ('v<unit>' when they agree, '—' when there are none)."""
+    v = [x for x in values if np.isfinite(x)]
+    lo, hi = (f"{x:.{digits}f}" for x in (min(v), max(v))) if v else ("", "")
+    return "—" if not v else f"{lo}{unit}" if lo == hi else f"{lo}–{hi}{unit}"
+
+
+def findings(an) -> list[str]:
+    """Plain-language findings, each phrased from the measured numbers."""
+    cs, s, out = an.concurrencies, an.summary[an.summary["trial"] == "all"], []
+    static = span([an.p95("cgroups", c) / an.p95("baseline", c) for c in cs])
+    published = span([an.paper("cgroups", c) / an.paper("baseline", c) for c in cs])
+    out.append(f"Static limits (cgroups-only) put p95 end-to-end latency at {static} the baseline's (paper: "
+               f"{published})." if static != "—" else "No concurrency level has both a baseline and a cgroups-only "
+                                                      "cell: the cost of static limits is not measured.")
+    both = [c for c in cs if np.isfinite(an.speedup(c))]
+    verdict = []
+    for c in both:
+        g, o = an.pooled("psi", c), an.pooled("cgroups", c)
+        ci = ("CIs disjoint, gate lower" if g["p95_e2e_ci_high_ms"] < o["p95_e2e_ci_low_ms"] else
+              "CIs disjoint, gate higher" if g["p95_e2e_ci_low_ms"] > o["p95_e2e_ci_high_ms"] else
+              "CIs overlap: not resolved")
+        paper = span([an.paper("cgroups", c) / an.paper("psi", c)])
+        verdict.append(f"c={c}: {an.speedup(c):.2f}× (paper {paper}; {ci})")
+    out.append("Speedup of the PSI gate over cgroups-only, p95 end-to-end: " + "; ".join(verdict) + ". On service "
+               f"time the same speedup is {span([an.speedup(c, 'service') for c in both])}: time spent deferred by the "
+               "gate or queued for a worker counts in end-to-end latency but not in service time." if both else
+               "No concurrency level has both a cgroups-only and a cgroups+PSI cell: the gate's effect is not "
+               "measured.")
+    off = lambda k, c, m: abs(np.log(an.p95(k, c, m) / an.paper(k, c)))  # distance from the published, log scale
+    closer = [off(k, c, "service") < off(k, c, "e2e") for k in ar.PAPER_COLUMNS for c in cs
+              if np.isfinite(off(k, c, "e2e"))]
+    if closer:
+        out.append(f"Our p95 service time is closer to the published value than our p95 end-to-end latency in "
+                   f"{sum(closer)} of {len(closer)} cells (log scale; the hosts differ, so this is a hint only).")
+    lim = s[s["limited"] & s["e2e_vs_ideal"].notna()]
+    if len(lim):
+        per_config = "; ".join(f"{span(g['e2e_vs_ideal'])} the ideal for {ar.label(k)}"
+                               for k, g in lim.groupby("config", sort=False))
+        out.append(f"Against a perfect one-at-a-time FIFO server needing S = {an.ideal_ms:.1f} ms per request (median "
+                   f"service time of {an.reference}), p95 end-to-end is {per_config}; p95 service is "
+                   f"{span(lim['service_vs_ideal'])} S.")
+    n = PAPER_METHOD["num_requests"]
+    out.append(f"{int(s['small_n_p95'].sum())} of {len(s)} cells have fewer than {metrics.min_samples_for(95)} ok "
+               f"requests (†): their p95 interpolates between the few largest values. With the paper's {n} requests "
+               f"per cell, p95 lies between the {n - math.floor((n - 1) * 0.95)} largest values of a single run.")
+    width = ((s["p95_e2e_ci_high_ms"] - s["p95_e2e_ci_low_ms"]) / s["p95_e2e_ms"]).dropna()
+    if len(width):
+        out.append(f"The 95% CI of p95 end-to-end spans {100 * width.median():.0f}% of the value in the median cell "
+                   f"({100 * width.min():.0f}% to {100 * width.max():.0f}%).")
+    rej, fail = int(s["n_rejected"].sum()), int(s["n_failed"].sum())
+    out.append(f"{rej} requests were rejected and {fail} failed; they are counted in the tables and left out of the "
+               "latency statistics." if rej or fail else
+               f"All {int(s['n'].sum())} requests completed: none was rejected or failed.")
+    gated = s[s["gate_mean_checks"].notna()]
+    if len(gated):
+        out.append(f"The gate deferred {span(100 * gated['gate_deferred_frac'], '%', 0)} of requests per cell (mean "
+                   f"checks {span(gated['gate_mean_checks'], '')}); {int(gated['gate_timeouts'].sum())} were admitted "
+                   f"after the last check and {int(gated['n_rejected'].sum())} rejected.")
+    share = s.loc[s["limited"], "throttled_share"].dropna()
+    if s["limited"].any():
+        out.append(f"Limited cells were throttled in {span(100 * share, '%', 0)} of CPU periods." if len(share) else
+                   "The limited cells recorded no CPU periods: they ran without a CPU quota (cpu.max), so their "
+                   "numbers do not test the paper's limits.")
+    return out
+
+
+def differences(an) -> list[str]:
+    """How the run differs from the paper's stated method, with the likely effect."""
+    metas = [cell.meta for cell in an.cells.values()]
+    run = lambda key: sorted({m.get("config", {}).get(key) for m in metas} - {None})
+    cpus = sorted({m.get("environment", {}).get("cpu_count") for m in metas} - {None})
+    model = [m.get("environment", {}).get("model", {}) for m in metas]
+    host = an.p95("baseline", 1) / an.paper("baseline", 1)
+    out = []
+    if set(cpus) - {PAPER_METHOD["cpu_count"]}:
+        out.append(f"Host: {', '.join(map(str, cpus))} CPUs here, a 4-core VM in the paper: contention at c ≥ 2 and "
+                   "the speed of a core differ" + (f" (our baseline c=1 p95 is {host:.3g}× the paper's)."
+                                                    if np.isfinite(host) else "."))
+    if any(m.get("pretrained") is False for m in model):
+        out.append(f"Model: {distinct(m.get('source') for m in model)} with random weights; the paper used pretrained "
+                   "GPT-2 124M. Each request generates exactly the configured number of tokens, so the cost depends on "
+                   "the architecture, not on the text.")
+    quotas = sorted({quota(c) for c in an.cells.values() if c.limited})
+    if set(quotas) - {f"{PAPER_METHOD['quota_cores']} cores"}:
+        out.append(f"CPU quota of the limited cells: {', '.join(quotas)} here, {PAPER_METHOD['quota_cores']} cores in "
+                   "the paper" + (": a cell without a quota does not test the limits." if "none" in quotas else "."))
+    for key, what in (("max_new_tokens", "new tokens per request"), ("num_requests", "requests per cell and trial"),
+                      ("trials", "trials per cell"), ("spacing_ms", "ms between submissions"),
+                      ("temperature", "temperature"), ("psi_threshold", "PSI threshold (%)"),
+                      ("psi_interval_ms", "ms between gate checks"), ("psi_max_checks", "gate checks at most")):
+        if set(run(key)) - {PAPER_METHOD[key]}:
+            out.append(f"{what.capitalize()}: {', '.join(map(str, run(key)))} here, {PAPER_METHOD[key]} in the paper.")
+    if "system" in run("psi_source"):
+        out.append("The gate reads system-wide PSI, as the paper's did: every process on the host moves it, not only "
+                   "the service.")
+    out.append("The paper labels its latency end-to-end, but its artifact timed generation only (service time); both "
+               "are reported here, each beside the published values.")
+    return out
+
+
+def write_paper(an, figures: dict, path: str) -> None:
+    """The report: environment, method as run, tables beside the published ones, findings, differences, figures."""
+    text = "\n".join([
+        "# GPT-2 inference latency under cgroup limits and a PSI admission gate",
+        "A reproduction of Table I of 'Pressure-Aware Resource Management for Resident LLM Services in Operating "
+        f"Systems', generated by analyze_results.py from {len(an.cells)} cells in {an.results_dir}. Every number "
+        "below is computed from the measured per-request timestamps.",
+        "## Environment", *environment(an), "## Method as run",
+        "A thread pool of c workers receives the prompts at fixed spacing; each request is timed from submission "
+        "through admission and generation to its last token (metrics.py defines every span). Per configuration:",
+        *method(an), an.table_md,
+        "# Findings", *("• " + f for f in findings(an)),
+        "# Differences from the paper and their likely causes", *("• " + d for d in differences(an))])
+    metadata = {"CreationDate": None, "Title": "Table I, reproduced"}  # no date: rebuilding gives the same file
+    with matplotlib.rc_context(RC), PdfPages(path, metadata=metadata) as pdf:
+        for page in text_pages(text) + list(figures.values()):
+            pdf.savefig(page)
