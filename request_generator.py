@@ -468,7 +468,8 @@ def run(cfg: RunConfig) -> int:
     prompts = load_prompts(cfg)
     check_output(cfg.output)
     meta_path = cfg.stem + ".json"
-    print(f"run config: {json.dumps(dataclasses.asdict(cfg))}", file=sys.stderr)
+    if not cfg.quiet:  # the JSON beside the CSV always holds it
+        print(f"run config: {json.dumps(dataclasses.asdict(cfg))}", file=sys.stderr)
     engine = Engine(model=cfg.model, tiny=cfg.tiny, seed=cfg.seed, torch_threads=cfg.torch_threads,
                     temperature=cfg.temperature)
     if cfg.batching != "off":

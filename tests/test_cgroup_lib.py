@@ -1,0 +1,345 @@
+"""cgroup_lib: v2 against a fake cgroupfs tree; v1/hybrid/v2 for real where this host allows it."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import cgroup_lib
+from cgroup_lib import CgroupError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIB = os.path.join(ROOT, "cgroup_lib.py")
+REAL = "/sys/fs/cgroup"
+GIB4 = 4294967296
+
+
+def _put(path, text=""):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _get(path):
+    with open(path) as f:
+        return f.read().strip()
+
+
+@pytest.fixture
+def v2(tmp_path):
+    """A directory laid out like a pure v2 cgroupfs root."""
+    root = tmp_path / "v2"
+    _put(root / "cgroup.controllers", "cpuset cpu io memory pids\n")
+    _put(root / "cgroup.subtree_control", "")
+    return str(root)
+
+
+@pytest.fixture
+def v1(tmp_path):
+    """A directory laid out like a pure v1 cgroupfs root (cpu and memory hierarchies)."""
+    root = tmp_path / "v1"
+    _put(root / "cpu" / "cpu.cfs_quota_us", "-1\n")
+    _put(root / "memory" / "memory.limit_in_bytes", "9223372036854771712\n")
+    return str(root)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """In-process locks in tmp_path; the real cgroupfs for subprocesses."""
+    monkeypatch.setattr(cgroup_lib, "LOCK_DIR", str(tmp_path))
+    monkeypatch.delenv("CGROUP_ROOT", raising=False)
+
+
+def test_detect_modes(v2, v1):
+    assert cgroup_lib.detect_mode(v2) == "v2"
+    assert cgroup_lib.detect_mode(v1) == "v1"
+    _put(os.path.join(v1, "unified", "cgroup.controllers"), "")
+    assert cgroup_lib.detect_mode(v1) == "hybrid"
+
+
+def test_detect_fails_clearly(tmp_path):
+    with pytest.raises(CgroupError, match="no usable cgroup"):
+        cgroup_lib.detect_mode(str(tmp_path))
+    _put(tmp_path / "cgroup.controllers", "io pids\n")
+    with pytest.raises(CgroupError, match="lacks the controllers cpu memory"):
+        cgroup_lib.detect_mode(str(tmp_path))
+
+
+def test_create_v2_writes_limits_and_enables_controllers(v2):
+    info, created = cgroup_lib.create("svc", 50, 100000, 4 << 30, root=v2, log=print)
+    d = os.path.join(v2, "svc")
+    assert created == [d]
+    assert _get(os.path.join(v2, "cgroup.subtree_control")) == "+cpu +memory"
+    assert _get(os.path.join(d, "cpu.max")) == "50000 100000"
+    assert _get(os.path.join(d, "memory.max")) == str(GIB4)
+    assert info == {"mode": "v2", "cpu": d, "memory": d, "unified": d,
+                    "pressure": os.path.join(d, "cpu.pressure")}
+    assert cgroup_lib.read_limits(info) == {"cpu_quota_us": 50000, "cpu_period_us": 100000,
+                                            "memory_max_bytes": GIB4}
+
+
+def test_create_v2_keeps_enabled_controllers_and_other_values(v2):
+    _put(os.path.join(v2, "cgroup.subtree_control"), "cpu memory\n")
+    info, _ = cgroup_lib.create("svc", 150, 200000, None, root=v2, log=print)
+    assert _get(os.path.join(v2, "cgroup.subtree_control")) == "cpu memory"
+    assert _get(os.path.join(info["cpu"], "cpu.max")) == "300000 200000"
+    assert _get(os.path.join(info["memory"], "memory.max")) == "max"
+    assert cgroup_lib.cpu_quota_cores(info) == 1.5
+
+
+def test_create_v1_writes_limits(v1):
+    info, created = cgroup_lib.create("svc", 50, 100000, 4 << 30, root=v1, log=print)
+    assert created == [os.path.join(v1, "cpu", "svc"), os.path.join(v1, "memory", "svc")]
+    assert _get(os.path.join(info["cpu"], "cpu.cfs_quota_us")) == "50000"
+    assert _get(os.path.join(info["cpu"], "cpu.cfs_period_us")) == "100000"
+    assert _get(os.path.join(info["memory"], "memory.limit_in_bytes")) == str(GIB4)
+    assert info["unified"] is None and info["pressure"] is None
+
+
+def test_leftover_without_processes_is_removed(v2):
+    os.mkdir(os.path.join(v2, "svc"))
+    said = []
+    cgroup_lib.create("svc", 50, 100000, 4 << 30, root=v2, log=said.append)
+    assert any("leftover" in s for s in said)
+
+
+def test_leftover_with_processes_is_refused(v2):
+    _put(os.path.join(v2, "svc", "cgroup.procs"), "12345\n")
+    with pytest.raises(CgroupError, match=r"still has processes \[12345\].*cleanup --name svc"):
+        cgroup_lib.create("svc", 50, 100000, 4 << 30, root=v2, log=print)
+    assert _get(os.path.join(v2, "svc", "cgroup.procs")) == "12345"
+
+
+def test_bad_name_is_refused(v2):
+    with pytest.raises(CgroupError, match="bad cgroup name"):
+        cgroup_lib.create("../etc", 50, 100000, None, root=v2, log=print)
+
+
+def test_read_counters_v2(v2):
+    d = os.path.join(v2, "svc")
+    _put(os.path.join(d, "cpu.stat"), "usage_usec 900\nuser_usec 800\nsystem_usec 100\n"
+         "nr_periods 10\nnr_throttled 4\nthrottled_usec 2500\n")
+    _put(os.path.join(d, "memory.peak"), "123456\n")
+    _put(os.path.join(d, "memory.events"), "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    info = cgroup_lib._info("v2", v2, "svc", "svc", "svc")
+    assert cgroup_lib.read_counters(info) == {
+        "nr_periods": 10, "nr_throttled": 4, "throttled_usec": 2500, "usage_usec": 900,
+        "memory_peak_bytes": 123456, "oom_kill": 1}
+
+
+def test_read_counters_and_limits_hybrid(tmp_path):
+    root = str(tmp_path)
+    _put(tmp_path / "cpu" / "svc" / "cpu.stat", "nr_periods 7\nnr_throttled 5\nthrottled_time 3000999\n")
+    _put(tmp_path / "cpu" / "svc" / "cpu.cfs_quota_us", "-1\n")
+    _put(tmp_path / "cpu" / "svc" / "cpu.cfs_period_us", "100000\n")
+    _put(tmp_path / "memory" / "svc" / "memory.max_usage_in_bytes", "777\n")
+    _put(tmp_path / "memory" / "svc" / "memory.limit_in_bytes", "9223372036854771712\n")
+    _put(tmp_path / "memory" / "svc" / "memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    _put(tmp_path / "unified" / "svc" / "cpu.stat", "usage_usec 4242\n")
+    info = cgroup_lib._info("hybrid", root, "svc", "svc", "svc")
+    assert cgroup_lib.read_counters(info) == {
+        "nr_periods": 7, "nr_throttled": 5, "throttled_usec": 3000, "usage_usec": 4242,
+        "memory_peak_bytes": 777, "oom_kill": 2}
+    assert cgroup_lib.read_limits(info) == {"cpu_quota_us": None, "cpu_period_us": 100000,
+                                            "memory_max_bytes": None}
+    assert cgroup_lib.cpu_quota_cores(info) is None
+
+
+def test_own_cgroup_from_proc_file(v2, tmp_path):
+    proc = tmp_path / "proc_cgroup"
+    _put(proc, "0::/system.slice/llm.service\n")
+    info = cgroup_lib.own_cgroup(v2, str(proc))
+    assert info["cpu"] == os.path.join(v2, "system.slice", "llm.service")
+    assert info["pressure"] is None                      # no cpu.pressure file in the fake tree
+    hy = tmp_path / "hy"
+    _put(hy / "cpu" / "cpu.cfs_quota_us", "-1\n")
+    _put(hy / "memory" / "memory.limit_in_bytes", "1\n")
+    _put(hy / "unified" / "cgroup.controllers", "")
+    _put(hy / "unified" / "svc" / "cpu.pressure", "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    _put(proc, "4:memory:/svc\n2:cpu,cpuacct:/svc\n1:name=systemd:/\n0::/svc\n")
+    info = cgroup_lib.own_cgroup(str(hy), str(proc))
+    assert info == {"mode": "hybrid", "cpu": str(hy / "cpu" / "svc"), "memory": str(hy / "memory" / "svc"),
+                    "unified": str(hy / "unified" / "svc"), "pressure": str(hy / "unified" / "svc" / "cpu.pressure")}
+
+
+def test_parse_bytes_and_delta():
+    assert cgroup_lib.parse_bytes("4G") == GIB4
+    assert cgroup_lib.parse_bytes("512m") == 512 << 20
+    assert cgroup_lib.parse_bytes("1000") == 1000
+    assert cgroup_lib.parse_bytes("max") is None
+    with pytest.raises(ValueError):
+        cgroup_lib.parse_bytes("4 GB")
+    before = {"nr_periods": 5, "memory_peak_bytes": 10, "oom_kill": None}
+    after = {"nr_periods": 9, "memory_peak_bytes": 7, "oom_kill": 0}
+    assert cgroup_lib.counter_delta(before, after) == {"nr_periods": 4, "memory_peak_bytes": 7, "oom_kill": 0}
+
+
+def test_lock_refuses_a_second_holder():
+    fd = cgroup_lib._lock("svc")
+    try:
+        with pytest.raises(CgroupError, match=f"in use by a running experiment \\(pid {os.getpid()}\\)"):
+            cgroup_lib._lock("svc")
+    finally:
+        os.close(fd)
+    os.close(cgroup_lib._lock("svc"))
+
+
+def test_non_root_is_refused(tmp_path):
+    if not shutil.which("setpriv") or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to run as nobody")
+    p = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                        sys.executable, LIB, "run", "--name", "cgl_test_nonroot", "--", "true"],
+                       capture_output=True, text=True, timeout=30, cwd="/")
+    assert p.returncode == 2
+    assert "must run as root" in p.stderr
+    assert p.stderr.count("\n") == 1
+
+
+# ---- the real cgroupfs of this host --------------------------------------------------------------
+
+def _real_reason():
+    """Why this host's cgroups cannot be used for real (None if they can): a probe cgroup is made."""
+    if os.geteuid() != 0:
+        return "not root: cannot create cgroups"
+    try:
+        _, made = cgroup_lib.create(f"probe_{os.getpid()}", 50, 100000, None, root="/sys/fs/cgroup",
+                                    log=lambda _: None)
+        cgroup_lib._remove(made, print)
+    except CgroupError as e:
+        return f"no usable cgroups here: {e}"
+    return None
+
+
+real = pytest.mark.skipif(_real_reason() is not None, reason=str(_real_reason()))
+NAME = f"cgl_test_{os.getpid()}"
+BURN = "import time\nt = time.time()\nwhile time.time() - t < {s}: pass\n"
+SHOW_AND_BURN = "print(open('/proc/self/cgroup').read(), flush=True)\n" + BURN
+
+
+def _real_dirs():
+    mode = cgroup_lib.detect_mode(REAL)
+    return cgroup_lib._dirs(cgroup_lib._info(mode, REAL, NAME, NAME, NAME))
+
+
+def _runner(*cmd, meta=None):
+    args = [sys.executable, LIB, "run", "--name", NAME]
+    args += ["--meta", str(meta)] if meta else []
+    return subprocess.Popen(args + ["--", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for_procs(timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [p for d in _real_dirs() for p in cgroup_lib._procs(d)]
+        if pids:
+            return pids
+        time.sleep(0.05)
+    raise AssertionError("no process appeared in the test cgroup")
+
+
+@pytest.fixture
+def real_cleanup():
+    yield
+    leftover = [d for d in _real_dirs() if os.path.isdir(d)]
+    if leftover:
+        cgroup_lib.cleanup(NAME, root=REAL, log=print)
+    assert not leftover, f"cgroups left behind: {leftover}"
+
+
+@real
+def test_real_run_places_process_and_records_counters(tmp_path, real_cleanup):
+    meta = tmp_path / "cell.json"
+    meta.write_text(json.dumps({"keep": 1}))
+    p = _runner(sys.executable, "-c", SHOW_AND_BURN.format(s=0.5), meta=meta)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    mode = cgroup_lib.detect_mode(REAL)
+    lines = out.splitlines()
+    if mode != "v1":
+        assert f"0::/{NAME}" in lines
+    if mode != "v2":
+        assert any(line.endswith(f":cpu:/{NAME}") or f"cpu,cpuacct:/{NAME}" in line for line in lines)
+        assert any(line.endswith(f":memory:/{NAME}") for line in lines)
+    cell = json.loads(meta.read_text())
+    assert cell["keep"] == 1
+    rec = cell["cgroup_cell"]
+    assert rec["limits"] == {"cpu_quota_us": 50000, "cpu_period_us": 100000, "memory_max_bytes": GIB4}
+    assert rec["counters"]["nr_throttled"] > 0 and rec["counters"]["throttled_usec"] > 0
+    assert rec["counters"]["memory_peak_bytes"] > 0 and rec["counters"]["oom_kill"] == 0
+    assert rec["exit_status"] == 0
+    assert f"cgroup: {mode} {NAME}: cpu 50000/100000 us, memory {GIB4} bytes" in err
+    assert not any(os.path.exists(d) for d in _real_dirs())
+
+
+@real
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_real_signal_mid_cell_tears_down(sig, tmp_path, real_cleanup):
+    meta = tmp_path / "cell.json"
+    meta.write_text("{}")
+    p = _runner(sys.executable, "-c", BURN.format(s=60), meta=meta)
+    child = _wait_for_procs()
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == -sig, err
+    assert f"stopped by {sig.name}" in err
+    assert json.loads(meta.read_text())["cgroup_cell"]["stopped_by"] == sig.name
+    assert not any(os.path.exists(d) for d in _real_dirs())
+    assert not os.path.exists(f"/proc/{child[0]}")
+
+
+@real
+def test_real_child_ignoring_signals_is_killed(real_cleanup):
+    code = ("import signal, time\nfor s in (signal.SIGINT, signal.SIGTERM):\n"
+            "    signal.signal(s, signal.SIG_IGN)\ntime.sleep(60)\n")
+    p = _runner(sys.executable, "-c", code)
+    _wait_for_procs()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == -signal.SIGTERM
+    assert "sending SIGKILL" in err
+    assert time.monotonic() - t0 < cgroup_lib.STOP_GRACE_S + 10
+
+
+@real
+def test_real_leftovers_and_cleanup(real_cleanup):
+    for d in _real_dirs():
+        os.mkdir(d)
+    p = _runner("true")
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and "removing empty leftover cgroup" in err
+    # a leftover with a process in it: refused, then removed by `cleanup`
+    for d in _real_dirs():
+        os.mkdir(d)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    for d in _real_dirs():
+        with open(os.path.join(d, "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))
+    p = _runner("true")
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 2 and "still has processes" in err and err.count("\n") == 1
+    assert sleeper.poll() is None
+    c = subprocess.run([sys.executable, LIB, "cleanup", "--name", NAME], capture_output=True, text=True,
+                       timeout=30)
+    assert c.returncode == 0, c.stderr
+    assert sleeper.wait(timeout=10) == -signal.SIGTERM
+    assert not any(os.path.exists(d) for d in _real_dirs())
+
+
+@real
+def test_real_second_run_and_cleanup_leave_a_live_run_alone(real_cleanup):
+    p = _runner(sys.executable, "-c", "import time; time.sleep(60)")
+    _wait_for_procs()
+    for cmd in (["run", "--name", NAME, "--", "true"], ["cleanup", "--name", NAME]):
+        q = subprocess.run([sys.executable, LIB, *cmd], capture_output=True, text=True, timeout=30)
+        assert q.returncode == 2 and "in use by a running experiment" in q.stderr
+    assert all(os.path.isdir(d) for d in _real_dirs())
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=30)
+    assert p.returncode == -signal.SIGTERM
