@@ -362,7 +362,7 @@ def build_admission(cfg, read=None) -> Admission | None:
 
 TIMELINE_COLUMNS = ["t_s", "trial", "sys_cpu_some_avg10", "sys_cpu_some_total_us", "sys_cpu_some_pct",
                     "cg_cpu_some_avg10", "cg_cpu_some_total_us", "cg_cpu_some_pct",
-                    "nr_periods", "nr_throttled", "throttled_usec", "in_flight", "waiting", "limit"]
+                    "nr_periods", "nr_throttled", "throttled_usec", "in_flight", "waiting", "limit", "batch"]
 
 
 def _throttle_reader():

@@ -6,7 +6,6 @@ import sys
 import time
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from conftest import ROOT, read_cell, run_script
