@@ -364,6 +364,8 @@ def run(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, cmd, meta=None, lo
                     child = subprocess.Popen(cmd, preexec_fn=_place(created), process_group=0)
                 except (OSError, subprocess.SubprocessError) as e:
                     raise CgroupError(f"cannot start {cmd[0]} in the cgroup: {e}") from e
+                if received:  # a signal that came while Popen ran found no child to forward to
+                    child.send_signal(received[0][0])
             while child is not None and not received:
                 try:
                     rc = child.wait(timeout=0.2)
