@@ -8,7 +8,8 @@ cgroups_threads at c=1 (the single-request time at the quota, S, that defines th
 psi, cgroups_threads, psi_threads, limit1 and adaptive at --concurrency. For every limited configuration
 found at that concurrency it prints p95 service and p95 end-to-end, each as a speedup over cgroups-only
 (cgroups-only / config: > 1 is better) and against the ideal (config / ideal: 1 is ideal), the rejected
-count and the share of requests the gate deferred. The ideal is a perfect one-at-a-time FIFO server with
+count, the share of requests the PSI gate deferred and the mean wait at admission (the gate's deferral, or the
+queue of a concurrency limit). The ideal is a perfect one-at-a-time FIFO server with
 service time S over the cell's real submission times (metrics.ideal_fifo, computed by analyze_results).
 """
 from __future__ import annotations
@@ -51,8 +52,8 @@ def table(results_dir: str, concurrency: int) -> tuple[list[str], str | None]:
              f"{cell(an.ideal_ms / 1000 if an.ideal_ms else None)} s from {an.reference or '—'}",
              "",
              "| config | ok | rejected | p95 service (s) | speedup vs cgroups-only | / ideal | "
-             "p95 e2e (s) | speedup vs cgroups-only | / ideal | gate deferred |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "p95 e2e (s) | speedup vs cgroups-only | / ideal | gate deferred | mean wait at admission (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for config in ar.order(s.index):
         r = s.loc[config]
         deferred = "—" if not math.isfinite(r["gate_deferred_frac"]) else f"{100 * r['gate_deferred_frac']:.0f}%"
@@ -60,7 +61,7 @@ def table(results_dir: str, concurrency: int) -> tuple[list[str], str | None]:
             f"| {config} | {int(r['n_ok'])} | {int(r['n_rejected'])} | {cell(r['p95_service_ms'] / 1000)} | "
             f"{cell(base['p95_service_ms'] / r['p95_service_ms'])} | {cell(r['service_vs_ideal'])} | "
             f"{cell(r['p95_e2e_ms'] / 1000)} | {cell(base['p95_e2e_ms'] / r['p95_e2e_ms'])} | "
-            f"{cell(r['e2e_vs_ideal'])} | {deferred} |")
+            f"{cell(r['e2e_vs_ideal'])} | {deferred} | {cell(r['mean_defer_ms'] / 1000)} |")
     return lines, an.reference
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: run the suite's scripts as a user would, with the tiny GPT-2 config."""
+import functools
 import json
 import os
 import subprocess
@@ -36,3 +37,21 @@ def generate(tmp_path):
             assert proc.returncode == 0, proc.stderr[-2000:]
         return proc, out
     return _run
+
+
+@functools.lru_cache(maxsize=None)
+def real_cgroups_reason():
+    """Why this host's cgroups cannot be used for real (None if they can): a probe cgroup is made and removed."""
+    import cgroup_lib
+    if os.geteuid() != 0:
+        return "not root: cannot create cgroups"
+    try:
+        _, made = cgroup_lib.create(f"probe_{os.getpid()}", 50, 100000, None, root="/sys/fs/cgroup",
+                                    log=lambda _: None)
+        cgroup_lib._remove(made, print)
+    except cgroup_lib.CgroupError as e:
+        return f"no usable cgroups here: {e}"
+    return None
+
+
+real_cgroups = pytest.mark.skipif(real_cgroups_reason() is not None, reason=str(real_cgroups_reason()))

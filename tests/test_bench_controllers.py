@@ -16,10 +16,10 @@ def test_table_ratios(tmp_path, capsys):
     assert reference == "cgroups_threads_c1"
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines
             if line.startswith("| ") and not line.startswith("| config")}
-    ok, rejected, svc, svc_speedup, svc_ideal, e2e, e2e_speedup, e2e_ideal, deferred = rows["limit1"]
+    ok, rejected, svc, svc_speedup, svc_ideal, e2e, e2e_speedup, e2e_ideal, deferred, wait = rows["limit1"]
     assert (ok, rejected, svc, svc_ideal) == ("20", "0", "4.00", "1.00")
     assert svc_speedup == f"{38.1 / 4.0:.2f}" and e2e_speedup == f"{95.25 / 76.2:.2f}"
-    assert deferred == "0%"
+    assert deferred == "0%" and wait == "0.00"
     assert rows["cgroups"][3] == "1.00" and rows["cgroups"][8] == "—"
 
 

@@ -10,6 +10,7 @@ import time
 import pytest
 
 import cgroup_lib
+from conftest import real_cgroups
 from cgroup_lib import CgroupError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,20 +202,7 @@ def test_non_root_is_refused(tmp_path):
 
 # ---- the real cgroupfs of this host --------------------------------------------------------------
 
-def _real_reason():
-    """Why this host's cgroups cannot be used for real (None if they can): a probe cgroup is made."""
-    if os.geteuid() != 0:
-        return "not root: cannot create cgroups"
-    try:
-        _, made = cgroup_lib.create(f"probe_{os.getpid()}", 50, 100000, None, root="/sys/fs/cgroup",
-                                    log=lambda _: None)
-        cgroup_lib._remove(made, print)
-    except CgroupError as e:
-        return f"no usable cgroups here: {e}"
-    return None
-
-
-real = pytest.mark.skipif(_real_reason() is not None, reason=str(_real_reason()))
+real = real_cgroups
 NAME = f"cgl_test_{os.getpid()}"
 BURN = "import time\nt = time.time()\nwhile time.time() - t < {s}: pass\n"
 SHOW_AND_BURN = "print(open('/proc/self/cgroup').read(), flush=True)\n" + BURN

@@ -15,6 +15,7 @@ import time
 import pytest
 
 import cgroup_lib
+from conftest import real_cgroups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["run_experiments.sh", "run_psi_experiments.sh"]
@@ -56,20 +57,7 @@ def _dirs():
     return cgroup_lib._dirs(cgroup_lib._info(mode, "/sys/fs/cgroup", NAME, NAME, NAME))
 
 
-def _real_reason():
-    """Why this host's cgroups cannot be used for real (None if they can): a probe cgroup is made."""
-    if os.geteuid() != 0:
-        return "not root: cannot create cgroups"
-    try:
-        _, made = cgroup_lib.create(f"probe_{os.getpid()}", 50, 100000, None, root="/sys/fs/cgroup",
-                                    log=lambda _: None)
-        cgroup_lib._remove(made, print)
-    except cgroup_lib.CgroupError as e:
-        return f"no usable cgroups here: {e}"
-    return None
-
-
-real = pytest.mark.skipif(_real_reason() is not None, reason=str(_real_reason()))
+real = real_cgroups
 
 
 @pytest.fixture
