@@ -130,7 +130,7 @@ def fig_timeline(an, c: int) -> Figure | None:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7, loc="lower left")
     fig.suptitle(f"PSI and throttling timeline at concurrency {c}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # leave the suptitle its own band
     return fig
 
 
