@@ -365,7 +365,7 @@ class Trial:
         self.lock = threading.Lock()
         self.in_flight = self.waiting = self.peak_in_flight = 0
         self.counts = {s: 0 for s in metrics.STATUSES}
-        self.t0 = 0.0
+        self.t0 = 0.0  # set by the caller just before run(): the trial's clock origin
 
     def state(self) -> dict:
         st = {"in_flight": self.in_flight, "waiting": self.waiting}
@@ -435,7 +435,6 @@ class Trial:
 
     def run(self) -> None:
         cfg = self.cfg
-        self.t0 = time.monotonic()
         pool = cf.ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="worker")
         futures = []
         try:
@@ -512,12 +511,11 @@ def run(cfg: RunConfig) -> int:
                       desc=f"{cfg.config} c={cfg.concurrency} trial {trial}") as bar:
                 t = Trial(cfg, engine, prompts, sink, admission, trial, stop, bar)
                 before = probe.counters()
-                wall0 = time.monotonic()
-                sampler = make_timeline(cfg, trial, time.monotonic(), t.state)
+                t.t0 = wall0 = time.monotonic()  # one clock origin for the rows and the timeline
+                sampler = make_timeline(cfg, trial, t.t0, t.state)
                 if sampler is not None:
                     sampler.start()
                 try:
-                    t.t0 = time.monotonic()
                     t.run()
                 finally:
                     if sampler is not None:
@@ -541,7 +539,6 @@ def run(cfg: RunConfig) -> int:
         meta["end_wall"] = datetime.now(timezone.utc).isoformat()
         meta["counts"] = {s: sum(t["counts"][s] for t in meta["trials"]) for s in metrics.STATUSES}
         meta["peak_in_flight"] = max((t["peak_in_flight"] for t in meta["trials"]), default=0)
-        meta["cgroup"]["limits_end"] = probe.limits
         write_json(meta_path, meta)
     return status
 
