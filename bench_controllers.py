@@ -25,14 +25,13 @@ CONTROLLERS = ["cgroups", "psi", "cgroups_threads", "psi_threads", "limit1", "ad
 
 
 def sweep(a) -> None:
-    """Run the reference cell and the controllers' cells through the sweep script."""
-    common = ["--results-dir", a.results_dir, "--num-requests", str(a.num_requests),
-              "--max-new-tokens", str(a.max_new_tokens), "--trials", str(a.trials)]
-    if a.tiny:
-        common.append("--tiny")
-    script = os.path.join(HERE, "run_experiments.sh")
-    for configs, levels in (("cgroups_threads", "1"), (" ".join(a.configs), str(a.concurrency))):
-        subprocess.run(["bash", script, "--configs", configs, "--concurrency", levels, *common], check=True)
+    """Run the reference cell and the controllers' cells through the sweep script, in one interleaved sweep."""
+    cmd = ["bash", os.path.join(HERE, "run_experiments.sh"), "--configs", " ".join(a.configs),
+           "--concurrency", str(a.concurrency), "--cells", "cgroups_threads:1", "--results-dir", a.results_dir,
+           "--num-requests", str(a.num_requests), "--max-new-tokens", str(a.max_new_tokens),
+           "--trials", str(a.trials)]
+    cmd += ["--tiny"] * a.tiny + ["--force"] * a.force + ["--resume"] * a.resume
+    subprocess.run(cmd, check=True)
 
 
 def table(results_dir: str, concurrency: int) -> tuple[list[str], str | None]:
@@ -67,7 +66,10 @@ def table(results_dir: str, concurrency: int) -> tuple[list[str], str | None]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results-dir", default=os.path.join("results", "controllers"))
+    p.add_argument("--results-dir", default=os.path.join("runs", "controllers"),
+                   help="where the sweep writes its cells (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace existing cells there")
+    p.add_argument("--resume", action="store_true", help="complete existing cells there")
     p.add_argument("--from-results", metavar="DIR", help="print the table from existing cells; run nothing")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--num-requests", type=int, default=20)

@@ -9,7 +9,7 @@ Generation is an explicit decode loop with a KV cache that produces exactly ``ma
 (sampling at ``temperature`` with a per-request seeded generator) and records the time of every token.
 
 Run as a script, it runs one experiment cell through the request generator, as the paper's README shows:
-    python llm_server.py --config baseline --concurrency 4      # -> results/baseline_c4.csv
+    python llm_server.py --config baseline --concurrency 4      # -> runs/baseline_c4.csv
 """
 from __future__ import annotations
 
@@ -166,10 +166,10 @@ class Engine:
 
 def main(argv=None) -> int:
     """``llm_server.py`` runs one cell: the request generator's CLI, with its output defaulting to
-    ``results/{config}_c{concurrency}.csv``."""
+    ``runs/{config}_c{concurrency}.csv`` (git-ignored; committed results change only on purpose)."""
     import request_generator
     argv = list(sys.argv[1:] if argv is None else argv)
-    return request_generator.main(argv, default_output="results/{config}_c{concurrency}.csv")
+    return request_generator.main(argv)
 
 
 if __name__ == "__main__":

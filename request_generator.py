@@ -1,11 +1,16 @@
 """The paper's load: a closed-loop thread pool of C workers sending N prompts, one CSV row per request.
 
-    python request_generator.py --config baseline --concurrency 8 --num-requests 20 --output results/baseline_c8.csv
+    python request_generator.py --config baseline --concurrency 8 --num-requests 20   # -> runs/baseline_c8.csv
 
 The run records raw timestamps only (seconds since the trial began, monotonic clock); the derived columns
 come from ``metrics.derive``. Rows are appended and flushed as requests finish, so an interrupted run keeps
 every finished row. A metadata JSON with the same stem holds the frozen run config, the environment, the
-cgroup limits and counters, and the counts.
+cgroup limits and counters, one record per trial, and ``complete``: false until the last planned trial's
+last row is written and flushed, so a killed run never looks complete.
+
+New cells go to runs/ (git-ignored) by default. An existing cell is never overwritten silently: ``--force``
+replaces it, ``--resume`` keeps its finished trials and runs the missing ones (a sweep uses ``--trial K
+--resume`` to add trial K to a cell, so that trials of different cells can interleave).
 """
 from __future__ import annotations
 
@@ -61,6 +66,11 @@ CONFIGS = {
                       adaptive_low_pct=60.0, adaptive_tolerance=2.0),
 }
 
+DEFAULT_OUTPUT = "runs/{config}_c{concurrency}.csv"  # git-ignored: committed results/ change only on purpose
+ENGINES = ("loop", "generate")  # llm_server.make_engine kinds
+# Settings of one invocation, not of the cell: they may differ between the runs that fill one cell.
+PER_RUN_KEYS = ("trial", "run_index", "force", "resume", "quiet", "verbose", "output")
+
 COLUMNS = ["trial", "request_id", "config", "concurrency", "prompt_id", "prompt_chars", "prompt_tokens",
            "output_tokens", "status", "error"] + metrics.TIME_COLUMNS + [
            "gate_decision", "gate_checks", "gate_pressure"] + [
@@ -77,7 +87,7 @@ class RunConfig:
     temperature: float = 0.7
     seed: int = 0
     trials: int = 1
-    output: str = "results/baseline_c1.csv"
+    output: str = "runs/baseline_c1.csv"
     prompts_file: str | None = None
     model: str | None = None
     tiny: bool = False
@@ -100,6 +110,11 @@ class RunConfig:
     timeline_interval_ms: float = 250.0
     batching: str = "off"
     max_batch: int = 8
+    engine: str = "loop"             # loop (our decode loop) | generate (Hugging Face generate(), as the artifact)
+    trial: int | None = None         # run only this trial of the cell (sweeps interleave cells trial by trial)
+    run_index: int | None = None     # this run's position in its sweep, recorded with the trial
+    force: bool = False
+    resume: bool = False
 
     @property
     def stem(self) -> str:
@@ -115,49 +130,111 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _number(kind, lo=None, hi=None, lo_open=False):
+    """An argparse type: a finite ``kind`` (int or float) within [lo, hi] (lo excluded if lo_open).
+    nan and inf are rejected, as argparse's float() would accept them."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        if lo is not None and (value <= lo if lo_open else value < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo}, got {text}")
+        if hi is not None and value > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi}, got {text}")
+        return value
+    return convert
+
+
+COUNT = _number(int, 1)                       # a positive integer
+SECONDS_MS = _number(float, 0, lo_open=True)  # a positive finite duration
+PERCENT = _number(float, 0, 100)
+
+
+def _opt(group, *flags, help="", **kw):
+    """An option whose default is None (= not given: the --config preset or the RunConfig default applies);
+    its help shows the RunConfig default."""
+    action = group.add_argument(*flags, default=None, help=help, **kw)
+    default = getattr(RunConfig, action.dest, None)
+    action.help = f"{help} (default: {default})".lstrip()
+    return action
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=os.path.basename(sys.argv[0]) or "request_generator.py",
-                description="Send concurrent prompts to the in-process GPT-2 engine; one CSV row per request.")
-    d = RunConfig()
-    p.add_argument("--config", default=d.config, help="cell label: " + ", ".join(CONFIGS))
-    p.add_argument("--concurrency", type=int, default=None, help="worker threads (closed loop)")
-    p.add_argument("--num-requests", type=int, default=None)
-    p.add_argument("--spacing-ms", type=float, default=None, help="time between submissions")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="exact tokens per request")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None, help="weight init and sampling seed")
-    p.add_argument("--trials", type=int, default=None)
-    p.add_argument("--output", default=None, help="CSV path (metadata JSON beside it)")
-    p.add_argument("--prompts", dest="prompts_file", default=None, help="file with one prompt per line")
-    p.add_argument("--model", default=None, help="pretrained weights: local path or hub id")
-    p.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
-    p.add_argument("--torch-threads", default=None, help="N, 'auto' (= the cgroup's CPU quota) or default")
-    p.add_argument("--no-warmup", dest="warmup", action="store_false")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every admission decision")
-    p.add_argument("--admission", choices=["none", "gate", "limit", "adaptive"], default=None)
-    p.add_argument("--concurrency-limit", type=int, default=None)
-    p.add_argument("--psi-threshold", type=float, default=None, help="percent")
-    p.add_argument("--psi-interval-ms", type=float, default=None)
-    p.add_argument("--psi-max-checks", type=int, default=None)
-    p.add_argument("--on-timeout", choices=["admit", "reject"], default=None)
-    p.add_argument("--psi-source", choices=["system", "cgroup"], default=None)
-    p.add_argument("--psi-signal", choices=["avg10", "total"], default=None)
-    p.add_argument("--psi-mode", choices=["poll", "trigger"], default=None)
-    p.add_argument("--psi-policy", choices=["gate", "adaptive"], default=None,
-                   help="the pressure-driven admission: the paper's gate or the adaptive limit (= --admission)")
-    p.add_argument("--adaptive-low-pct", type=float, default=None)
-    p.add_argument("--adaptive-high-pct", type=float, default=None)
-    p.add_argument("--adaptive-tolerance", type=float, default=None)
-    p.add_argument("--timeline-interval-ms", type=float, default=None)
-    p.add_argument("--batching", choices=["off", "dynamic"], default=None)
-    p.add_argument("--max-batch", type=int, default=None)
-    p.add_argument("--list-configs", action="store_true", help="print 'name limited|unlimited' and exit")
+                description="Send concurrent prompts to the in-process GPT-2 engine; one CSV row per request. "
+                            "Defaults are the paper's; a --config label presets the options it names "
+                            "(--list-configs), and an explicit option wins over the preset.")
+    g = p.add_argument_group("cell")
+    g.add_argument("--config", default=RunConfig.config,
+                   help=f"cell label: {', '.join(CONFIGS)} (default: %(default)s)")
+    _opt(g, "--concurrency", type=COUNT, help="worker threads (closed loop)")
+    _opt(g, "--num-requests", type=COUNT, help="requests per trial")
+    _opt(g, "--spacing-ms", type=_number(float, 0), help="time between submissions")
+    _opt(g, "--trials", type=COUNT, help="trials planned for the cell")
+    g.add_argument("--trial", type=COUNT, default=None,
+                   help="run only trial K of the cell (with --resume: add it to the cell's finished trials)")
+    g.add_argument("--run-index", type=_number(int, 0), default=None,
+                   help="this run's position in its sweep, recorded with the trial")
+    g.add_argument("--list-configs", action="store_true", help="print 'name limited|unlimited' and exit")
+    g = p.add_argument_group("output (nothing is overwritten silently)")
+    g.add_argument("--output", default=None,
+                   help=f"CSV path; the metadata JSON and <stem>_timeline.csv go beside it (default: "
+                        f"{DEFAULT_OUTPUT})")
+    g.add_argument("--force", action="store_true", help="replace an existing cell")
+    g.add_argument("--resume", action="store_true",
+                   help="keep an existing cell's finished trials and run the missing ones (same settings only)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("-v", "--verbose", action="store_true", help="log every admission decision")
+    _opt(g, "--timeline-interval-ms", type=SECONDS_MS, help="pressure/throttling timeline sample interval")
+    g = p.add_argument_group("model and decoding")
+    g.add_argument("--model", default=None, help="pretrained weights: local path or hub id (default: the GPT-2 "
+                                                 "124M architecture with weights from --seed)")
+    g.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
+    _opt(g, "--engine", choices=ENGINES,
+         help="loop: our KV-cache decode loop; generate: Hugging Face generate(), as the artifact")
+    _opt(g, "--max-new-tokens", type=COUNT, help="exact tokens per request")
+    _opt(g, "--temperature", type=_number(float, 0, lo_open=True))
+    _opt(g, "--seed", type=_number(int, 0), help="weight init and sampling seed")
+    g.add_argument("--prompts", dest="prompts_file", default=None, help="file with one prompt per line "
+                                                                        "(default: 10 built-in prompts)")
+    g.add_argument("--torch-threads", default=None,
+                   help="N, 'auto' (= the cgroup's CPU quota, at least 1) or 'default' (torch's own)")
+    g.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up request")
+    _opt(g, "--batching", choices=["off", "dynamic"],
+         help="dynamic: continuous batching (batch_engine.py)")
+    _opt(g, "--max-batch", type=COUNT)
+    g = p.add_argument_group(
+        "admission", "gate (the paper): before each request read the pressure; while it is over --psi-threshold "
+        "sleep --psi-interval-ms and read again, at most --psi-max-checks reads, then --on-timeout. limit: a "
+        "FIFO concurrency limit of --concurrency-limit. adaptive: AIMD on the limit (+1 below "
+        "--adaptive-low-pct pressure, halve at --adaptive-high-pct or when median service exceeds the minimum "
+        "by --adaptive-tolerance), floor 1.")
+    _opt(g, "--admission", choices=["none", "gate", "limit", "adaptive"])
+    g.add_argument("--psi-policy", choices=["gate", "adaptive"], default=None,
+                   help="the pressure-driven admission (= --admission)")
+    _opt(g, "--concurrency-limit", type=COUNT)
+    _opt(g, "--psi-threshold", type=PERCENT, help="percent")
+    _opt(g, "--psi-interval-ms", type=SECONDS_MS)
+    _opt(g, "--psi-max-checks", type=COUNT)
+    _opt(g, "--on-timeout", choices=["admit", "reject"])
+    _opt(g, "--psi-source", choices=["system", "cgroup"],
+         help="/proc/pressure/cpu or the service cgroup's cpu.pressure")
+    _opt(g, "--psi-signal", choices=["avg10", "total"],
+         help="avg10, or the stall share over the last interval from total= deltas")
+    _opt(g, "--psi-mode", choices=["poll", "trigger"])
+    _opt(g, "--adaptive-low-pct", type=PERCENT)
+    _opt(g, "--adaptive-high-pct", type=PERCENT)
+    _opt(g, "--adaptive-tolerance", type=_number(float, 1, lo_open=True))
     return p
 
 
-def parse_config(argv, default_output="results/{config}_c{concurrency}.csv") -> RunConfig:
-    """argv -> validated, frozen RunConfig. Raises UsageError with a one-line message."""
+def parse_config(argv, default_output=DEFAULT_OUTPUT) -> RunConfig:
+    """argv -> validated, frozen RunConfig. Raises UsageError with a one-line message.
+    Precedence: an explicit option, then the --config preset, then the RunConfig default."""
     a = vars(build_parser().parse_args(argv))
     a.pop("list_configs")
     policy = a.pop("psi_policy")
@@ -165,36 +242,31 @@ def parse_config(argv, default_output="results/{config}_c{concurrency}.csv") -> 
         a["admission"] = policy
     if a["config"] not in CONFIGS:
         raise UsageError(f"unknown config {a['config']!r} (choose from {', '.join(CONFIGS)})")
-    preset = {k: v for k, v in CONFIGS[a["config"]].items() if k != "limited"}
-    for key, value in preset.items():
-        if a.get(key) is None:
+    for key, value in CONFIGS[a["config"]].items():
+        if key != "limited" and a.get(key) is None:
             a[key] = value
     defaults = RunConfig()
     for key, value in a.items():  # not given and not preset: the RunConfig default
-        if value is None and key != "output":
+        if value is None and key not in ("output", "trial", "run_index"):
             a[key] = getattr(defaults, key)
-    for key in ("concurrency", "num_requests", "max_new_tokens", "trials", "psi_max_checks",
-                "concurrency_limit", "max_batch"):
-        if a[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {a[key]}")
-    for key in ("spacing_ms", "psi_interval_ms"):
-        if not (a[key] >= 0 and math.isfinite(a[key])):
-            raise UsageError(f"--{key.replace('_', '-')} must be a finite number >= 0, got {a[key]}")
-    if not 0 <= a["adaptive_low_pct"] < a["adaptive_high_pct"] <= 100:
-        raise UsageError(f"need 0 <= --adaptive-low-pct < --adaptive-high-pct <= 100, got "
+    if not a["adaptive_low_pct"] < a["adaptive_high_pct"]:
+        raise UsageError(f"need --adaptive-low-pct < --adaptive-high-pct, got "
                          f"{a['adaptive_low_pct']} and {a['adaptive_high_pct']}")
-    if not a["adaptive_tolerance"] > 1:
-        raise UsageError(f"--adaptive-tolerance must be > 1, got {a['adaptive_tolerance']}")
-    if not a["temperature"] > 0:
-        raise UsageError(f"--temperature must be > 0, got {a['temperature']}")
-    if not a["timeline_interval_ms"] > 0:
-        raise UsageError(f"--timeline-interval-ms must be > 0, got {a['timeline_interval_ms']}")
     if a["torch_threads"] not in (None, "auto", "default"):
         if not str(a["torch_threads"]).isdigit() or int(a["torch_threads"]) < 1:
             raise UsageError(f"--torch-threads must be a positive integer, 'auto' or 'default', "
                              f"got {a['torch_threads']!r}")
+    if a["trial"] is not None and a["trial"] > a["trials"]:
+        raise UsageError(f"--trial {a['trial']} is beyond --trials {a['trials']}")
+    if a["engine"] == "generate" and a["batching"] != "off":
+        raise UsageError("--engine generate cannot batch: the batching engine runs its own decode loop")
+    if a["force"] and a["resume"]:
+        raise UsageError("--force and --resume exclude each other")
     if a["output"] is None:
         a["output"] = default_output.format(config=a["config"], concurrency=a["concurrency"])
+    if not a["output"].endswith(".csv") or a["output"].endswith("_timeline.csv"):
+        raise UsageError(f"--output must name a .csv file not ending in _timeline.csv (its .json and "
+                         f"_timeline.csv go beside it), got {a['output']!r}")
     return RunConfig(**a)
 
 
@@ -258,7 +330,7 @@ def environment(engine) -> dict:
                      "numpy": numpy.__version__},
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
-        "thread_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+        "thread_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")},
         "cpu_model": cpu_model,
         "cpu_count": os.cpu_count(),
         "mem_total_bytes": mem,
@@ -269,18 +341,24 @@ def environment(engine) -> dict:
 
 
 class CgroupProbe:
-    """Limits and counters of the cgroup this process runs in (nothing when cgroup_lib can't tell)."""
+    """Limits and counters of the cgroup this process runs in. Counters are recorded only when that cgroup was
+    made for this run (cgroup_lib.py run marks it): elsewhere they would count other processes too."""
 
     def __init__(self):
+        self._lib = self.info = self.limits = self.error = self.note = None
         try:
             import cgroup_lib
-            self._lib = cgroup_lib
             self.info = cgroup_lib.own_cgroup()
             self.limits = cgroup_lib.read_limits(self.info)
-        except Exception as e:  # recorded, never fatal: the baseline runs without a cgroup of its own
-            self._lib, self.info, self.limits, self.error = None, None, None, f"{type(e).__name__}: {e}"
+            own = cgroup_lib.own_cell_cgroup(self.info)
+        except Exception as e:  # recorded, never fatal
+            self.error = f"{type(e).__name__}: {e}"
+            return
+        if own:
+            self._lib = cgroup_lib
         else:
-            self.error = None
+            self.note = (f"no counters: this process does not run in a cgroup made for it by cgroup_lib.py run, so "
+                         f"the counters of {self.info.get('cpu')} would include other processes")
 
     def counters(self) -> dict | None:
         if self._lib is None:
@@ -291,7 +369,24 @@ class CgroupProbe:
             return None
 
     def describe(self) -> dict:
-        return {"info": self.info, "limits": self.limits, "error": self.error}
+        return {"info": self.info, "limits": self.limits, "own": self._lib is not None, "note": self.note,
+                "error": self.error}
+
+
+def check_limits(cfg: RunConfig) -> None:
+    """A limited configuration must run under a CPU quota; otherwise its cells would be mislabelled."""
+    if not CONFIGS[cfg.config]["limited"]:
+        return
+    try:
+        import cgroup_lib
+        cores = cgroup_lib.cpu_quota_cores()
+    except Exception:
+        cores = None
+    if cores is None:
+        raise UsageError(f"config {cfg.config!r} is limited, but no CPU quota is in force for this process; run it "
+                         f"in a sweep (sudo bash run_experiments.sh --configs {cfg.config}) or as: sudo python "
+                         f"cgroup_lib.py run --name llm_service -- python request_generator.py --config "
+                         f"{cfg.config} ...")
 
 
 def delta(before: dict | None, after: dict | None) -> dict | None:
@@ -306,12 +401,15 @@ def delta(before: dict | None, after: dict | None) -> dict | None:
 
 
 class CsvSink:
-    """Appends one row per finished request and flushes, so an interrupted run keeps every finished row."""
+    """Appends one row per finished request and flushes, so an interrupted run keeps every finished row.
+    The header is written only to a new (or empty) file."""
 
     def __init__(self, path: str):
-        self._f = open(path, "w", newline="")
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        self._f = open(path, "a", newline="")
         self._w = csv.DictWriter(self._f, fieldnames=COLUMNS)
-        self._w.writeheader()
+        if new:
+            self._w.writeheader()
         self._f.flush()
         self._lock = threading.Lock()
 
@@ -326,7 +424,82 @@ class CsvSink:
             self._f.flush()
 
     def close(self) -> None:
+        """Flush to the disk: a cell is marked complete only after this."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
         self._f.close()
+
+
+class CellFiles:
+    """The three files of one cell (<stem>.csv, .json, _timeline.csv) and what this run may do with them:
+    create them, replace them (--force), or keep their finished trials and add the missing ones (--resume)."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.csv, self.json, self.timeline = cfg.output, cfg.stem + ".json", cfg.stem + "_timeline.csv"
+        self.meta = None      # the existing cell's metadata, when resuming
+        self.done = set()     # its finished trials
+
+    def existing(self) -> list[str]:
+        return [p for p in (self.csv, self.json, self.timeline) if os.path.exists(p)]
+
+    def plan(self) -> list[int]:
+        """The trials this run will run; raises UsageError where the cell exists and may not be touched."""
+        cfg = self.cfg
+        wanted = [cfg.trial] if cfg.trial else list(range(1, cfg.trials + 1))
+        found = self.existing()
+        if not found or cfg.force:
+            return wanted
+        if not cfg.resume:
+            raise UsageError(f"{found[0]} exists; --force replaces the cell, --resume completes it "
+                             f"(new runs go to {os.path.dirname(DEFAULT_OUTPUT)}/ by default)")
+        try:
+            with open(self.json) as f:
+                self.meta = json.load(f)
+            stored = self.meta["config"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"cannot resume {self.csv}: its metadata {self.json} is missing or unreadable "
+                             f"({type(e).__name__}); --force replaces the cell") from None
+        mine = dataclasses.asdict(cfg)
+        differ = [k for k in mine if k not in PER_RUN_KEYS and stored.get(k, mine[k]) != mine[k]]
+        if differ:
+            k = differ[0]
+            raise UsageError(f"cannot resume {self.csv}: it was run with {k}={stored[k]!r}, this run has "
+                             f"{mine[k]!r}; --force replaces the cell")
+        self.done = {t["trial"] for t in self.meta.get("trials", []) if t.get("complete")}
+        return [k for k in wanted if k not in self.done]
+
+    def open(self, base_meta: dict) -> dict:
+        """Make the files ready to take this run's trials; returns the metadata to extend."""
+        if self.meta is None:
+            for path in self.existing():  # --force, or a fresh cell
+                os.remove(path)
+            meta = base_meta
+        else:
+            meta = self.meta
+            meta["trials"] = [t for t in meta.get("trials", []) if t.get("trial") in self.done]
+            meta.setdefault("resumed", []).append({"at": base_meta["start_wall"], "argv": base_meta["argv"]})
+            for path in (self.csv, self.timeline):  # drop the rows of unfinished trials
+                self._keep_trials(path)
+        meta.update(complete=False, interrupted=False, trials_planned=self.cfg.trials)
+        return meta
+
+    def _keep_trials(self, path: str) -> None:
+        if not os.path.exists(path):
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            return
+        col = rows[0].index("trial")
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if r and int(r[col]) in self.done])
+        os.replace(tmp, path)
+
+    def is_complete(self, meta: dict) -> bool:
+        finished = {t["trial"] for t in meta["trials"] if t.get("complete")}
+        return not meta["interrupted"] and finished >= set(range(1, self.cfg.trials + 1))
 
 
 def write_json(path: str, data: dict) -> None:
@@ -470,31 +643,33 @@ def _on_sigterm(signum, frame):
 
 
 def run(cfg: RunConfig) -> int:
-    """Run every trial of one cell; return the exit status (130 if interrupted)."""
-    from llm_server import Engine
+    """Run the planned trials of one cell; return the exit status (130 if interrupted)."""
+    from llm_server import make_engine
     from tqdm import tqdm
     logging.basicConfig(level=logging.DEBUG if cfg.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
     prompts = load_prompts(cfg)
     check_output(cfg.output)
-    meta_path = cfg.stem + ".json"
+    check_limits(cfg)
+    cell = CellFiles(cfg)
+    todo = cell.plan()
+    if not todo:
+        print(f"{cfg.output}: trial(s) {cfg.trial or 'all'} already finished; skipped (--resume)", file=sys.stderr)
+        return 0
     if not cfg.quiet:  # the JSON beside the CSV always holds it
         print(f"run config: {json.dumps(dataclasses.asdict(cfg))}", file=sys.stderr)
-    engine = Engine(model=cfg.model, tiny=cfg.tiny, seed=cfg.seed, torch_threads=cfg.torch_threads,
-                    temperature=cfg.temperature)
+    engine = make_engine(cfg.engine, model=cfg.model, tiny=cfg.tiny, seed=cfg.seed,
+                         torch_threads=cfg.torch_threads, temperature=cfg.temperature)
     if cfg.batching != "off":
         import batch_engine
         engine = batch_engine.wrap(engine, cfg)
     admission = make_admission(cfg)  # before any file is written: no PSI here fails cleanly
     probe = CgroupProbe()
-    meta = {"config": dataclasses.asdict(cfg), "argv": sys.argv, "limited": CONFIGS[cfg.config]["limited"],
-            "start_wall": datetime.now(timezone.utc).isoformat(), "environment": environment(engine),
-            "cgroup": probe.describe(), "trials": [], "interrupted": False}
-    timeline = cfg.stem + "_timeline.csv"
-    if os.path.exists(timeline):
-        os.remove(timeline)
+    meta = cell.open({"config": dataclasses.asdict(cfg), "argv": sys.argv, "limited": CONFIGS[cfg.config]["limited"],
+                      "start_wall": datetime.now(timezone.utc).isoformat(), "environment": environment(engine),
+                      "cgroup": probe.describe(), "trials": []})
     sink = CsvSink(cfg.output)
-    write_json(meta_path, meta)
+    write_json(cell.json, meta)
     stop = threading.Event()
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     status = 0
@@ -503,26 +678,31 @@ def run(cfg: RunConfig) -> int:
             w0 = time.monotonic()
             engine.generate(prompts[0], cfg.max_new_tokens, seed=cfg.seed)
             meta["warmup_s"] = time.monotonic() - w0
-        for trial in range(1, cfg.trials + 1):
-            if trial > 1 and admission is not None:  # trials are independent repeats: a fresh controller
+        for n, trial in enumerate(todo):
+            if n > 0 and admission is not None:  # trials are independent repeats: a fresh controller
                 admission.close()
                 admission = make_admission(cfg)
             with tqdm(total=cfg.num_requests, disable=cfg.quiet, file=sys.stderr, unit="req",
                       desc=f"{cfg.config} c={cfg.concurrency} trial {trial}") as bar:
                 t = Trial(cfg, engine, prompts, sink, admission, trial, stop, bar)
                 before = probe.counters()
+                record = {"trial": trial, "started_at": datetime.now(timezone.utc).isoformat(),
+                          "run_index": cfg.run_index, "complete": False}
                 t.t0 = wall0 = time.monotonic()  # one clock origin for the rows and the timeline
                 sampler = make_timeline(cfg, trial, t.t0, t.state)
                 if sampler is not None:
                     sampler.start()
                 try:
                     t.run()
+                    record["complete"] = True
                 finally:
                     if sampler is not None:
                         sampler.stop()
                     wall = time.monotonic() - wall0
-                    meta["trials"].append({"trial": trial, "wall_s": wall, "peak_in_flight": t.peak_in_flight,
-                                           "counts": dict(t.counts), "cgroup_delta": delta(before, probe.counters())})
+                    record.update(wall_s=wall, peak_in_flight=t.peak_in_flight, counts=dict(t.counts),
+                                  cgroup_delta=delta(before, probe.counters()))
+                    meta["trials"] = sorted(meta["trials"] + [record], key=lambda r: r["trial"])
+                    write_json(cell.json, meta)
             print(_summary_line(cfg, trial, cfg.output, wall, t.peak_in_flight), file=sys.stderr)
     except (KeyboardInterrupt, _Terminate):
         stop.set()
@@ -533,17 +713,18 @@ def run(cfg: RunConfig) -> int:
         signal.signal(signal.SIGTERM, old_term)
         if admission is not None:
             admission.close()
-        sink.close()
+        sink.close()  # flushed to the disk before the cell can be marked complete
         if cfg.batching != "off":
             engine.close()
         meta["end_wall"] = datetime.now(timezone.utc).isoformat()
         meta["counts"] = {s: sum(t["counts"][s] for t in meta["trials"]) for s in metrics.STATUSES}
         meta["peak_in_flight"] = max((t["peak_in_flight"] for t in meta["trials"]), default=0)
-        write_json(meta_path, meta)
+        meta["complete"] = cell.is_complete(meta)
+        write_json(cell.json, meta)
     return status
 
 
-def main(argv=None, default_output="results/{config}_c{concurrency}.csv") -> int:
+def main(argv=None, default_output=DEFAULT_OUTPUT) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = os.path.basename(sys.argv[0]) or "request_generator.py"
     try:
@@ -551,10 +732,7 @@ def main(argv=None, default_output="results/{config}_c{concurrency}.csv") -> int
             for name, preset in CONFIGS.items():
                 print(name, "limited" if preset["limited"] else "unlimited")
             return 0
-        cfg = parse_config(argv, default_output)
-        load_prompts(cfg)
-        check_output(cfg.output)
-        return run(cfg)
+        return run(parse_config(argv, default_output))  # refuses bad input before the model loads
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

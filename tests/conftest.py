@@ -55,3 +55,20 @@ def real_cgroups_reason():
 
 
 real_cgroups = pytest.mark.skipif(real_cgroups_reason() is not None, reason=str(real_cgroups_reason()))
+
+
+@pytest.fixture
+def fake_quota(tmp_path, monkeypatch):
+    """A fake cgroup v2 tree ($CGROUP_ROOT) in which this process's cgroup has a quota of 50% of one CPU, so that
+    a limited configuration can run without root; child processes inherit the variable. Returns the env."""
+    root = tmp_path / "cgroupfs"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpu memory\n")
+    with open("/proc/self/cgroup") as f:
+        rel = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), "/")
+    own = root / rel.lstrip("/")
+    own.mkdir(parents=True, exist_ok=True)
+    (own / "cpu.max").write_text("50000 100000\n")
+    (own / "memory.max").write_text("max\n")
+    monkeypatch.setenv("CGROUP_ROOT", str(root))
+    return {"CGROUP_ROOT": str(root)}

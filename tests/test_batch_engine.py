@@ -245,7 +245,7 @@ def test_identity_and_delegation(engine, batched):
     assert batched.encode("Hi").shape == engine.encode("Hi").shape
 
 
-def test_request_generator_batch_config(tmp_path):
+def test_request_generator_batch_config(tmp_path, fake_quota):
     import pandas as pd
     import request_generator
     out = tmp_path / "batch_c3.csv"

@@ -1,4 +1,5 @@
 """The request generator: schema, exact counts, real concurrency, metadata, bad input, interruption."""
+import json
 import os
 import signal
 import subprocess
@@ -98,20 +99,25 @@ def test_124m_architecture_overlaps_at_default_spacing(generate):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--concurrency", "0"], "--concurrency must be >= 1"),
-    (["--num-requests", "0"], "--num-requests must be >= 1"),
+    (["--concurrency", "0"], "argument --concurrency: must be >= 1"),
+    (["--num-requests", "0"], "argument --num-requests: must be >= 1"),
     (["--config", "nonsense"], "unknown config 'nonsense'"),
-    (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 1"),
+    (["--max-new-tokens", "-3"], "argument --max-new-tokens: must be >= 1"),
+    (["--output", "OUT/cell.json"], "--output must name a .csv file"),
+    (["--output", "OUT/cell_timeline.csv"], "not ending in _timeline.csv"),
+    (["--trial", "3", "--trials", "2"], "--trial 3 is beyond --trials 2"),
+    (["--force", "--resume"], "--force and --resume exclude each other"),
+    (["--config", "cgroups"], "config 'cgroups' is limited, but no CPU quota is in force"),
     (["--torch-threads", "two"], "--torch-threads must be"),
     (["--prompts", "/nonexistent/prompts.txt"], "cannot read prompts file"),
     (["--prompts", "EMPTY"], "has no prompts"),
     (["--output", "/proc/forbidden/x.csv"], "cannot create output directory"),
-    (["--concurrency", "x"], "invalid int value"),
+    (["--concurrency", "x"], "expected an integer, got 'x'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_files(tmp_path, args, message):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    args = [str(empty) if a == "EMPTY" else a for a in args]
+    args = [str(empty) if a == "EMPTY" else a.replace("OUT/", str(tmp_path / "out") + "/") for a in args]
     out = tmp_path / "out" / "cell.csv"
     if "--output" not in args:
         args += ["--output", str(out)]
@@ -140,20 +146,88 @@ def test_sigint_keeps_finished_rows(tmp_path):
     assert list(df.columns) == rg.COLUMNS
     assert (df.status == "ok").all() and (df.output_tokens == 40).all()  # only whole requests are rows
     assert meta["interrupted"] is True and meta["counts"]["ok"] == len(df)
+    assert meta["complete"] is False and meta["trials"][0]["complete"] is False
 
 
-def test_llm_server_runs_one_cell_with_the_papers_file_name(tmp_path):
-    proc = run_script("llm_server.py", "--config", "baseline", "--concurrency", 2, "--num-requests", 2,
-                      "--max-new-tokens", 2, "--tiny", "--quiet", cwd=tmp_path)
+def test_llm_server_runs_one_cell_into_runs_and_never_overwrites(tmp_path):
+    args = ["--config", "baseline", "--concurrency", 2, "--num-requests", 2, "--max-new-tokens", 2, "--tiny",
+            "--quiet"]
+    proc = run_script("llm_server.py", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    df, meta = read_cell(tmp_path / "results" / "baseline_c2.csv")
-    assert len(df) == 2 and meta["config"]["output"] == "results/baseline_c2.csv"
+    cell = tmp_path / "runs" / "baseline_c2.csv"
+    df, meta = read_cell(cell)
+    assert len(df) == 2 and meta["config"]["output"] == "runs/baseline_c2.csv" and meta["complete"] is True
+    assert not (tmp_path / "results").exists()
+    before = {p.name: p.read_bytes() for p in cell.parent.iterdir()}
+    again = run_script("llm_server.py", *args, cwd=tmp_path)
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
+    assert "runs/baseline_c2.csv exists; --force replaces the cell, --resume completes it" in again.stderr
+    assert {p.name: p.read_bytes() for p in cell.parent.iterdir()} == before
+    skipped = run_script("llm_server.py", *args, "--resume", cwd=tmp_path)
+    assert skipped.returncode == 0 and "already finished; skipped" in skipped.stderr
+    assert {p.name: p.read_bytes() for p in cell.parent.iterdir()} == before
+    replaced = run_script("llm_server.py", *args, "--force", "--seed", 1, cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert read_cell(cell)[1]["config"]["seed"] == 1 and len(read_cell(cell)[0]) == 2
+
+
+def test_trials_added_one_at_a_time_form_one_cell(generate):
+    common = ["--concurrency", 1, "--num-requests", 2, "--max-new-tokens", 2, "--spacing-ms", 0, "--trials", 2,
+              "--no-warmup"]
+    _, out = generate(*common, "--trial", 1, "--run-index", 7)
+    df, meta = read_cell(out)
+    assert meta["complete"] is False and meta["trials_planned"] == 2 and len(df) == 2
+    assert [t["run_index"] for t in meta["trials"]] == [7]
+    proc, _ = generate(*common, "--trial", 2, check=False)  # an existing cell: only --resume adds to it
+    assert proc.returncode == 2 and "--resume completes it" in proc.stderr
+    proc, _ = generate(*common, "--trial", 2, "--resume", "--max-new-tokens", 3, check=False)
+    assert proc.returncode == 2 and "it was run with max_new_tokens=2, this run has 3" in proc.stderr
+    generate(*common, "--trial", 2, "--run-index", 9, "--resume")
+    df, meta = read_cell(out)
+    assert meta["complete"] is True and sorted(df.trial) == [1, 1, 2, 2]
+    assert [(t["trial"], t["run_index"], t["complete"]) for t in meta["trials"]] == [(1, 7, True), (2, 9, True)]
+    started = [t["started_at"] for t in meta["trials"]]
+    assert started == sorted(started) and all(s.endswith("+00:00") for s in started)
+    assert len(meta["resumed"]) == 1
+
+
+def test_resume_drops_the_rows_of_an_unfinished_trial(generate):
+    _, out = generate("--num-requests", 2, "--max-new-tokens", 2, "--trials", 2, "--no-warmup")
+    df, meta = read_cell(out)
+    # as a run killed during trial 2 leaves it: trial 2's rows half written, not marked finished
+    meta["trials"] = meta["trials"][:1]
+    meta["complete"] = False
+    with open(str(out)[:-4] + ".json", "w") as f:
+        json.dump(meta, f)
+    df[df.trial == 1].to_csv(out, index=False)
+    with open(out, "a") as f:
+        f.write(df[df.trial == 2].head(1).to_csv(index=False, header=False))
+    generate("--num-requests", 2, "--max-new-tokens", 2, "--trials", 2, "--no-warmup", "--resume")
+    df, meta = read_cell(out)
+    assert sorted(df.trial) == [1, 1, 2, 2] and sorted(df[df.trial == 2].request_id) == [0, 1]
+    assert meta["complete"] is True
+
+
+def test_limited_config_runs_under_a_quota(generate, fake_quota):
+    _, out = generate("--config", "cgroups", "--num-requests", 1, "--max-new-tokens", 2, "--no-warmup")
+    _, meta = read_cell(out)
+    assert meta["cgroup"]["limits"]["cpu_quota_us"] == 50000 and meta["limited"] is True
+    assert meta["cgroup"]["own"] is False and "no counters" in meta["cgroup"]["note"]
+    assert meta["trials"][0]["cgroup_delta"] is None
+
+
+def test_generate_engine_writes_exact_tokens(generate):
+    _, out = generate("--engine", "generate", "--concurrency", 2, "--num-requests", 2, "--max-new-tokens", 5)
+    df, meta = read_cell(out)
+    assert len(df) == 2 and (df.status == "ok").all() and (df.output_tokens == 5).all()
+    assert df[["t_first_token_s", "t_end_s", "ttft_ms", "tpot_ms"]].notna().all(axis=None)
+    assert meta["config"]["engine"] == "generate" and meta["environment"]["model"]["engine"] == "generate"
 
 
 def test_presets_and_explicit_flags():
     cfg = rg.parse_config(["--config", "psi"])
     assert cfg.admission == "gate" and cfg.psi_threshold == 95.0 and cfg.psi_interval_ms == 500
-    assert cfg.psi_max_checks == 10 and cfg.on_timeout == "admit" and cfg.output == "results/psi_c1.csv"
+    assert cfg.psi_max_checks == 10 and cfg.on_timeout == "admit" and cfg.output == "runs/psi_c1.csv"
     assert rg.parse_config(["--config", "psi", "--admission", "none"]).admission == "none"
     assert rg.parse_config([]).admission == "none"
     assert rg.parse_config(["--config", "limit1"]).concurrency_limit == 1

@@ -1,0 +1,57 @@
+"""Every numeric option of every command-line tool rejects nan, inf, negatives and (where it means nothing)
+zero: one line on stderr, exit status 2, and nothing written or created."""
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+import cgroup_lib
+import psi_admission
+import request_generator
+
+BAD = ("nan", "inf", "-1")
+# option: also reject zero?
+GENERATOR = {"--concurrency": True, "--num-requests": True, "--spacing-ms": False, "--trials": True,
+             "--trial": True, "--run-index": False, "--timeline-interval-ms": True, "--max-new-tokens": True,
+             "--temperature": True, "--seed": False, "--torch-threads": True, "--max-batch": True,
+             "--concurrency-limit": True, "--psi-threshold": False, "--psi-interval-ms": True,
+             "--psi-max-checks": True, "--adaptive-low-pct": False, "--adaptive-high-pct": True,
+             "--adaptive-tolerance": True}
+SWEEP = {"--concurrency": True, "--num-requests": True, "--max-new-tokens": True, "--trials": True,
+         "--seed": False, "--cpu-quota": True, "--cpu-period-us": True, "--memory-max": True}
+CGROUP_RUN = {"--cpu-quota": True, "--cpu-period-us": True, "--memory-max": True}
+PSI = {}  # filled below from psi_admission's CLI
+
+
+def cases(table):
+    return [(opt, v) for opt, zero in table.items() for v in BAD + (("0",) if zero else ())]
+
+
+def one_line_exit_2(rc, err):
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "error" in lines[0], err
+
+
+@pytest.mark.parametrize("opt, value", cases(GENERATOR))
+def test_generator(opt, value, tmp_path, capsys):
+    out = tmp_path / "out" / "cell.csv"
+    rc = request_generator.main(["--tiny", "--output", str(out), f"{opt}={value}"])
+    one_line_exit_2(rc, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["run_experiments.sh", "run_psi_experiments.sh"])
+@pytest.mark.parametrize("opt, value", cases(SWEEP))
+def test_sweep_scripts(script, opt, value, tmp_path):
+    p = subprocess.run(["bash", os.path.join(ROOT, script), "--results-dir", str(tmp_path / "r"), opt, value],
+                       capture_output=True, text=True, timeout=60)
+    one_line_exit_2(p.returncode, p.stderr)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("opt, value", cases(CGROUP_RUN))
+def test_cgroup_lib_run(opt, value, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cgroup_lib, "create", lambda *a, **k: pytest.fail("a cgroup was about to be created"))
+    rc = cgroup_lib.main(["run", "--name", "validation_test", f"{opt}={value}", "--", "true"])
+    one_line_exit_2(rc, capsys.readouterr().err)
