@@ -116,7 +116,7 @@ def build(cfg) -> AdaptiveLimit:
     if path is None:
         path = psi.system_path("cpu")
         log.warning("no cgroup cpu.pressure for this process: adapting to the system's %s", path)
-    source = psi.StallShare(psi.PressureFile(path).total_us, psi.TRIGGER_WINDOW_S)
+    source = psi.StallShare(psi.PressureFile(path).timed_total, psi.TRIGGER_WINDOW_S)
     return AdaptiveLimit(source, initial=1, max_limit=cfg.max_batch if cfg.batching != "off" else cfg.concurrency,
                          low_pct=cfg.adaptive_low_pct, high_pct=cfg.adaptive_high_pct,
                          tolerance=cfg.adaptive_tolerance, interval_s=cfg.psi_interval_ms / 1000.0)

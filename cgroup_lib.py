@@ -7,11 +7,20 @@ CLI (used by sweep_lib.sh):
   cgroup_lib.py detect
   cgroup_lib.py run --name llm_service --cpu-quota 50 --cpu-period-us 100000 --memory-max 4G
                     [--meta CELL.json] -- CMD...
+  cgroup_lib.py run --name llm_service --unlimited [--meta CELL.json] -- CMD...
   cgroup_lib.py cleanup --name llm_service
+
+SIGKILL-safe: the child of `run` gets PR_SET_PDEATHSIG(SIGKILL), so it dies with a SIGKILLed `run`; its
+own children and the cgroup are left, and the next `run` or `cleanup` of the name (holding the name's
+lock, so no live run owns it) stops those processes (cgroup.kill where the kernel has it) and removes it.
+The child's environment has CGROUP_LIB_CELL=<name>; own_cell_cgroup() tells a program it runs in it.
+Bad numbers or arguments: one line `cgroup_lib.py ...: error: ...` on stderr, exit status 2.
 """
 import argparse
+import ctypes
 import fcntl
 import json
+import math
 import os
 import re
 import signal
@@ -24,6 +33,8 @@ UNLIMITED_BYTES = 1 << 62        # v1 reports "no limit" as ~2^63 rounded to a p
 STOP_GRACE_S = 5.0               # after a forwarded signal, before the cgroup is killed
 LOCK_DIR = "/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir()
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+CELL_ENV = "CGROUP_LIB_CELL"     # set for the child of `run`: the name of the cell cgroup made for it
+PR_SET_PDEATHSIG = 1
 
 
 class CgroupError(Exception):
@@ -126,6 +137,19 @@ def own_cgroup(root=None, proc_file="/proc/self/cgroup"):
     return info
 
 
+def own_cell_cgroup(info=None):
+    """The name of the cell cgroup `run` made for this process: $CGROUP_LIB_CELL when the process's own
+    cgroup (info, default own_cgroup()) is that one (cpu dir basename); None otherwise, or if unknown."""
+    name = os.environ.get(CELL_ENV)
+    if not name:
+        return None
+    try:
+        info = info or own_cgroup()
+    except (CgroupError, OSError):
+        return None
+    return name if os.path.basename(info["cpu"]) == name else None
+
+
 def read_limits(info):
     """cpu_quota_us, cpu_period_us, memory_max_bytes as read from the files (None = unlimited)."""
     if info["mode"] == "v2":
@@ -204,6 +228,16 @@ def _procs(directory):
     return [int(p) for p in text.split()] if text else []
 
 
+def _all_procs(directories):
+    return sorted({p for d in directories for p in _procs(d)})
+
+
+def _wait_empty(directories, wait_s):
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and _all_procs(directories):
+        time.sleep(0.05)
+
+
 def _lock(name):
     """Hold an exclusive lock for cgroup `name`; raises CgroupError if a live run holds it."""
     path = os.path.join(LOCK_DIR, f"cgroup_lib.{name}.lock")
@@ -221,9 +255,17 @@ def _lock(name):
 
 
 def _remove(directories, log):
-    """Stop every process in the directories (SIGTERM, then SIGKILL), then rmdir them."""
+    """Stop every process in the directories, then rmdir them: "1" to cgroup.kill where it exists
+    (v2, and the unified cgroup on hybrid hosts), then SIGTERM and SIGKILL to whatever is left
+    (v1 has no cgroup.kill)."""
+    kill = [d for d in directories if os.path.exists(os.path.join(d, "cgroup.kill"))]
+    if kill and _all_procs(directories):
+        log(f"cgroup: killing the processes left in {', '.join(kill)} via cgroup.kill")
+        for d in kill:
+            _write(os.path.join(d, "cgroup.kill"), 1)
+        _wait_empty(directories, 5.0)
     for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-        pids = sorted({p for d in directories for p in _procs(d)})
+        pids = _all_procs(directories)
         if not pids:
             break
         log(f"cgroup: sending {sig.name} to {len(pids)} process(es) left in the cgroup: {pids}")
@@ -232,9 +274,7 @@ def _remove(directories, log):
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and any(_procs(d) for d in directories):
-            time.sleep(0.05)
+        _wait_empty(directories, wait_s)
     failed = []
     for d in reversed(directories):
         for attempt in range(40):            # v1 rmdir can race the exit of the last task
@@ -252,25 +292,29 @@ def _remove(directories, log):
 
 
 def create(name, cpu_quota_pct=50.0, cpu_period_us=100000, memory_max_bytes=4 << 30,
-           root=None, log=print):
-    """Create cgroup `name` with the limits; returns (info, created_dirs).
+           root=None, log=print, stop_orphans=False):
+    """Create cgroup `name` with the limits (None: no CPU quota / no memory limit); returns
+    (info, created_dirs).
 
-    A leftover of the same name without processes is removed (and reported); with processes
-    it is refused. On failure everything created here is removed again. run() calls it while
-    holding the name's lock, so a live run's cgroup is never taken for a leftover.
+    A leftover of the same name (an earlier run that did not clean up, e.g. killed) is removed, and
+    reported. With processes in it, it is refused, unless stop_orphans: run() passes it because it
+    holds the name's lock, which proves no live run owns the leftover, so its processes are a killed
+    run's orphans and are stopped. On failure everything created here is removed again.
     """
     _check_name(name)
     root = _root(root)
     mode = detect_mode(root)
     info = _info(mode, root, name, name, name)
-    for d in _dirs(info):
-        if os.path.isdir(d):
-            pids = _procs(d)
-            if pids:
-                raise CgroupError(f"leftover cgroup {d} still has processes {pids}; stop them or run: "
-                                  f"sudo python cgroup_lib.py cleanup --name {name}")
-            log(f"cgroup: removing empty leftover cgroup {d} from an earlier run")
-            _remove([d], log)
+    leftover = [d for d in _dirs(info) if os.path.isdir(d)]
+    pids = _all_procs(leftover)
+    if pids and not stop_orphans:
+        raise CgroupError(f"leftover cgroup {', '.join(leftover)} still has processes {pids}; stop "
+                          f"them or run: sudo python cgroup_lib.py cleanup --name {name}")
+    if leftover:
+        orphans = f"; no live run holds {name}: stopping its processes {pids}" if pids else ""
+        log(f"cgroup: removing leftover cgroup {', '.join(leftover)} of an earlier run that did not "
+            f"clean up (e.g. killed){orphans}")
+        _remove(leftover, log)
     if mode == "v2":
         control = os.path.join(root, "cgroup.subtree_control")
         enabled = set((_read(control) or "").split())
@@ -284,14 +328,15 @@ def create(name, cpu_quota_pct=50.0, cpu_period_us=100000, memory_max_bytes=4 <<
             except OSError as e:
                 raise CgroupError(f"cannot create cgroup {d}: {e.strerror}") from e
             created.append(d)
-        quota = round(cpu_period_us * cpu_quota_pct / 100)
+        quota = None if cpu_quota_pct is None else round(cpu_period_us * cpu_quota_pct / 100)
         if mode == "v2":
-            _write(os.path.join(info["cpu"], "cpu.max"), f"{quota} {cpu_period_us}")
+            _write(os.path.join(info["cpu"], "cpu.max"),
+                   f"{'max' if quota is None else quota} {cpu_period_us}")
             _write(os.path.join(info["memory"], "memory.max"),
                    "max" if memory_max_bytes is None else memory_max_bytes)
         else:
             _write(os.path.join(info["cpu"], "cpu.cfs_period_us"), cpu_period_us)
-            _write(os.path.join(info["cpu"], "cpu.cfs_quota_us"), quota)
+            _write(os.path.join(info["cpu"], "cpu.cfs_quota_us"), -1 if quota is None else quota)
             _write(os.path.join(info["memory"], "memory.limit_in_bytes"),
                    -1 if memory_max_bytes is None else memory_max_bytes)
         got = read_limits(info)
@@ -307,8 +352,15 @@ def create(name, cpu_quota_pct=50.0, cpu_period_us=100000, memory_max_bytes=4 <<
 
 
 def _place(directories):
-    """preexec_fn: the child writes its own PID to each cgroup.procs before exec."""
+    """preexec_fn: the child asks for SIGKILL when its parent (thread) dies, exits at once if the parent
+    is already gone, and writes its own PID to each cgroup.procs before exec."""
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
     def place():
+        if prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL)) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:
+            os._exit(1)
         for d in directories:
             with open(os.path.join(d, "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
@@ -316,18 +368,19 @@ def _place(directories):
 
 
 def _merge_meta(path, record, log):
-    """Add record under 'cgroup_cell' to the JSON at path, keeping its other keys."""
+    """Append record to the list under 'cgroup_runs' (one per run of the cell) in the JSON at path,
+    keeping its other keys."""
     if not path or not os.path.exists(path):
         return
     try:
         with open(path) as f:
             meta = json.load(f)
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
+        if not isinstance(meta, dict) or not isinstance(meta.setdefault("cgroup_runs", []), list):
+            raise ValueError("not a JSON object with a list under 'cgroup_runs'")
     except (OSError, ValueError) as e:
         log(f"cgroup: not recording the cell counters into {path}: {e}")
         return
-    meta["cgroup_cell"] = record
+    meta["cgroup_runs"].append(record)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=2)
@@ -335,12 +388,16 @@ def _merge_meta(path, record, log):
 
 
 def run(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, cmd, meta=None, log=print):
-    """Run cmd inside a fresh cgroup `name`; tear down on every exit path. Returns exit status.
+    """Run cmd inside a fresh cgroup `name` (None limits: unlimited); tear down on every exit path.
+    Returns exit status.
 
-    SIGINT/SIGTERM/SIGHUP are forwarded to cmd (started in its own process group); after
-    STOP_GRACE_S whatever is left in the cgroup is killed, the cgroup removed, and this
-    process dies of the same signal.
+    SIGINT/SIGTERM/SIGHUP are forwarded to cmd (started in its own process group, with
+    $CGROUP_LIB_CELL=name); after STOP_GRACE_S whatever is left in the cgroup is killed, the cgroup
+    removed, and this process dies of the same signal. On SIGKILL cmd dies too (PR_SET_PDEATHSIG);
+    a leftover cgroup with processes is a killed run's orphan (we hold the lock): it is stopped and
+    removed. Call it from the main thread: the death signal follows the thread that starts cmd.
     """
+    _check_name(name)
     lock = _lock(name)
     received = []
     child = None
@@ -353,15 +410,17 @@ def run(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, cmd, meta=None, lo
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     rc = None
     try:
-        info, created = create(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, log=log)
+        info, created = create(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, log=log,
+                               stop_orphans=True)
         try:
             limits = read_limits(info)
-            log(f"cgroup: {info['mode']} {name}: cpu {limits['cpu_quota_us']}/"
-                f"{limits['cpu_period_us']} us, memory {limits['memory_max_bytes']} bytes")
+            log(f"cgroup: {info['mode']} {name}: cpu {limits['cpu_quota_us'] or 'max'}/"
+                f"{limits['cpu_period_us']} us, memory {limits['memory_max_bytes'] or 'max'} bytes")
             before, t0 = read_counters(info), time.monotonic()
             if not received:
                 try:
-                    child = subprocess.Popen(cmd, preexec_fn=_place(created), process_group=0)
+                    child = subprocess.Popen(cmd, preexec_fn=_place(created), process_group=0,
+                                             env={**os.environ, CELL_ENV: name})
                 except (OSError, subprocess.SubprocessError) as e:
                     raise CgroupError(f"cannot start {cmd[0]} in the cgroup: {e}") from e
                 if received:  # a signal that came while Popen ran found no child to forward to
@@ -422,20 +481,66 @@ def describe_mode(root=None):
             "v1": f"v1 (cpu and memory under {root}; no per-cgroup cpu.pressure)"}[detect_mode(root)]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `prog: error: message`, with exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def finite_number(kind=float, gt=None, ge=None, le=None):
+    """argparse type: a finite `kind` (float or int), > gt, >= ge, <= le where given; no nan, inf."""
+    bounds = " and ".join(f"{op} {v}" for op, v in ((">", gt), (">=", ge), ("<=", le)) if v is not None)
+
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and (gt is None or x > gt) and (ge is None or x >= ge)
+                and (le is None or x <= le)):
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"must be {what} {bounds}, got {text!r}")
+        return x
+    return parse
+
+
+def _memory_size(text):
+    try:
+        size = parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if size == 0:
+        raise argparse.ArgumentTypeError("must be > 0 bytes or max, got '0'")
+    return size
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Service cgroup helper (v2, hybrid, v1).")
+    parser = OneLineParser(prog="cgroup_lib.py", description="Service cgroup helper (v2, hybrid, v1).")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("detect", help="print the host's cgroup mode")
-    p_run = sub.add_parser("run", help="run CMD inside a fresh limited cgroup")
-    p_clean = sub.add_parser("cleanup", help="stop and remove a leftover cgroup")
+    p_run = sub.add_parser("run", help="run CMD inside a fresh cgroup (limited, or --unlimited)")
+    p_clean = sub.add_parser("cleanup", help="stop and remove a leftover cgroup (e.g. of a killed run)")
     for p in (p_run, p_clean):
         p.add_argument("--name", default="llm_service")
-    p_run.add_argument("--cpu-quota", type=float, default=50.0, help="percent of one CPU")
-    p_run.add_argument("--cpu-period-us", type=int, default=100000)
-    p_run.add_argument("--memory-max", default="4G", help="bytes, K/M/G/T suffix, or max")
-    p_run.add_argument("--meta", help="cell JSON to add the whole-cell counters to")
-    p_run.add_argument("cmd", nargs=argparse.REMAINDER)
+    p_run.add_argument("--cpu-quota", type=finite_number(gt=0), default=argparse.SUPPRESS,
+                       help="percent of one CPU, > 0 (default 50)")
+    p_run.add_argument("--cpu-period-us", type=finite_number(int, ge=1000, le=1000000), default=100000,
+                       help="CFS period in microseconds, 1000..1000000 (default 100000)")
+    p_run.add_argument("--memory-max", type=_memory_size, default=argparse.SUPPRESS,
+                       help="bytes, K/M/G/T suffix, or max (default 4G)")
+    p_run.add_argument("--unlimited", action="store_true",
+                       help="no CPU quota and no memory limit: a baseline cell with counters of its own "
+                            "(conflicts with --cpu-quota and --memory-max)")
+    p_run.add_argument("--meta", help="cell JSON: append the cell's counters to its list 'cgroup_runs'")
+    p_run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command to run, after --")
     args = parser.parse_args(argv)
+    if args.command == "run":
+        if args.unlimited and {"cpu_quota", "memory_max"} & set(vars(args)):
+            p_run.error("--unlimited conflicts with --cpu-quota and --memory-max")
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            p_run.error("no command given after --")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     try:
         if args.command == "detect":
@@ -446,18 +551,11 @@ def main(argv=None):
         if args.command == "cleanup":
             cleanup(args.name, log=log)
             return 0
-        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-        if not cmd:
-            raise CgroupError("run: no command given after --")
-        if args.cpu_quota <= 0 or not 1000 <= args.cpu_period_us <= 1000000:
-            raise CgroupError("--cpu-quota must be > 0 and --cpu-period-us within 1000..1000000")
-        try:
-            memory = parse_bytes(args.memory_max)
-        except ValueError as e:
-            raise CgroupError(str(e)) from None
-        return run(args.name, args.cpu_quota, args.cpu_period_us, memory, cmd, args.meta, log)
+        quota, memory = (None, None) if args.unlimited else (
+            getattr(args, "cpu_quota", 50.0), getattr(args, "memory_max", 4 << 30))
+        return run(args.name, quota, args.cpu_period_us, memory, cmd, args.meta, log)
     except CgroupError as e:
-        print(f"cgroup_lib: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
 
 

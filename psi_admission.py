@@ -2,19 +2,19 @@
 
     python psi_admission.py --show        # current pressure of every source, one JSON line
     python psi_admission.py --bench       # admit() overhead and reaction times to a CPU step load (JSON)
+        [--bench-threshold PCT] [--bench-seconds S]   (finite, > 0; else one error line, exit status 2)
 
 The gate (the paper): before each request, read /proc/pressure/cpu "some avg10"; at or below the
 threshold admit at once, else sleep the interval and check again; after the last of max_checks checks
 over the threshold admit anyway (on_timeout=admit, the paper) or reject (on_timeout=reject). Variants:
 source = the service's own cgroup, signal = stall share over the last interval from total= deltas,
 mode = a kernel PSI trigger (shared by all workers) deciding "over" instead of a read. Each decision is
-one DEBUG log line; run with -v to see them.
+one DEBUG log line; run with -v to see them. Every stall share (gate, timeline, adaptive limit, bench)
+comes from stall_share() over readings that pair each total= with the time of its own read.
 """
 from __future__ import annotations
 
-import argparse
 import collections
-import contextlib
 import csv
 import dataclasses
 import errno
@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import select
-import signal
 import sys
 import threading
 import time
@@ -69,26 +68,34 @@ def parse_pressure(text: str) -> dict:
 class PressureFile:
     """One PSI file (/proc/pressure/<res> or a cgroup's <res>.pressure), re-read on every call."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, clock=time.monotonic):
+        self.path, self.clock = path, clock
 
-    def read(self) -> dict:
+    def sample(self) -> tuple[float, dict]:
+        """One reading: (clock() taken as the kernel's read returned, the parsed file). A read can wait
+        (e.g. on the kernel's PSI lock) before the kernel takes its snapshot, so the time comes after it."""
         try:
             with open(self.path) as f:
                 text = f.read()
+                t = self.clock()
         except FileNotFoundError:
             raise PsiUnavailable(f"{self.path} does not exist: no PSI on this kernel; {PSI_FIX}") from None
         except OSError as e:
             if e.errno == errno.EOPNOTSUPP:
                 raise PsiUnavailable(f"{self.path}: PSI is disabled at boot; {PSI_FIX}") from None
             raise PsiUnavailable(f"cannot read {self.path}: {e.strerror}") from None
-        return parse_pressure(text)
+        return t, parse_pressure(text)
+
+    def read(self) -> dict:
+        return self.sample()[1]
 
     def avg10(self) -> float:
         return self.read()["some"]["avg10"]
 
-    def total_us(self) -> int:
-        return self.read()["some"]["total"]
+    def timed_total(self) -> tuple[float, int]:
+        """(time, some total= in us) of one reading: what stall_share() takes."""
+        t, pressure = self.sample()
+        return t, pressure["some"]["total"]
 
 
 def system_path(resource: str = "cpu") -> str:
@@ -110,33 +117,49 @@ def cgroup_path(resource: str = "cpu", proc_cgroup: str = "/proc/self/cgroup",
     return None
 
 
-class StallShare:
-    """Stall share (%) over about the last `window_s`, from some total= deltas; one per source, shared by
-    all workers (a sample taken by one is the baseline of the next). With no sample at least MIN_DELTA_S
-    old (first check, or the last one went stale) it waits for a short fresh delta."""
+def stall_share(before: tuple[float, int], after: tuple[float, int]) -> float:
+    """Stall share (%) between two readings (t_s, some total= in us), each from ONE read: t is the clock
+    taken as that read returned (PressureFile.timed_total), never a clock read elsewhere. NaN if t does
+    not advance.
 
-    def __init__(self, read_total, window_s: float, clock=time.monotonic, sleep=time.sleep):
-        self.read_total, self.clock, self.sleep = read_total, clock, sleep
+    Reported as measured, never clipped to 100. The kernel computes total= at the read from every CPU's
+    stall time: concluded state changes plus the state still running, each timed by that CPU's clock,
+    in whole us. So the stall between two reads spans the kernel's snapshots, not our stamps, and a share
+    can exceed 100% by up to (1/HZ + |g_before - g_after| + 2 us) / (t_after - t_before): 1/HZ (1-10 ms)
+    where per-CPU clocks drift apart (no stable TSC), g the delay from the kernel's snapshot to our stamp
+    (us, unless the reader is preempted or throttled right there). With a 4 ms tick that is up to 4%
+    over 100 ms and 0.8% over 500 ms; with a stable clock, under 0.1% over 100 ms."""
+    dt = after[0] - before[0]
+    return 100.0 * (after[1] - before[1]) / (dt * 1e6) if dt > 0 else math.nan
+
+
+class StallShare:
+    """Stall share (%) over about the last `window_s`, from some total= deltas of timed readings
+    (read() -> (t, total_us), e.g. PressureFile.timed_total); one per source, shared by all workers (a
+    sample taken by one is the baseline of the next). With no sample at least MIN_DELTA_S old (first
+    check, or the last one went stale) it waits for a short fresh delta."""
+
+    def __init__(self, read, window_s: float, sleep=time.sleep):
+        self.read, self.sleep = read, sleep
         self.window_s = max(window_s, MIN_DELTA_S)
         self._hist = collections.deque()   # (t, total_us), oldest first
         self._lock = threading.Lock()
 
     def __call__(self) -> float:
         with self._lock:
-            now, total = self.clock(), self.read_total()
-            h = self._hist
+            latest = self.read()
+            h, now = self._hist, latest[0]
             if h and now - h[0][0] > 4 * self.window_s and now - h[-1][0] > self.window_s:
                 h.clear()                                  # stale: the share would span an idle gap
             if not h or now - h[0][0] < MIN_DELTA_S:
                 if not h:
-                    h.append((now, total))
+                    h.append(latest)
                 self.sleep(MIN_DELTA_S - (now - h[0][0]))
-                now, total = self.clock(), self.read_total()
-            h.append((now, total))
-            while len(h) > 2 and now - h[1][0] >= self.window_s:
+                latest = self.read()
+            h.append(latest)
+            while len(h) > 2 and latest[0] - h[1][0] >= self.window_s:
                 h.popleft()                                # keep one sample at least window_s old
-            t0, tot0 = h[0]
-            return 100.0 * (total - tot0) / max((now - t0) * 1e6, 1.0)
+            return stall_share(h[0], latest)
 
 
 class TriggerMonitor:
@@ -232,7 +255,7 @@ def make_detector(source: str, sig: str, mode: str, threshold: float, interval_s
                              "mount cgroup2 (unified) or use --psi-source system")
     pf = PressureFile(path)
     pf.read()
-    read = pf.avg10 if sig == "avg10" else StallShare(pf.total_us, interval_s)
+    read = pf.avg10 if sig == "avg10" else StallShare(pf.timed_total, interval_s)
     name = f"{path} some {sig}"
     if mode == "trigger":
         try:
@@ -383,7 +406,7 @@ class TimelineSampler:
     def __init__(self, path, interval_ms, trial, state_fn, t0):
         self.path, self.interval_s, self.trial, self.state_fn, self.t0 = path, interval_ms / 1000.0, trial, state_fn, t0
         cg = cgroup_path("cpu")
-        self.sources = {"sys": PressureFile(system_path("cpu")), "cg": PressureFile(cg) if cg else None}
+        self.sources = {"sys": PressureFile(system_path("cpu")), **({"cg": PressureFile(cg)} if cg else {})}
         self.counters = _throttle_reader()
         self._prev = {}
         self._stop = threading.Event()
@@ -403,20 +426,17 @@ class TimelineSampler:
         self._f.close()
 
     def row(self) -> dict:
-        now = time.monotonic()
-        row = {"t_s": round(now - self.t0, 4), "trial": self.trial}
+        row = {"t_s": round(time.monotonic() - self.t0, 4), "trial": self.trial}
         for key, pf in self.sources.items():
             try:
-                some = pf.read()["some"] if pf else None
+                t, pressure = pf.sample()
             except (PsiUnavailable, ValueError):
-                some = None
-            if some is None:
                 continue
-            prev = self._prev.get(key)
-            self._prev[key] = (now, some["total"])
+            some, prev = pressure["some"], self._prev.get(key)
+            self._prev[key] = (t, some["total"])
             row.update({f"{key}_cpu_some_avg10": some["avg10"], f"{key}_cpu_some_total_us": some["total"]})
-            if prev and now > prev[0]:
-                row[f"{key}_cpu_some_pct"] = round(100.0 * (some["total"] - prev[1]) / ((now - prev[0]) * 1e6), 2)
+            if prev:
+                row[f"{key}_cpu_some_pct"] = round(stall_share(prev, self._prev[key]), 2)
         try:
             row.update({k: v for k, v in (self.counters() if self.counters else {}).items()
                         if k in ("nr_periods", "nr_throttled", "throttled_usec")})
@@ -454,35 +474,26 @@ def show() -> dict:
             "throttling": counters() if counters else None}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None) -> int:
-    p = _Parser(prog="psi_admission.py", description=__doc__.split("\n\n")[0])
+    import cgroup_lib
+    p = cgroup_lib.OneLineParser(prog="psi_admission.py", description=__doc__.split("\n\n")[0])
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--show", action="store_true", help="current pressure of every source, one JSON line")
     g.add_argument("--bench", action="store_true", help="admit() overhead and reaction times (JSON)")
-    p.add_argument("--bench-threshold", type=float, default=50.0, help="percent, besides the paper's 95")
-    p.add_argument("--bench-seconds", type=float, default=40.0, help="longest step load")
+    p.add_argument("--bench-threshold", type=cgroup_lib.finite_number(gt=0, le=100), default=50.0,
+                   help="percent in (0, 100], besides the paper's 95 (default 50)")
+    p.add_argument("--bench-seconds", type=cgroup_lib.finite_number(gt=0, le=300), default=40.0,
+                   help="longest step load, seconds in (0, 300] (default 40)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every decision and trigger event")
     a = p.parse_args(argv)
-    if not 0 < a.bench_threshold <= 100 or not 0 < a.bench_seconds <= 300:
-        p.error("--bench-threshold must be in (0, 100] and --bench-seconds in (0, 300]")
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    errors = (PsiUnavailable, OSError)
-    with contextlib.suppress(ImportError):
-        import cgroup_lib
-        errors += (cgroup_lib.CgroupError,)
+    errors = (PsiUnavailable, OSError, cgroup_lib.CgroupError)
     try:
         if a.show:
             PressureFile(system_path("cpu")).read()
             print(json.dumps(show()))
         else:
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
             import psi_bench
             print(json.dumps(psi_bench.bench(a.bench_threshold, a.bench_seconds)))
     except errors as e:

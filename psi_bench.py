@@ -1,11 +1,13 @@
 """The benchmark behind ``python psi_admission.py --bench``: admit() overhead and how soon each pressure
 detector (poll-avg10, poll-total, kernel trigger) sees a CPU step load started inside a temporary cgroup with
-a 50% one-CPU quota. The load and the cgroup are removed on every exit path."""
+a 50% one-CPU quota. The load and the cgroup are removed on every exit path: normal end, exception,
+Ctrl-C, SIGTERM or SIGHUP (both raise KeyboardInterrupt while the bench runs)."""
 from __future__ import annotations
 
 import collections
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -20,6 +22,7 @@ BURNER = ("import os, time\np, end = os.getppid(), time.monotonic() + {limit}\n"
           "while os.getppid() == p and time.monotonic() < end:\n    for _ in range(100000): pass\n")
 PLACE = 'code=$1; shift; for d; do echo $$ > "$d/cgroup.procs" || exit; done; exec "$0" -c "$code"'  # join, burn
 DETECTORS = {"poll-avg10": ("avg10", "poll"), "poll-total": ("total", "poll"), "trigger": ("avg10", "trigger")}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _median_admit_us(detector, calls: int) -> float:
@@ -34,15 +37,22 @@ def _median_admit_us(detector, calls: int) -> float:
     return round(statistics.median(samples) / 1000.0, 2)
 
 
-def _burn(dirs: list[str], burners: int, limit_s: float) -> list:
-    return [subprocess.Popen(["sh", "-c", PLACE, sys.executable, BURNER.format(limit=limit_s), *dirs])
-            for _ in range(burners)]
+def _burn(procs: list, dirs: list[str], burners: int, limit_s: float) -> None:
+    """Start burners that join the cgroup dirs, each added to procs as soon as it exists."""
+    for _ in range(burners):
+        procs.append(subprocess.Popen(["sh", "-c", PLACE, sys.executable, BURNER.format(limit=limit_s), *dirs]))
 
 
 def _stop(procs: list) -> None:
     for p in procs:
         p.kill()
+    for p in procs:
         p.wait()
+    procs.clear()
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def bench(threshold: float = 50.0, load_s: float = 40.0, burners: int = 3, calls: int = 2000) -> dict:
@@ -50,19 +60,22 @@ def bench(threshold: float = 50.0, load_s: float = 40.0, burners: int = 3, calls
     system and on the load's own cgroup, sees a step load of `burners` CPU burners in a temporary cgroup
     with a 50% one-CPU quota: poll-avg10 and poll-total (500 ms deltas), read every 100 ms during a first
     step; then the triggers during a second step in which nothing here reads the files (reads delay
-    trigger events). Burners and cgroup are removed on every exit path."""
+    trigger events). Burners and cgroup are removed on every exit path (stop signals raise
+    KeyboardInterrupt meanwhile, and are ignored during the teardown they ask for). Main thread only."""
     import cgroup_lib
     overhead = {det: _median_admit_us(make_detector("system", sig, mode, 100.0, 0.5), calls)
                 for det, (sig, mode) in DETECTORS.items()}
     thresholds, name, trigger_s = sorted({float(threshold), 95.0}), f"psi_bench_{os.getpid()}", 10.0
     first, reasons, peak, procs, monitors = {}, {}, collections.defaultdict(float), [], {}
-    info, dirs = cgroup_lib.create(name, 50.0, memory_max_bytes=None, log=log.info)
+    old = {s: signal.signal(s, _interrupt) for s in STOP_SIGNALS}
     try:
+        info, dirs = cgroup_lib.create(name, 50.0, memory_max_bytes=None, log=log.info)
         files = {"system": PressureFile(system_path("cpu")), "cgroup": PressureFile(info["pressure"])}
-        shares = {src: StallShare(pf.total_us, 0.5) for src, pf in files.items()}
+        shares = {src: StallShare(pf.timed_total, 0.5) for src, pf in files.items()}
         baseline = {src: (pf.avg10(), round(shares[src](), 1)) for src, pf in files.items()}
         polls = [(s, t, d) for s in files for t in thresholds for d in ("poll-avg10", "poll-total")]
-        t0, procs = time.monotonic(), _burn(dirs, burners, load_s + 20)
+        t0 = time.monotonic()
+        _burn(procs, dirs, burners, load_s + 20)
         while time.monotonic() - t0 < load_s and len(first) < len(polls):
             time.sleep(0.1)
             for src, pf in files.items():
@@ -79,17 +92,24 @@ def bench(threshold: float = 50.0, load_s: float = 40.0, burners: int = 3, calls
             except TriggerUnavailable as e:
                 reasons[f"{src}/{thr:g}/trigger"] = str(e)
         time.sleep(2 * TRIGGER_WINDOW_S + 1)   # let the first step's stall leave the trigger windows
-        t1, procs = time.monotonic(), _burn(dirs, burners, trigger_s + 20)
+        t1 = time.monotonic()
+        _burn(procs, dirs, burners, trigger_s + 20)
         while time.monotonic() - t1 < trigger_s and any(m.last_event is None or m.last_event < t1 for m in monitors.values()):
             time.sleep(0.05)
         for (src, thr), m in monitors.items():
             if m.last_event is not None and m.last_event >= t1:
                 first[src, thr, "trigger"] = round(m.last_event - t1, 2)
     finally:
-        _stop(procs)
-        for m in monitors.values():
-            m.close()
-        cgroup_lib.cleanup(name, log=log.info)
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            _stop(procs)
+            for m in monitors.values():
+                m.close()
+            cgroup_lib.cleanup(name, log=log.info)
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
     for src, thr, det in ((s, t, d) for s in files for t in thresholds for d in DETECTORS):
         if (src, thr, det) not in first and f"{src}/{thr:g}/{det}" not in reasons:
             reasons[f"{src}/{thr:g}/{det}"] = (

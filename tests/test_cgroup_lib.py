@@ -92,6 +92,14 @@ def test_create_v2_keeps_enabled_controllers_and_other_values(v2):
     assert cgroup_lib.cpu_quota_cores(info) == 1.5
 
 
+def test_create_v2_unlimited(v2):
+    info, _ = cgroup_lib.create("svc", None, 100000, None, root=v2, log=print)
+    assert _get(os.path.join(info["cpu"], "cpu.max")) == "max 100000"
+    assert _get(os.path.join(info["memory"], "memory.max")) == "max"
+    assert cgroup_lib.read_limits(info) == {"cpu_quota_us": None, "cpu_period_us": 100000,
+                                            "memory_max_bytes": None}
+
+
 def test_create_v1_writes_limits(v1):
     info, created = cgroup_lib.create("svc", 50, 100000, 4 << 30, root=v1, log=print)
     assert created == [os.path.join(v1, "cpu", "svc"), os.path.join(v1, "memory", "svc")]
@@ -105,7 +113,7 @@ def test_leftover_without_processes_is_removed(v2):
     os.mkdir(os.path.join(v2, "svc"))
     said = []
     cgroup_lib.create("svc", 50, 100000, 4 << 30, root=v2, log=said.append)
-    assert any("leftover" in s for s in said)
+    assert any("leftover" in s and "earlier run that did not clean up" in s for s in said)
 
 
 def test_leftover_with_processes_is_refused(v2):
@@ -113,6 +121,66 @@ def test_leftover_with_processes_is_refused(v2):
     with pytest.raises(CgroupError, match=r"still has processes \[12345\].*cleanup --name svc"):
         cgroup_lib.create("svc", 50, 100000, 4 << 30, root=v2, log=print)
     assert _get(os.path.join(v2, "svc", "cgroup.procs")) == "12345"
+
+
+def test_remove_writes_cgroup_kill(v2, monkeypatch):
+    """v2 (and hybrid's unified cgroup): the processes are killed through cgroup.kill, no signal loop."""
+    d = os.path.join(v2, "svc")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    _put(os.path.join(d, "cgroup.procs"), f"{sleeper.pid}\n")
+    _put(os.path.join(d, "cgroup.kill"), "")
+    written, said = [], []
+
+    def kernel(path, value):                  # the fake kernel: kill everyone, drop the interface files
+        written.append((path, value))
+        sleeper.kill()
+        sleeper.wait()
+        for f in ("cgroup.procs", "cgroup.kill"):
+            os.remove(os.path.join(d, f))
+
+    monkeypatch.setattr(cgroup_lib, "_write", kernel)
+    try:
+        cgroup_lib._remove([d], said.append)
+    finally:
+        sleeper.kill()
+    assert written == [(os.path.join(d, "cgroup.kill"), 1)]
+    assert not os.path.exists(d) and not any("SIGTERM" in s for s in said)
+
+
+def test_merge_meta_appends_to_cgroup_runs(tmp_path):
+    meta = tmp_path / "cell.json"
+    meta.write_text(json.dumps({"keep": 1}))
+    for trial in (1, 2):
+        cgroup_lib._merge_meta(str(meta), {"exit_status": 0, "trial": trial}, print)
+    assert json.loads(meta.read_text()) == {"keep": 1, "cgroup_runs": [{"exit_status": 0, "trial": 1},
+                                                                       {"exit_status": 0, "trial": 2}]}
+    assert os.listdir(tmp_path) == ["cell.json"]           # written via tmp + os.replace
+
+
+def test_own_cell_cgroup(monkeypatch):
+    info = {"mode": "v2", "cpu": "/sys/fs/cgroup/cell_a", "memory": "/sys/fs/cgroup/cell_a"}
+    monkeypatch.delenv(cgroup_lib.CELL_ENV, raising=False)
+    assert cgroup_lib.own_cell_cgroup(info) is None
+    monkeypatch.setenv(cgroup_lib.CELL_ENV, "cell_a")
+    assert cgroup_lib.own_cell_cgroup(info) == "cell_a"
+    monkeypatch.setenv(cgroup_lib.CELL_ENV, "cell_b")              # e.g. inherited by a process elsewhere
+    assert cgroup_lib.own_cell_cgroup(info) is None
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--cpu-quota", "nan"], "--cpu-quota"), (["--cpu-quota", "inf"], "--cpu-quota"),
+    (["--cpu-quota", "-5"], "--cpu-quota"), (["--cpu-quota", "0"], "--cpu-quota"),
+    (["--cpu-period-us", "0"], "--cpu-period-us"), (["--cpu-period-us", "nan"], "--cpu-period-us"),
+    (["--memory-max", "-1G"], "--memory-max"), (["--memory-max", "0"], "--memory-max"),
+    (["--memory-max", "nan"], "--memory-max"), (["--unlimited", "--cpu-quota", "50"], "--unlimited"),
+    (["--unlimited", "--memory-max", "max"], "--unlimited")])
+def test_cli_rejects_bad_numbers_in_one_line(v2, args, flag):
+    p = subprocess.run([sys.executable, LIB, "run", "--name", "svc", *args, "--", "true"], capture_output=True,
+                       text=True, timeout=30, env=dict(os.environ, CGROUP_ROOT=v2))
+    assert p.returncode == 2
+    assert p.stderr.startswith("cgroup_lib.py run: error: ") and flag in p.stderr
+    assert p.stderr.count("\n") == 1
+    assert not os.path.exists(os.path.join(v2, "svc"))
 
 
 def test_bad_name_is_refused(v2):
@@ -213,8 +281,8 @@ def _real_dirs():
     return cgroup_lib._dirs(cgroup_lib._info(mode, REAL, NAME, NAME, NAME))
 
 
-def _runner(*cmd, meta=None):
-    args = [sys.executable, LIB, "run", "--name", NAME]
+def _runner(*cmd, meta=None, limits=()):
+    args = [sys.executable, LIB, "run", "--name", NAME, *limits]
     args += ["--meta", str(meta)] if meta else []
     return subprocess.Popen(args + ["--", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -254,14 +322,27 @@ def test_real_run_places_process_and_records_counters(tmp_path, real_cleanup):
         assert any(line.endswith(f":cpu:/{NAME}") or f"cpu,cpuacct:/{NAME}" in line for line in lines)
         assert any(line.endswith(f":memory:/{NAME}") for line in lines)
     cell = json.loads(meta.read_text())
-    assert cell["keep"] == 1
-    rec = cell["cgroup_cell"]
+    assert cell["keep"] == 1 and len(cell["cgroup_runs"]) == 1
+    rec = cell["cgroup_runs"][0]
     assert rec["limits"] == {"cpu_quota_us": 50000, "cpu_period_us": 100000, "memory_max_bytes": GIB4}
     assert rec["counters"]["nr_throttled"] > 0 and rec["counters"]["throttled_usec"] > 0
     assert rec["counters"]["memory_peak_bytes"] > 0 and rec["counters"]["oom_kill"] == 0
     assert rec["exit_status"] == 0
     assert f"cgroup: {mode} {NAME}: cpu 50000/100000 us, memory {GIB4} bytes" in err
     assert not any(os.path.exists(d) for d in _real_dirs())
+
+
+@real
+def test_real_unlimited_cell_knows_it_is_its_own(real_cleanup):
+    code = (f"import json, sys\nsys.path.insert(0, {ROOT!r})\nimport cgroup_lib\n"
+            "info = cgroup_lib.own_cgroup()\n"
+            "print(json.dumps([cgroup_lib.own_cell_cgroup(info), cgroup_lib.read_limits(info)]))\n")
+    p = _runner(sys.executable, "-c", code, limits=["--unlimited"])
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert json.loads(out) == [NAME, {"cpu_quota_us": None, "cpu_period_us": 100000, "memory_max_bytes": None}]
+    assert "cpu max/100000 us, memory max bytes" in err
+    assert cgroup_lib.own_cell_cgroup() is None                  # this process: no cell of its own
 
 
 @real
@@ -275,7 +356,7 @@ def test_real_signal_mid_cell_tears_down(sig, tmp_path, real_cleanup):
     _, err = p.communicate(timeout=30)
     assert p.returncode == -sig, err
     assert f"stopped by {sig.name}" in err
-    assert json.loads(meta.read_text())["cgroup_cell"]["stopped_by"] == sig.name
+    assert json.loads(meta.read_text())["cgroup_runs"][0]["stopped_by"] == sig.name
     assert not any(os.path.exists(d) for d in _real_dirs())
     assert not os.path.exists(f"/proc/{child[0]}")
 
@@ -291,7 +372,7 @@ def test_real_child_ignoring_signals_is_killed(real_cleanup):
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=30)
     assert p.returncode == -signal.SIGTERM
-    assert "sending SIGKILL" in err
+    assert "via cgroup.kill" in err or "sending SIGKILL" in err     # cgroup.kill: v2 and hybrid, kernel >= 5.14
     assert time.monotonic() - t0 < cgroup_lib.STOP_GRACE_S + 10
 
 
@@ -301,23 +382,23 @@ def test_real_leftovers_and_cleanup(real_cleanup):
         os.mkdir(d)
     p = _runner("true")
     _, err = p.communicate(timeout=30)
-    assert p.returncode == 0 and "removing empty leftover cgroup" in err
-    # a leftover with a process in it: refused, then removed by `cleanup`
-    for d in _real_dirs():
-        os.mkdir(d)
-    sleeper = subprocess.Popen(["sleep", "60"])
-    for d in _real_dirs():
-        with open(os.path.join(d, "cgroup.procs"), "w") as f:
-            f.write(str(sleeper.pid))
-    p = _runner("true")
-    _, err = p.communicate(timeout=30)
-    assert p.returncode == 2 and "still has processes" in err and err.count("\n") == 1
-    assert sleeper.poll() is None
-    c = subprocess.run([sys.executable, LIB, "cleanup", "--name", NAME], capture_output=True, text=True,
-                       timeout=30)
-    assert c.returncode == 0, c.stderr
-    assert sleeper.wait(timeout=10) == -signal.SIGTERM
-    assert not any(os.path.exists(d) for d in _real_dirs())
+    assert p.returncode == 0 and "of an earlier run that did not clean up" in err
+    # a leftover with a process in it and no run holding the name (a killed run's orphan): the next run
+    # stops the process and removes it; so does `cleanup`
+    for command in ("run", "cleanup"):
+        for d in _real_dirs():
+            os.mkdir(d)
+        sleeper = subprocess.Popen(["sleep", "60"])
+        for d in _real_dirs():
+            with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                f.write(str(sleeper.pid))
+        argv = ["run", "--name", NAME, "--", "true"] if command == "run" else ["cleanup", "--name", NAME]
+        c = subprocess.run([sys.executable, LIB, *argv], capture_output=True, text=True, timeout=30)
+        assert c.returncode == 0, c.stderr
+        assert sleeper.wait(timeout=10) in (-signal.SIGTERM, -signal.SIGKILL)
+        if command == "run":
+            assert f"no live run holds {NAME}: stopping its processes [{sleeper.pid}]" in c.stderr
+        assert not any(os.path.exists(d) for d in _real_dirs())
 
 
 @real

@@ -4,6 +4,7 @@ import errno
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ import types
 
 import pytest
 
-from conftest import read_cell, run_script
+from conftest import read_cell, real_cgroups, run_script
 import psi_admission as pa
 
 CPU_SAMPLE = ("some avg10=1.26 avg60=0.43 avg300=0.52 total=3345418\n"
@@ -131,7 +132,7 @@ def test_gate_counts_waiting_workers():
 
 def test_stall_share_first_check_takes_a_short_fresh_delta():
     clock, totals = FakeClock(), iter([1_000_000, 1_080_000, 1_130_000, 1_200_000])
-    share = pa.StallShare(lambda: next(totals), 0.5, clock=clock, sleep=clock.sleep)
+    share = pa.StallShare(lambda: (clock(), next(totals)), 0.5, sleep=clock.sleep)
     assert share() == pytest.approx(80.0)     # 80 ms of stall in the fresh 100 ms
     assert clock.sleeps == [pytest.approx(0.1)]
     clock.t += 0.4
@@ -139,6 +140,48 @@ def test_stall_share_first_check_takes_a_short_fresh_delta():
     clock.t += 0.5
     assert share() == pytest.approx(14.0)     # baseline moved up: 70 ms over the last 500 ms
     assert len(clock.sleeps) == 1
+
+
+def test_stall_share_helper_reports_as_measured():
+    assert pa.stall_share((10.0, 1_000_000), (10.5, 1_250_000)) == pytest.approx(50.0)
+    assert pa.stall_share((10.0, 0), (10.1, 100_004)) == pytest.approx(100.004)   # not clipped
+    assert math.isnan(pa.stall_share((10.0, 0), (10.0, 5)))
+
+
+class SlowPsiFile:
+    """open() replacement: a cpu.pressure whose read first blocks for the next of `delays` seconds (as on
+    the kernel's PSI lock), then snapshots a stall that accrues at exactly 50% of the clock's time."""
+
+    def __init__(self, clock, delays):
+        self.clock, self.delays = clock, iter(delays)
+
+    def __call__(self, _path, *_a, **_k):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc):
+        return False
+
+    def read(self):
+        self.clock.t += next(self.delays)
+        return f"some avg10=50.00 avg60=50.00 avg300=50.00 total={round((self.clock.t - 100.0) * 0.5e6)}\n"
+
+
+def test_stall_share_pairs_each_total_with_its_own_read_time(monkeypatch):
+    """A slow read does not inflate the share: stamped before the read, these would give 200% and 90%."""
+    clock, sampler = FakeClock(), pa.TimelineSampler(os.devnull, 100, 1, dict, 0.0)
+    monkeypatch.setattr(pa, "open", SlowPsiFile(clock, [0.0, 0.3, 0.0, 0.0, 0.4]), raising=False)
+    pf = pa.PressureFile("/fake/cpu.pressure", clock=clock)
+    share = pa.StallShare(pf.timed_total, 0.5, sleep=clock.sleep)
+    assert share() == pytest.approx(50.0)      # 0.1 s fresh delta whose second read takes 0.3 s
+    clock.t += 0.5
+    assert share() == pytest.approx(50.0)
+    sampler.sources = {"sys": pf}
+    sampler.row()
+    clock.t += 0.5
+    assert sampler.row()["sys_cpu_some_pct"] == pytest.approx(50.0)   # the second read takes 0.4 s
 
 
 def test_limit_is_fifo_and_bounded():
@@ -201,6 +244,17 @@ def test_trigger_refused_falls_back_to_polling_once(monkeypatch, caplog, tmp_pat
     assert len(caplog.records) == 1 and "already exists" in caplog.text and "falling back" in caplog.text
 
 
+@pytest.mark.parametrize("threshold,payload", [(10.0, b"some 200000 2000000\0"), (95.0, b"some 1900000 2000000\0")])
+def test_trigger_write_carries_its_trailing_nul(monkeypatch, tmp_path, threshold, payload):
+    path = tmp_path / "cpu.pressure"
+    path.write_text(CPU_SAMPLE)
+    written = []
+    monkeypatch.setattr(pa.os, "write", lambda fd, data: written.append(data) or len(data))
+    monitor = pa.TriggerMonitor(str(path), threshold)
+    monitor.close()
+    assert written == [payload] and written[0].endswith(b"\0")
+
+
 def test_trigger_decides_without_reading_the_file():
     monitor = types.SimpleNamespace(path="/p/cpu.pressure", error=None, high=lambda: True, stall_us=1_900_000,
                                     window_s=2.0, close=lambda: None)
@@ -242,7 +296,7 @@ def test_real_trigger_and_stall_share_under_cpu_load():
         monitor = pa.TriggerMonitor(SYSTEM_CPU, 10.0, poll_s=0.05)   # 200 ms of stall in a 2 s window
     except pa.TriggerUnavailable as e:
         pytest.skip(f"PSI trigger unavailable here: {e}")
-    share = pa.StallShare(pa.PressureFile(SYSTEM_CPU).total_us, 0.5)
+    share = pa.StallShare(pa.PressureFile(SYSTEM_CPU).timed_total, 0.5)
     burn = "import time\nend = time.monotonic() + 10\nwhile time.monotonic() < end: pass"
     n = (os.cpu_count() or 1) + 1              # one more burner than CPUs: someone always waits
     procs = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(n)]
@@ -255,6 +309,54 @@ def test_real_trigger_and_stall_share_under_cpu_load():
             p.kill()
             p.wait()
         monitor.close()
+
+
+@pytest.mark.parametrize("flag", ["--bench-threshold", "--bench-seconds"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "x"])
+def test_cli_rejects_bad_numbers_in_one_line(monkeypatch, capsys, flag, value):
+    import psi_bench
+    monkeypatch.setattr(psi_bench, "bench", pytest.fail)
+    with pytest.raises(SystemExit) as exit_info:
+        pa.main(["--bench", flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith(f"psi_admission.py: error: argument {flag}: ") and err.count("\n") == 1
+
+
+@real_cgroups
+@pytest.mark.parametrize("how", ["exception", "SIGTERM"])
+def test_bench_removes_its_cgroup_and_burners_on_every_exit(monkeypatch, how):
+    if not os.path.exists(SYSTEM_CPU):
+        pytest.skip(f"{SYSTEM_CPU} missing: kernel without PSI (boot with psi=1)")
+    import cgroup_lib
+    import psi_bench
+    name, started, missed, burn = f"psi_bench_{os.getpid()}", [], [], psi_bench._burn
+    dirs = cgroup_lib._dirs(cgroup_lib._info(cgroup_lib.detect_mode("/sys/fs/cgroup"), "/sys/fs/cgroup",
+                                             name, name, name))
+
+    def burn_then_fail(procs, *args):           # mid-bench: the load runs inside the bench cgroup
+        burn(procs, *args)
+        started.extend(procs)
+        deadline = time.monotonic() + 10
+        while not any(cgroup_lib._procs(d) for d in dirs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if how == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise RuntimeError("boom")
+
+    def on_sigterm(*_a):                        # the bench should catch it: pytest survives one it misses
+        missed.append(1)
+
+    monkeypatch.setattr(psi_bench, "_burn", burn_then_fail)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with pytest.raises(KeyboardInterrupt if how == "SIGTERM" else RuntimeError):
+            psi_bench.bench(load_s=0.5, burners=1, calls=10)
+        assert signal.getsignal(signal.SIGTERM) is on_sigterm and not missed
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert started and all(p.poll() is not None for p in started)
+    assert not [d for d in dirs if os.path.exists(d)]
 
 
 def test_generator_records_rejected_rows(tmp_path):
