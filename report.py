@@ -1,8 +1,9 @@
-"""Figures and paper.pdf from an analyze_results.Analysis, with matplotlib only (no pyplot state).
+"""Presentation: markdown tables, the figures and paper.pdf, with matplotlib only (no pyplot state).
 
-write_figures(an) saves the PNGs into the results directory and returns {path: Figure}; write_paper(an,
-figures, path) builds the report: environment and method as run (from the cell JSONs), the tables beside the
-published ones, findings and differences phrased from the measured numbers, then the figures.
+md_table lays out the tables of table.md. write_figures(an) saves the PNGs into the results directory and
+returns {path: Figure}; write_paper(an, figures, path) builds the report: environment and method as run (from
+the cell JSONs), the tables, findings phrased from the measured numbers and the paper's raw files, then the
+figures. ``an`` is the analysis (analyze_results.Analysis), passed in: this module imports no analysis code.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator
 
-import analyze_results as ar
 import metrics
 
 DPI = 120
@@ -31,8 +31,16 @@ PAPER_METHOD = {"cpu_count": 4, "num_requests": 20, "trials": 1, "max_new_tokens
                 "psi_interval_ms": 500.0, "psi_max_checks": 10}
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table padded to fixed width (first column left-aligned, the rest right-aligned)."""
+    w = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(x.ljust(w[i]) if i == 0 else x.rjust(w[i]) for i, x in enumerate(r)) + " |"
+    sep = "|" + "|".join("-" * (n + 2) if i == 0 else "-" * (n + 1) + ":" for i, n in enumerate(w)) + "|"
+    return [line(header), sep] + [line(r) for r in rows]
+
+
 def color(an, config: str) -> str:
-    return f"C{ar.order(set(ar.LABELS) | set(an.configs)).index(config) % 10}"
+    return f"C{an.palette.index(config) % 10}"
 
 
 def focus(an) -> int:
@@ -51,12 +59,14 @@ def fig_p95(an) -> Figure:
     for ax, metric in zip(axes, TITLES):
         for cfg in an.configs:
             rows = [r for c in an.concurrencies if (r := an.pooled(cfg, c))]
-            y, lo, hi = (np.array([r[f"p95_{metric}{k}_ms"] for r in rows]) / 1000 for k in ("", "_ci_low", "_ci_high"))
-            ax.errorbar([r["concurrency"] for r in rows], y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)],
-                        marker="o", capsize=3, color=color(an, cfg), label=f"{ar.label(cfg)} (ours)")
-        for cfg, col in ar.PAPER_COLUMNS.items():
+            y, lo, hi = (np.array([r[f"p95_{metric}_trial_{k}_ms"] for r in rows]) / 1000
+                         for k in ("mean", "ci_low", "ci_high"))
+            bars = [np.nan_to_num(np.clip(d, 0, None)) for d in (y - lo, hi - y)]  # no bar without an interval
+            ax.errorbar([r["concurrency"] for r in rows], y, yerr=bars,
+                        marker="o", capsize=3, color=color(an, cfg), label=f"{an.label(cfg)} (ours)")
+        for cfg, col in an.paper_columns.items():
             ax.plot(an.published.index, an.published[col] / 1000, ls="--", marker="s", mfc="none",
-                    color=color(an, cfg), label=f"{ar.label(cfg)} (published)")
+                    color=color(an, cfg), label=f"{an.label(cfg)} (published)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(an.concurrencies, [str(c) for c in an.concurrencies])
@@ -65,8 +75,9 @@ def fig_p95(an) -> Figure:
         ax.set(title=f"p95 {TITLES[metric]}", xlabel="concurrency (worker threads)")
     axes[0].set_ylabel("p95 latency (s, log scale)")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle("p95 vs concurrency: ours (pooled over trials; bars: 95% bootstrap CI) and the published Table I\n"
-                 "(dashed; the paper labels its values end-to-end, they are drawn on both panels)")
+    fig.suptitle("p95 vs concurrency: ours (mean of per-trial p95; bars: 95% t-interval over trials) and the "
+                 "published Table I\n"
+                 "(dashed; labelled end-to-end in the paper, service times in its raw files: drawn on both panels)")
     fig.tight_layout(rect=(0, 0.14, 1, 1))
     return fig
 
@@ -75,10 +86,10 @@ def fig_cdf(an, c: int) -> Figure:
     fig = Figure(figsize=(11, 4.6))
     for ax, metric in zip(fig.subplots(1, 2), TITLES):
         for cfg in an.configs:
-            if (cell := an.cells.get((cfg, c))) is not None:
+            if (cell := an.cells.get((cfg, c))) is not None and (cfg, c) in an.used:
                 v = np.sort(cell.rows.loc[cell.rows["status"] == "ok", f"{metric}_ms"].dropna().to_numpy(float)) / 1000
                 ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", color=color(an, cfg),
-                        label=f"{ar.label(cfg)} (n={len(v)})")
+                        label=f"{an.label(cfg)} (n={len(v)})")
         ax.axhline(0.95, ls=":", color="grey", lw=1)
         ax.set_xscale("log")
         ax.grid(True, which="both", alpha=0.3)
@@ -97,14 +108,14 @@ PSI_LINES = {"sys_cpu_some_avg10": dict(color="C0", label="system, avg10"),
 
 
 def fig_timeline(an, c: int) -> Figure | None:
-    cells = [cell for cfg in an.configs if (cell := an.cells.get((cfg, c))) is not None
+    cells = [cell for cfg in an.configs if (cell := an.cells.get((cfg, c))) is not None and (cfg, c) in an.used
              and cell.timeline is not None and "t_s" in cell.timeline and len(cell.timeline)]
     if not cells:
         return None
     fig = Figure(figsize=(11, 1.0 + 2.6 * len(cells)))
     for (a, b), cell in zip(fig.subplots(len(cells), 2, squeeze=False), cells):
         tl = cell.timeline[column(cell.timeline, "trial") == 1] if "trial" in cell.timeline else cell.timeline
-        t, name = column(tl, "t_s"), f"{ar.label(cell.config)} c={c}, trial 1"
+        t, name = column(tl, "t_s"), f"{an.label(cell.config)} c={c}, trial 1"
         for col, style in PSI_LINES.items():
             if column(tl, col).notna().any():
                 a.plot(t, column(tl, col), **style)
@@ -148,7 +159,7 @@ def fig_breakdown(an) -> Figure:
             ax.bar(x, v, bottom=bottom, color=f"C{i}", label=part)
             bottom += v
         ax.set_xticks(x, [str(c) for c in an.concurrencies])
-        ax.set(title=ar.label(cfg), xlabel="concurrency", ylabel="mean time (s)")
+        ax.set(title=an.label(cfg), xlabel="concurrency", ylabel="mean time (s)")
     for ax in axes[len(an.configs):]:
         ax.axis("off")
     fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
@@ -157,15 +168,45 @@ def fig_breakdown(an) -> Figure:
     return fig
 
 
+def fig_artifact(an) -> Figure:
+    """The paper's raw files: each request's latency against wall-clock time, one colour per configuration,
+    each file labelled with its concurrency (files recorded close together share one label)."""
+    art = an.artifact
+    t0 = art["timestamp"].min()
+    fig = Figure(figsize=(11, 5))
+    ax = fig.subplots()
+    labels = []  # [config, hours, top latency, levels]: one label per run of files close in time
+    for (cfg, c), g in sorted(art.groupby(["config", "concurrency"]), key=lambda kg: kg[1]["timestamp"].min()):
+        h, y = (g["timestamp"] - t0) / 3600, g["latency_ms"] / 1000
+        ax.plot(h, y, marker="o", ms=3, lw=0.7, color=color(an, cfg),
+                label=an.label(cfg) if cfg not in [x[0] for x in labels] else None)
+        if labels and labels[-1][0] == cfg and h.min() - labels[-1][1] < 0.15:
+            labels[-1][2], labels[-1][3] = max(labels[-1][2], y.max()), labels[-1][3] + [c]
+        else:
+            labels.append([cfg, h.min(), y.max(), [c]])
+    for cfg, h, top, levels in labels:
+        ax.annotate("c=" + ",".join(map(str, levels)), (h, top), xytext=(0, 6), textcoords="offset points",
+                    fontsize=8, color=color(an, cfg))
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set(xlabel=f"hours since the first row ({pd.to_datetime(t0, unit='s', utc=True):%Y-%m-%d %H:%M} UTC)",
+           ylabel="latency_ms of one request (s, log scale)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("The paper's raw files (reference/artifact_results/): each request's service time against the time "
+                 "it was recorded")
+    fig.tight_layout()
+    return fig
+
+
 def write_figures(an) -> dict:
     """Save the PNG figures into the results directory; returns {path: Figure} for write_paper."""
     c, out = focus(an), {}
     makers = {"p95_vs_concurrency": lambda: fig_p95(an), f"latency_cdf_c{c}": lambda: fig_cdf(an, c),
-              f"timeline_c{c}": lambda: fig_timeline(an, c), "latency_breakdown": lambda: fig_breakdown(an)}
+              f"timeline_c{c}": lambda: fig_timeline(an, c), "latency_breakdown": lambda: fig_breakdown(an),
+              "artifact_timeline": lambda: fig_artifact(an)}
     with matplotlib.rc_context(RC):
         for name, make in makers.items():
-            if (fig := make()) is None:
-                ar.warn(f"no timeline files at concurrency {c}: no timeline figure")
+            if (fig := make()) is None:  # no timeline files: the analysis warns
                 continue
             out[os.path.join(an.results_dir, name + ".png")] = fig
             fig.savefig(os.path.join(an.results_dir, name + ".png"), dpi=DPI)
@@ -247,10 +288,10 @@ def method(an) -> list[str]:
         get = lambda key: distinct("default" if r.get(key, "—") is None else r.get(key, "—") for r in run)
         gate = (f"{get('psi_source')} {get('psi_signal')} > {get('psi_threshold')}, every {get('psi_interval_ms')} "
                 f"ms, ≤ {get('psi_max_checks')} checks" if any(r.get("admission") == "gate" for r in run) else "")
-        rows.append([ar.label(cfg), ", ".join(str(cell.concurrency) for cell in cells)]
+        rows.append([an.label(cfg), ", ".join(str(cell.concurrency) for cell in cells)]
                     + [get(k) for k in ("num_requests", "trials", "max_new_tokens", "spacing_ms", "torch_threads",
                                         "admission")] + [gate])
-    return ar.md_table(["config", "c", "requests", "trials", "new tokens", "spacing ms", "torch threads", "admission",
+    return md_table(["config", "c", "requests", "trials", "new tokens", "spacing ms", "torch threads", "admission",
                         "gate"], rows)
 
 
@@ -261,37 +302,39 @@ def span(values, unit="×", digits=2) -> str:
     return "—" if not v else f"{lo}{unit}" if lo == hi else f"{lo}–{hi}{unit}"
 
 
+def resolved(r: float, lo: float, hi: float) -> str:
+    """Whether an interval of a ratio excludes 1."""
+    return ("one trial: no interval" if not np.isfinite(lo) else
+            "interval excludes 1" if lo > 1 or hi < 1 else "interval includes 1: not resolved")
+
+
 def findings(an) -> list[str]:
-    """Plain-language findings, each phrased from the measured numbers."""
-    cs, s, out = an.concurrencies, an.summary[an.summary["trial"] == "all"], []
-    static = span([an.p95("cgroups", c) / an.p95("baseline", c) for c in cs])
+    """Plain-language findings, each phrased from the measured numbers (used cells only)."""
+    cs, out = an.concurrencies, []
+    s = an.used_summary()
+    static = span([an.ratio("cgroups", "baseline", c)[0] for c in cs])
+    service = span([an.ratio("cgroups", "baseline", c, "service")[0] for c in cs])
     published = span([an.paper("cgroups", c) / an.paper("baseline", c) for c in cs])
-    out.append(f"Static limits (cgroups-only) put p95 end-to-end latency at {static} the baseline's (paper: "
-               f"{published})." if static != "—" else "No concurrency level has both a baseline and a cgroups-only "
-                                                      "cell: the cost of static limits is not measured.")
-    both = [c for c in cs if np.isfinite(an.speedup(c))]
+    out.append(f"Static limits (cgroups-only) put p95 latency at {static} the baseline's end-to-end and {service} on "
+               f"service time (paper, whose values are service times: {published})." if static != "—" else
+               "No concurrency level has both a baseline and a cgroups-only cell: the cost of static limits is not "
+               "measured.")
+    both = [c for c in cs if np.isfinite(an.ratio("cgroups", "psi", c)[0])]
     verdict = []
     for c in both:
-        g, o = an.pooled("psi", c), an.pooled("cgroups", c)
-        ci = ("CIs disjoint, gate lower" if g["p95_e2e_ci_high_ms"] < o["p95_e2e_ci_low_ms"] else
-              "CIs disjoint, gate higher" if g["p95_e2e_ci_low_ms"] > o["p95_e2e_ci_high_ms"] else
-              "CIs overlap: not resolved")
-        paper = span([an.paper("cgroups", c) / an.paper("psi", c)])
-        verdict.append(f"c={c}: {an.speedup(c):.2f}× (paper {paper}; {ci})")
-    out.append("Speedup of the PSI gate over cgroups-only, p95 end-to-end: " + "; ".join(verdict) + ". On service "
-               f"time the same speedup is {span([an.speedup(c, 'service') for c in both])}: time spent deferred by the "
+        r, lo, hi = an.ratio("cgroups", "psi", c)
+        band = f" [{lo:.2f}–{hi:.2f}]" if np.isfinite(lo) else ""
+        verdict.append(f"c={c}: {r:.2f}×{band} (paper {span([an.paper('cgroups', c) / an.paper('psi', c)])}; "
+                       f"{resolved(r, lo, hi)})")
+    out.append("Speedup of the PSI gate over cgroups-only (cgroups-only p95 / cgroups+PSI p95, end-to-end, 95% "
+               "interval over trials): " + "; ".join(verdict) + ". On service time the same speedup is "
+               f"{span([an.ratio('cgroups', 'psi', c, 'service')[0] for c in both])}: time spent deferred by the "
                "gate or queued for a worker counts in end-to-end latency but not in service time." if both else
                "No concurrency level has both a cgroups-only and a cgroups+PSI cell: the gate's effect is not "
                "measured.")
-    off = lambda k, c, m: abs(np.log(an.p95(k, c, m) / an.paper(k, c)))  # distance from the published, log scale
-    closer = [off(k, c, "service") < off(k, c, "e2e") for k in ar.PAPER_COLUMNS for c in cs
-              if np.isfinite(off(k, c, "e2e"))]
-    if closer:
-        out.append(f"Our p95 service time is closer to the published value than our p95 end-to-end latency in "
-                   f"{sum(closer)} of {len(closer)} cells (log scale; the hosts differ, so this is a hint only).")
     lim = s[s["limited"] & s["e2e_vs_ideal"].notna()]
     if len(lim):
-        per_config = "; ".join(f"{span(g['e2e_vs_ideal'])} the ideal for {ar.label(k)}"
+        per_config = "; ".join(f"{span(g['e2e_vs_ideal'])} the ideal for {an.label(k)}"
                                for k, g in lim.groupby("config", sort=False))
         out.append(f"Against a perfect one-at-a-time FIFO server needing S = {an.ideal_ms:.1f} ms per request (median "
                    f"service time of {an.reference}), p95 end-to-end is {per_config}; p95 service is "
@@ -300,10 +343,10 @@ def findings(an) -> list[str]:
     out.append(f"{int(s['small_n_p95'].sum())} of {len(s)} cells have fewer than {metrics.min_samples_for(95)} ok "
                f"requests (†): their p95 interpolates between the few largest values. With the paper's {n} requests "
                f"per cell, p95 lies between the {n - math.floor((n - 1) * 0.95)} largest values of a single run.")
-    width = ((s["p95_e2e_ci_high_ms"] - s["p95_e2e_ci_low_ms"]) / s["p95_e2e_ms"]).dropna()
+    width = ((s["p95_e2e_trial_ci_high_ms"] - s["p95_e2e_trial_ci_low_ms"]) / s["p95_e2e_trial_mean_ms"]).dropna()
     if len(width):
-        out.append(f"The 95% CI of p95 end-to-end spans {100 * width.median():.0f}% of the value in the median cell "
-                   f"({100 * width.min():.0f}% to {100 * width.max():.0f}%).")
+        out.append(f"The 95% interval over trials of p95 end-to-end spans {100 * width.median():.0f}% of the value "
+                   f"in the median cell with at least 2 trials ({100 * width.min():.0f}% to {100 * width.max():.0f}%).")
     rej, fail = int(s["n_rejected"].sum()), int(s["n_failed"].sum())
     out.append(f"{rej} requests were rejected and {fail} failed; they are counted in the tables and left out of the "
                "latency statistics." if rej or fail else
@@ -321,17 +364,90 @@ def findings(an) -> list[str]:
     return out
 
 
+def file_median(files: pd.DataFrame, config: str, c: int) -> float:
+    v = files.loc[(files["config"] == config) & (files["concurrency"] == c), "median_s"]
+    return float(v.iloc[0]) if len(v) else np.nan
+
+
+def raw_file_findings(an) -> list[str]:
+    """What the paper's raw files show (an.artifact_files: one row per file) and the collapse bench's outcome;
+    an explanation that the files do not force is marked as a guess."""
+    f = an.artifact_files
+    out = [f"The paper's raw files (reference/artifact_results/: {int(f['n'].sum())} requests in {len(f)} files) give "
+           f"the published Table I as numpy's default (linear) p95 of latency_ms in {int(f['matches'].sum())} of "
+           f"{len(f)} cells. Each latency_ms is the server's own generate() time for one request: a service time."]
+    idle = "; ".join(f"{k} {span(g, ' s')}" for k, g in f.groupby("config", sort=False)["idle_s"])
+    overlapping = int((f["min_idle_s"] < 0).sum())
+    out.append(f"Median idle time of the server between consecutive requests, per file (time between rows minus the "
+               f"later row's latency): {idle}. " +
+               (f"{overlapping} files have rows closer together than their latency: requests overlapped there."
+                if overlapping else
+                f"No row came sooner after the previous one than its own latency (smallest margin "
+                f"{1000 * f['min_idle_s'].min():.2f} ms): requests never overlapped, so the artifact served them one "
+                "at a time at every concurrency level."))
+    alone, quota = file_median(f, "baseline", 1), file_median(f, "cgroups", 1)
+    ours = [np.median(v) if len(v) else np.nan for v in (an.service_s("baseline", 1), an.service_s("cgroups", 1))]
+    published = span([an.paper("cgroups", c) / an.paper("baseline", c) for c in an.concurrencies], digits=0)
+    bound = PAPER_METHOD["cpu_count"] / PAPER_METHOD["quota_cores"]
+    if np.isfinite(quota / alone):
+        out.append(f"A request alone (c=1) took a median {alone:.2f} s unconstrained and {quota:.1f} s under the quota "
+                   f"in the paper's files: {quota / alone:.1f}× slower. Ours: {ours[0]:.2f} s and {ours[1]:.2f} s, "
+                   f"{ours[1] / ours[0]:.2f}×. As its requests ran one at a time, the published cgroups-only / "
+                   f"baseline ratio ({published}) is a ratio of single-request service times.")
+    if quota / alone > bound:
+        out.append(f"Guess (not forced by the data): if a request needed the same CPU time under the quota, "
+                   f"{PAPER_METHOD['quota_cores']} of a core on the paper's {PAPER_METHOD['cpu_count']}-core host "
+                   f"would slow it at most {bound:.0f}× (all cores busy before); a larger factor points to extra CPU "
+                   "work or waiting under throttling, such as threads spinning while the cgroup is throttled.")
+    out.append("Recording order (hours after the first row): " + ", ".join(
+        f"{r.config} c={r.concurrency} {r.start_h:.1f} h (median {r.median_s:.1f} s)"
+        for r in f.sort_values("start_h").itertuples()) + ".")
+    psi, cg = f[f["config"] == "psi"].sort_values("start_h"), f[f["config"] == "cgroups"]
+    if len(psi) and len(cg) and psi["start_h"].min() > cg["end_h"].max():
+        falling = "fall" if (np.diff(psi["median_s"]) < 0).all() else "do not fall"
+        out.append(f"Every psi file was recorded after every cgroups file "
+                   f"({psi['start_h'].min() - cg['end_h'].max():.1f} h later), and the psi medians {falling} from "
+                   "each file to the next in recording order. The server did the same at every level (one request at "
+                   "a time), so the psi files differ from each other in when they were recorded, not in what the "
+                   "server did; nothing in the files separates an effect of the gate from a change of the host over "
+                   "those hours.")
+    out.append(collapse_finding(an.collapse, quota / alone))
+    return out
+
+
+def collapse_finding(bench: pd.DataFrame | None, artifact_factor: float) -> str:
+    if bench is None:
+        return "The single-request collapse bench (bench_collapse.py, collapse.csv) has not been run on these results."
+    if bench["slowdown"].isna().all():
+        return "The collapse bench has no setting measured both unconstrained and under the quota."
+    top = bench.loc[bench["slowdown"].idxmax()]
+    return (f"Collapse bench here: the largest single-request slowdown under the quota is {top['slowdown']:.1f}× "
+            f"({top['engine']}, OMP_WAIT_POLICY {top['omp_wait_policy']}, {top['torch_threads']} threads) over "
+            f"{int(bench['slowdown'].notna().sum())} settings, against {artifact_factor:.1f}× in the paper's files.")
+
+
+def drift_findings(an) -> list[str]:
+    tested = {k: d for k, d in an.drift.items() if "p" in d}
+    if not tested:
+        return ["No cell records its trials' run order: drift over the sweep is not measured."]
+    flagged = [f"{an.label(k)} c={c}" for (k, c), d in sorted(tested.items()) if d["status"] == "drift"]
+    out = [f"Drift over the run order (per-trial median service time, Spearman p < 0.05): {len(flagged)} of "
+           f"{len(tested)} cells" + (f" ({', '.join(flagged)})." if flagged else ".")]
+    if an.interleave:
+        out.append(f"{an.interleave[0]} of {an.interleave[1]} consecutive trials switch configuration "
+                   f"({100 * an.interleave[0] / an.interleave[1]:.0f}%).")
+    return out
 def differences(an) -> list[str]:
     """How the run differs from the paper's stated method, with the likely effect."""
     metas = [cell.meta for cell in an.cells.values()]
     run = lambda key: sorted({m.get("config", {}).get(key) for m in metas} - {None})
     cpus = sorted({m.get("environment", {}).get("cpu_count") for m in metas} - {None})
     model = [m.get("environment", {}).get("model", {}) for m in metas]
-    host = an.p95("baseline", 1) / an.paper("baseline", 1)
+    host = an.p95("baseline", 1, "service") / an.paper("baseline", 1)
     out = []
     if set(cpus) - {PAPER_METHOD["cpu_count"]}:
         out.append(f"Host: {', '.join(map(str, cpus))} CPUs here, a 4-core VM in the paper: contention at c ≥ 2 and "
-                   "the speed of a core differ" + (f" (our baseline c=1 p95 is {host:.3g}× the paper's)."
+                   "the speed of a core differ" + (f" (our baseline c=1 p95 service time is {host:.3g}× the paper's)."
                                                     if np.isfinite(host) else "."))
     if any(m.get("pretrained") is False for m in model):
         out.append(f"Model: {distinct(m.get('source') for m in model)} with random weights; the paper used pretrained "
@@ -350,8 +466,9 @@ def differences(an) -> list[str]:
     if "system" in run("psi_source"):
         out.append("The gate reads system-wide PSI, as the paper's did: every process on the host moves it, not only "
                    "the service.")
-    out.append("The paper labels its latency end-to-end, but its artifact timed generation only (service time); both "
-               "are reported here, each beside the published values.")
+    out.append("The paper labels its latency end-to-end; its raw files hold each request's generate() time (service "
+               "time) with requests served one at a time. Both of our metrics are reported, each beside the "
+               "published values.")
     return out
 
 
@@ -366,8 +483,9 @@ def write_paper(an, figures: dict, path: str) -> None:
         "A thread pool of c workers receives the prompts at fixed spacing; each request is timed from submission "
         "through admission and generation to its last token (metrics.py defines every span). Per configuration:",
         *method(an), an.table_md,
-        "# Findings", *("• " + f for f in findings(an)),
-        "# Differences from the paper and their likely causes", *("• " + d for d in differences(an))])
+        "# Findings", *("• " + f for f in findings(an) + drift_findings(an)),
+        "# What the paper's raw files show", *("• " + f for f in raw_file_findings(an)),
+        "# Differences from the paper's stated method", *("• " + d for d in differences(an))])
     metadata = {"CreationDate": None, "Title": "Table I, reproduced"}  # no date: rebuilding gives the same file
     with matplotlib.rc_context(RC), PdfPages(path, metadata=metadata) as pdf:
         for page in text_pages(text) + list(figures.values()):

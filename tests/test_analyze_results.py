@@ -1,5 +1,6 @@
 """The analysis: exact percentiles and counts on synthetic cells, the ideal FIFO, the published table beside
-ours, missing cells, bad input, byte-identical table.md, the figures and the PDF."""
+ours, missing, incomplete and mislabelled cells, bad input, byte-identical outputs, the figures and the PDF
+and where it goes."""
 import json
 import os
 import shutil
@@ -15,13 +16,17 @@ import metrics
 import request_generator as rg
 
 
-def write_cell(d, config, c, e2e_s, service_s=None, status=None, trials=1, gate=None, delta=None, limited=None):
+def write_cell(d, config, c, e2e_s, service_s=None, status=None, trials=1, gate=None, delta=None, limited=None,
+               scale=None, runs=None, meta=None):
     """A synthetic cell: per trial, request i submitted at 0.1*i s with end-to-end e2e_s[i] and service
-    service_s[i] (default: all of it); status[i] 'rejected' gives a request that never started."""
+    service_s[i] (default: all of it), both times scale[trial - 1] (default 1); status[i] 'rejected' gives a
+    request that never started. runs: per trial (run_index, started_at) for the JSON; meta: keys that
+    replace the JSON's (a complete cell whose cgroup limits match its label by default)."""
     rows = []
     for trial in range(1, trials + 1):
-        for i, e2e in enumerate(e2e_s):
-            svc = e2e if service_s is None else service_s[i]
+        k = 1.0 if scale is None else scale[trial - 1]
+        for i, e2e in enumerate(np.asarray(e2e_s, dtype=float) * k):
+            svc = e2e if service_s is None else service_s[i] * k
             st = "ok" if status is None else status[i]
             dec, checks, defer = gate[i] if gate else ("none", 0, 0.0)
             sub = 0.1 * i
@@ -34,11 +39,16 @@ def write_cell(d, config, c, e2e_s, service_s=None, status=None, trials=1, gate=
     df = metrics.derive(pd.DataFrame(rows).reindex(columns=rg.COLUMNS))
     stem = os.path.join(d, f"{config}_c{c}")
     df.to_csv(stem + ".csv", index=False)
-    meta = {"limited": rg.CONFIGS.get(config, {}).get("limited", False) if limited is None else limited,
+    limited = rg.CONFIGS.get(config, {}).get("limited", False) if limited is None else limited
+    full = {"limited": limited, "interrupted": False, "complete": True, "trials_planned": trials,
             "config": {"config": config, "concurrency": c, "num_requests": len(e2e_s), "trials": trials},
+            "cgroup": {"limits": {"cpu_quota_us": 50000 if limited else None, "cpu_period_us": 100000,
+                                  "memory_max_bytes": 4 * 2 ** 30 if limited else None}},
             "trials": [{"trial": t, "cgroup_delta": delta} for t in range(1, trials + 1)]}
+    for t, (index, started) in zip(full["trials"], runs or []):
+        t.update(run_index=index, started_at=started)
     with open(stem + ".json", "w") as f:
-        json.dump(meta, f)
+        json.dump({**full, **(meta or {})}, f)
     return stem
 
 
@@ -72,7 +82,7 @@ def test_percentiles_exact_and_pooled_equals_numpy(tmp_path, capsys):
         df = pd.read_csv(tmp_path / f"{row.config}_c{row.concurrency}.csv")
         df = df if row.trial == "all" else df[df.trial == int(row.trial)]
         assert row.p95_e2e_ms == np.percentile(df.e2e_ms[df.status == "ok"], 95)
-        assert row.p95_e2e_ci_low_ms <= row.p95_e2e_ms <= row.p95_e2e_ci_high_ms
+        assert row.p95_e2e_iid_boot_low_ms <= row.p95_e2e_ms <= row.p95_e2e_iid_boot_high_ms
         assert bool(row.small_n_p95)  # 20 or 40 < 59
     assert pooled(tmp_path, "cgroups", 1).p95_e2e_ms == pytest.approx(3 * 19050.0)
 
@@ -169,10 +179,13 @@ def test_throttling_and_distributions(tmp_path, capsys):
 def test_table_md_regenerates_byte_identically(tmp_path, capsys):
     write_cell(tmp_path, "baseline", 8, E2E, trials=3)
     write_cell(tmp_path, "psi", 8, E2E * 2, gate=[("admitted", 2, 0.5)] * 20)
+    write_cell(tmp_path, "cgroups", 8, E2E * 3, trials=2, scale=[1.0, 1.5])
+    outputs = ("table.md", "summary.csv", "speedups.csv")
     analyze(tmp_path, capsys)
-    first = (tmp_path / "table.md").read_bytes(), (tmp_path / "summary.csv").read_bytes()
+    first = [(tmp_path / name).read_bytes() for name in outputs]
+    assert len(pd.read_csv(tmp_path / "speedups.csv")) == 2  # cgroups over baseline, e2e and service
     analyze(tmp_path, capsys)
-    assert ((tmp_path / "table.md").read_bytes(), (tmp_path / "summary.csv").read_bytes()) == first
+    assert [(tmp_path / name).read_bytes() for name in outputs] == first
 
 
 @pytest.mark.parametrize("content, problem", [
@@ -242,3 +255,155 @@ def test_figures_and_paper(tmp_path, capsys):
         text = subprocess.run(["pdftotext", "-layout", str(paper), "-"], capture_output=True, text=True).stdout
         assert "Table I" in text and "4605.4" in text and "cgroups+PSI" in text
         assert f"{np.percentile(E2E * 3000, 95):.1f}" in text
+
+
+def table_line(table, start):
+    return next(x for x in table.splitlines() if x.startswith(start))
+
+
+def test_incomplete_cell_warned_left_out_and_flagged(tmp_path, capsys):
+    write_cell(tmp_path, "baseline", 1, E2E)
+    write_cell(tmp_path, "cgroups", 1, E2E * 3, trials=2, meta={"trials_planned": 3, "complete": False})
+    old = write_cell(tmp_path, "psi", 1, E2E * 2)  # an old JSON: no complete flag, but interrupted
+    with open(old + ".json") as f:
+        meta = json.load(f)
+    del meta["complete"], meta["trials_planned"]
+    with open(old + ".json", "w") as f:
+        json.dump({**meta, "interrupted": True}, f)
+    rc, out = analyze(tmp_path, capsys)
+    assert rc == 0
+    for name in ("cgroups_c1", "psi_c1"):
+        assert f"warning: {tmp_path / name}.csv: incomplete cell" in out.err
+        assert not pooled(tmp_path, name[:-3], 1).complete
+    assert pooled(tmp_path, "baseline", 1).complete
+    line = table_line((tmp_path / "table.md").read_text(), "| 1 ")
+    assert f"{19050.0:.1f}" in line and f"{3 * 19050.0:.1f}" not in line and line.count("—") >= 3
+    rc, out = analyze(tmp_path, capsys, "--include-incomplete")
+    assert f"{3 * 19050.0:.1f}" in table_line((tmp_path / "table.md").read_text(), "| 1 ")
+    assert "incomplete cell" in out.err  # warned either way
+
+
+def test_rows_short_of_the_plan_are_incomplete(tmp_path, capsys):
+    stem = write_cell(tmp_path, "baseline", 2, E2E, trials=2)
+    df = pd.read_csv(stem + ".csv")
+    df[df.request_id != 19].to_csv(stem + ".csv", index=False)  # the JSON says complete, but two rows are missing
+    _, out = analyze(tmp_path, capsys)
+    assert "baseline_c2.csv: incomplete cell (38 rows" in out.err and not pooled(tmp_path, "baseline", 2).complete
+
+
+def test_mislabelled_limits_warned(tmp_path, capsys):
+    write_cell(tmp_path, "cgroups", 2, E2E, meta={"cgroup": {"limits": {"cpu_quota_us": None}}})
+    write_cell(tmp_path, "baseline", 2, E2E, meta={"cgroup": {"limits": {"cpu_quota_us": 50000}}})
+    write_cell(tmp_path, "psi", 2, E2E)
+    _, out = analyze(tmp_path, capsys)
+    assert f"warning: {tmp_path / 'cgroups_c2'}.json: labelled limited but its cgroup limits read back no CPU quota" \
+        in out.err
+    assert f"{tmp_path / 'baseline_c2'}.json: labelled unlimited but its cgroup limits read back a CPU quota" in out.err
+    assert [pooled(tmp_path, k, 2).limits_match for k in ("cgroups", "baseline", "psi")] == [False, False, True]
+
+
+def test_trial_intervals_and_speedups_csv(tmp_path, capsys):
+    write_cell(tmp_path, "baseline", 2, E2E, trials=2, scale=[1.0, 2.0])
+    write_cell(tmp_path, "cgroups", 2, E2E, trials=3, scale=[4.0, 8.0, 16.0], service_s=E2E / 2)
+    write_cell(tmp_path, "psi", 2, E2E, trials=1)  # one trial: no ratio with an interval
+    rc, _ = analyze(tmp_path, capsys)
+    assert rc == 0
+    p95 = np.percentile(E2E * 1000, 95)
+    r = pooled(tmp_path, "cgroups", 2)
+    mean, lo, hi = p95 * 28 / 3, *stats_t(p95 * np.array([4.0, 8.0, 16.0]))
+    assert (r.n_trials, r.p95_e2e_trial_mean_ms, r.p95_e2e_trial_ci_low_ms, r.p95_e2e_trial_ci_high_ms) == (
+        3, pytest.approx(mean), pytest.approx(lo), pytest.approx(hi))
+    assert r.p95_service_trial_mean_ms == pytest.approx(mean / 2)
+    sp = pd.read_csv(tmp_path / "speedups.csv")
+    assert list(sp.columns) == ["config", "reference_config", "concurrency", "metric", "ratio", "ci_lo", "ci_hi",
+                                "n_trials"]
+    assert set(zip(sp.config, sp.reference_config, sp.metric)) == {("cgroups", "baseline", "e2e"),
+                                                                   ("cgroups", "baseline", "service")}
+    e2e = sp[sp.metric == "e2e"].iloc[0]
+    assert e2e.ratio == pytest.approx(8.0 / np.sqrt(2.0)) and e2e.n_trials == 2  # geometric means 8 p95 / √2 p95
+    assert (sp.ci_lo <= sp.ratio).all() and (sp.ratio <= sp.ci_hi).all()
+    table = (tmp_path / "table.md").read_text()
+    assert table_line(table, "| cgroups-only | ").rstrip(" |").endswith("yes, higher")
+    assert f"{8.0 / np.sqrt(2.0):.2f} [{e2e.ci_lo:.2f}–{e2e.ci_hi:.2f}]" in table
+
+
+def stats_t(v):
+    half = 4.302652730 * np.std(v, ddof=1) / np.sqrt(len(v))  # t quantile for 2 df, from a printed table
+    return np.mean(v) - half, np.mean(v) + half
+
+
+def test_drift_table_and_interleaving(tmp_path, capsys):
+    at = lambda s: f"2026-11-29T10:00:{s:02d}+00:00"
+    write_cell(tmp_path, "baseline", 1, E2E, trials=4, scale=[1.0, 1.1, 1.2, 1.3],
+               runs=[(0, at(0)), (2, at(2)), (4, at(4)), (6, at(6))])
+    write_cell(tmp_path, "cgroups", 1, E2E, trials=4, scale=[1.0, 0.9, 1.0, 1.1],
+               runs=[(1, at(1)), (3, at(3)), (5, at(5)), (7, at(7))])
+    write_cell(tmp_path, "psi", 1, E2E)  # an old cell: no run order
+    analyze(tmp_path, capsys)
+    table = (tmp_path / "table.md").read_text()
+    base = [x.strip() for x in table_line(table, "| baseline     | 1 |").split("|")[3:8]]
+    assert base == ["4", "1.00", f"{2 / 24:.3g}", f"{100 * 0.1 / 1.15:+.1f}", "none found"]  # 4 points: p ≥ 2/24
+    assert table_line(table, "| cgroups+PSI  | 1 |").rstrip(" |").endswith("no run order recorded")
+    assert "Interleaving: 7 of 7 consecutive trials (all cells, by started_at) switch configuration (100%)." in table
+
+
+def test_started_at_must_be_a_time(tmp_path, capsys):
+    stem = write_cell(tmp_path, "baseline", 1, E2E, runs=[(0, "yesterday")])
+    rc, out = analyze(tmp_path, capsys)
+    assert rc == 2 and out.err.startswith(f"error: {stem}.json: trial 1: started_at") and out.err.count("\n") == 1
+
+
+def test_artifact_beside_ours_and_collapse(tmp_path, capsys):
+    write_cell(tmp_path, "baseline", 1, E2E, service_s=np.full(20, 2.0))
+    write_cell(tmp_path, "cgroups", 1, E2E * 3, service_s=np.full(20, 5.0))
+    analyze(tmp_path, capsys)
+    table = (tmp_path / "table.md").read_text()
+    assert table_line(table, "| ours     |        cgroups c=1 |").rstrip(" |").endswith("2.5×")
+    assert f"{tmp_path / 'collapse.csv'} is not there" in table
+    pd.DataFrame([("eager", "PASSIVE", 1, c, 3, s, s, s) for c, s in (("unconstrained", 2.0), ("quota", 7.0))],
+                 columns=["engine", "omp_wait_policy", "torch_threads", "condition", "reps", "median_service_s",
+                          "min_s", "max_s"]).to_csv(tmp_path / "collapse.csv", index=False)
+    analyze(tmp_path, capsys)
+    assert "Largest slowdown: 3.5× (eager, PASSIVE, 1)." in (tmp_path / "table.md").read_text()
+    import report
+    assert "largest single-request slowdown under the quota is 3.5× (eager, OMP_WAIT_POLICY PASSIVE, 1 threads)" \
+        in report.raw_file_findings(ar.analyze(str(tmp_path)))[-1]
+    capsys.readouterr()
+    (tmp_path / "collapse.csv").write_text("engine\neager\n")
+    rc, out = analyze(tmp_path, capsys)
+    assert rc == 2 and out.err.startswith(f"error: {tmp_path / 'collapse.csv'}: missing columns")
+
+
+def test_findings_state_the_raw_files(tmp_path, capsys):
+    import report
+    write_cell(tmp_path, "baseline", 1, E2E, service_s=np.full(20, 2.0))
+    write_cell(tmp_path, "cgroups", 1, E2E * 3, service_s=np.full(20, 5.0))
+    an = ar.analyze(str(tmp_path))
+    text = "\n".join(report.findings(an) + report.raw_file_findings(an) + report.differences(an)) + an.table_md
+    assert "mix" not in text.lower()
+    raw = report.raw_file_findings(an)
+    assert "in 12 of 12 cells" in raw[0] and "requests never overlapped" in raw[1]
+    assert f"{5.0 / 2.0:.2f}×" in raw[2]
+    assert [f for f in raw if "not forced by the data" in f][0].startswith("Guess")
+    assert raw[-1].startswith("The single-request collapse bench") and "has not been run" in raw[-1]
+
+
+def test_report_goes_beside_the_results(tmp_path, capsys):
+    root = os.path.join(ar.HERE, "paper.pdf")
+    before = open(root, "rb").read() if os.path.exists(root) else None
+    write_cell(tmp_path, "baseline", 8, E2E)
+    assert ar.main(["--results-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "paper.pdf").read_bytes().startswith(b"%PDF")
+    assert (tmp_path / "artifact_timeline.png").read_bytes()[:4] == b"\x89PNG"
+    assert (open(root, "rb").read() if os.path.exists(root) else None) == before
+    assert ar.default_paper(os.path.join(ar.HERE, "results")) == root
+    assert ar.default_paper(str(tmp_path)) == str(tmp_path / "paper.pdf")
+
+
+def test_report_imports_no_analysis():
+    import ast
+    for name in ("report.py", "artifact.py", "trial_stats.py"):
+        tree = ast.parse(open(os.path.join(ar.HERE, name)).read())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "analyze_results" not in imported, name

@@ -1,0 +1,87 @@
+"""Statistics with the trial as the unit: requests of one trial share its host state, so intervals and
+drift checks are computed over per-trial values, never over pooled requests.
+
+    t_interval    mean of per-trial values with a t-interval
+    trial_ratio   ratio of geometric means of two sets of per-trial values, Welch interval on the log scale
+    drift         per-trial medians against the run order: Spearman's rho and p, least-squares slope
+    interleaving  how often consecutive trials of a sweep switch configuration
+"""
+from __future__ import annotations
+
+from itertools import permutations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+LEVEL = 0.95
+EXACT_P_MAX = 8  # up to this many points the drift p is the exact permutation p
+
+
+def t_interval(values, level: float = LEVEL) -> tuple[float, float, float]:
+    """Mean of the finite values with its t-interval (scipy.stats.t); the interval is NaN with fewer than 2."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return (float(v[0]) if v.size else np.nan), np.nan, np.nan
+    half = stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+
+
+def trial_ratio(a, b, level: float = LEVEL) -> tuple[float, float, float]:
+    """Geometric mean of a / geometric mean of b with a Welch t-interval on the difference of their mean logs
+    (Welch–Satterthwaite df), exponentiated, so it always contains the ratio; NaN unless both have >= 2."""
+    la, lb = (np.log(v[np.isfinite(v) & (v > 0)]) for v in (np.asarray(a, float), np.asarray(b, float)))
+    if not la.size or not lb.size:
+        return np.nan, np.nan, np.nan
+    d = la.mean() - lb.mean()
+    if la.size < 2 or lb.size < 2:
+        return float(np.exp(d)), np.nan, np.nan
+    va, vb = la.var(ddof=1) / la.size, lb.var(ddof=1) / lb.size
+    if va + vb == 0:  # identical trials: a zero-width interval
+        return (float(np.exp(d)),) * 3
+    df = (va + vb) ** 2 / (va ** 2 / (la.size - 1) + vb ** 2 / (lb.size - 1))
+    half = stats.t.ppf(0.5 + level / 2, df) * np.sqrt(va + vb)
+    return float(np.exp(d)), float(np.exp(d - half)), float(np.exp(d + half))
+
+
+def spearman(x, y) -> tuple[float, float]:
+    """Spearman's rho with its two-sided p: scipy.stats.spearmanr's (a t approximation) above EXACT_P_MAX
+    points; at or below it the exact permutation p over every ordering of y, since the approximation
+    gives p = 0 for any three points in perfect order."""
+    rho, p = stats.spearmanr(x, y)
+    if 2 < len(x) <= EXACT_P_MAX and np.isfinite(rho):
+        rx, ry = stats.rankdata(x), stats.rankdata(y)
+        rx, perms = rx - rx.mean(), np.array(list(permutations(ry))) - ry.mean()
+        r = perms @ rx / (np.linalg.norm(perms, axis=1) * np.linalg.norm(rx))
+        p = np.mean(np.abs(r) >= abs(rho) - 1e-12)
+    return float(rho), float(p)
+
+
+def drift(runs: pd.DataFrame, rows: pd.DataFrame) -> dict:
+    """Each trial's median ok service_ms against its place in the sweep (``runs``: trial, run_index,
+    started_at; run_index is used when every trial has one, else started_at): Spearman's rho and p, and the
+    least-squares slope in % of the mean per trial position. status: drift (p < 0.05), none found, or why
+    there is no test."""
+    runs = runs.dropna(subset=["trial"])
+    key = next((k for k in ("run_index", "started_at") if len(runs) and runs[k].notna().all()), None)
+    if key is None:
+        return {"status": "no run order recorded"}
+    median = rows[rows["status"] == "ok"].groupby("trial")["service_ms"].median()
+    runs = runs[runs["trial"].isin(median.index)].sort_values([key, "trial"])
+    if len(runs) < 3:
+        return {"status": f"{len(runs)} trials: too few"}
+    y, x = median.loc[runs["trial"]].to_numpy(float), np.arange(len(runs))
+    rho, p = spearman(x, y)
+    return {"status": "drift" if p < 0.05 else "none found", "n": len(y), "rho": rho, "p": p,
+            "slope_pct": 100 * np.polyfit(x, y, 1)[0] / y.mean(), "order": key}
+
+
+def interleaving(runs_by_config) -> tuple[int, int] | None:
+    """``runs_by_config``: (config, runs) pairs, one per cell. Of all trials sorted by started_at, how many
+    consecutive pairs switch configuration, and how many pairs there are (None without two start times)."""
+    starts = sorted((r.started_at, config) for config, runs in runs_by_config
+                    for r in runs.itertuples() if pd.notna(r.started_at))
+    if len(starts) < 2:
+        return None
+    return sum(a[1] != b[1] for a, b in zip(starts, starts[1:])), len(starts) - 1
