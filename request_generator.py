@@ -32,6 +32,7 @@ import time
 from datetime import datetime, timezone
 
 import metrics
+from cgroup_lib import finite_number
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -130,28 +131,10 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _number(kind, lo=None, hi=None, lo_open=False):
-    """An argparse type: a finite ``kind`` (int or float) within [lo, hi] (lo excluded if lo_open).
-    nan and inf are rejected, as argparse's float() would accept them."""
-    def convert(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-        if lo is not None and (value <= lo if lo_open else value < lo):
-            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo}, got {text}")
-        if hi is not None and value > hi:
-            raise argparse.ArgumentTypeError(f"must be <= {hi}, got {text}")
-        return value
-    return convert
-
-
-COUNT = _number(int, 1)                       # a positive integer
-SECONDS_MS = _number(float, 0, lo_open=True)  # a positive finite duration
-PERCENT = _number(float, 0, 100)
+COUNT = finite_number(int, ge=1)              # a positive integer
+INDEX = finite_number(int, ge=0)
+DURATION_MS = finite_number(float, gt=0)
+PERCENT = finite_number(float, ge=0, le=100)
 
 
 def _opt(group, *flags, help="", **kw):
@@ -173,11 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cell label: {', '.join(CONFIGS)} (default: %(default)s)")
     _opt(g, "--concurrency", type=COUNT, help="worker threads (closed loop)")
     _opt(g, "--num-requests", type=COUNT, help="requests per trial")
-    _opt(g, "--spacing-ms", type=_number(float, 0), help="time between submissions")
+    _opt(g, "--spacing-ms", type=finite_number(float, ge=0), help="time between submissions")
     _opt(g, "--trials", type=COUNT, help="trials planned for the cell")
     g.add_argument("--trial", type=COUNT, default=None,
                    help="run only trial K of the cell (with --resume: add it to the cell's finished trials)")
-    g.add_argument("--run-index", type=_number(int, 0), default=None,
+    g.add_argument("--run-index", type=INDEX, default=None,
                    help="this run's position in its sweep, recorded with the trial")
     g.add_argument("--list-configs", action="store_true", help="print 'name limited|unlimited' and exit")
     g = p.add_argument_group("output (nothing is overwritten silently)")
@@ -189,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep an existing cell's finished trials and run the missing ones (same settings only)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("-v", "--verbose", action="store_true", help="log every admission decision")
-    _opt(g, "--timeline-interval-ms", type=SECONDS_MS, help="pressure/throttling timeline sample interval")
+    _opt(g, "--timeline-interval-ms", type=DURATION_MS, help="pressure/throttling timeline sample interval")
     g = p.add_argument_group("model and decoding")
     g.add_argument("--model", default=None, help="pretrained weights: local path or hub id (default: the GPT-2 "
                                                  "124M architecture with weights from --seed)")
@@ -197,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(g, "--engine", choices=ENGINES,
          help="loop: our KV-cache decode loop; generate: Hugging Face generate(), as the artifact")
     _opt(g, "--max-new-tokens", type=COUNT, help="exact tokens per request")
-    _opt(g, "--temperature", type=_number(float, 0, lo_open=True))
-    _opt(g, "--seed", type=_number(int, 0), help="weight init and sampling seed")
+    _opt(g, "--temperature", type=finite_number(float, gt=0))
+    _opt(g, "--seed", type=INDEX, help="weight init and sampling seed")
     g.add_argument("--prompts", dest="prompts_file", default=None, help="file with one prompt per line "
                                                                         "(default: 10 built-in prompts)")
     g.add_argument("--torch-threads", default=None,
@@ -218,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the pressure-driven admission (= --admission)")
     _opt(g, "--concurrency-limit", type=COUNT)
     _opt(g, "--psi-threshold", type=PERCENT, help="percent")
-    _opt(g, "--psi-interval-ms", type=SECONDS_MS)
+    _opt(g, "--psi-interval-ms", type=DURATION_MS)
     _opt(g, "--psi-max-checks", type=COUNT)
     _opt(g, "--on-timeout", choices=["admit", "reject"])
     _opt(g, "--psi-source", choices=["system", "cgroup"],
@@ -228,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(g, "--psi-mode", choices=["poll", "trigger"])
     _opt(g, "--adaptive-low-pct", type=PERCENT)
     _opt(g, "--adaptive-high-pct", type=PERCENT)
-    _opt(g, "--adaptive-tolerance", type=_number(float, 1, lo_open=True))
+    _opt(g, "--adaptive-tolerance", type=finite_number(float, gt=1))
     return p
 
 

@@ -359,7 +359,7 @@ def test_bench_removes_its_cgroup_and_burners_on_every_exit(monkeypatch, how):
     assert not [d for d in dirs if os.path.exists(d)]
 
 
-def test_generator_records_rejected_rows(tmp_path):
+def test_generator_records_rejected_rows(tmp_path, fake_quota):
     if not os.path.exists(os.path.join(os.path.dirname(pa.__file__), "request_generator.py")):
         pytest.skip("request_generator.py missing")
     for on_timeout, decision, status in (("reject", "rejected", "rejected"),

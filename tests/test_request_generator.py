@@ -99,10 +99,10 @@ def test_124m_architecture_overlaps_at_default_spacing(generate):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--concurrency", "0"], "argument --concurrency: must be >= 1"),
-    (["--num-requests", "0"], "argument --num-requests: must be >= 1"),
+    (["--concurrency", "0"], "argument --concurrency: must be an integer >= 1, got '0'"),
+    (["--num-requests", "0"], "argument --num-requests: must be an integer >= 1"),
     (["--config", "nonsense"], "unknown config 'nonsense'"),
-    (["--max-new-tokens", "-3"], "argument --max-new-tokens: must be >= 1"),
+    (["--max-new-tokens", "-3"], "argument --max-new-tokens: must be an integer >= 1"),
     (["--output", "OUT/cell.json"], "--output must name a .csv file"),
     (["--output", "OUT/cell_timeline.csv"], "not ending in _timeline.csv"),
     (["--trial", "3", "--trials", "2"], "--trial 3 is beyond --trials 2"),
@@ -112,7 +112,7 @@ def test_124m_architecture_overlaps_at_default_spacing(generate):
     (["--prompts", "/nonexistent/prompts.txt"], "cannot read prompts file"),
     (["--prompts", "EMPTY"], "has no prompts"),
     (["--output", "/proc/forbidden/x.csv"], "cannot create output directory"),
-    (["--concurrency", "x"], "expected an integer, got 'x'"),
+    (["--concurrency", "x"], "must be an integer >= 1, got 'x'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_files(tmp_path, args, message):
     empty = tmp_path / "empty.txt"

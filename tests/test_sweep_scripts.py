@@ -24,17 +24,27 @@ NAME = f"sweep_test_{os.getpid()}"
 FAKE_GENERATOR = r'''
 import json, os, sys, time
 if "--list-configs" in sys.argv:
-    print("baseline unlimited\ncgroups limited\npsi limited")
+    print("baseline unlimited\ncgroups limited\npsi limited\nlimit1 limited")
     sys.exit(0)
-a = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+flags = [x for x in sys.argv[1:] if x in ("--force", "--resume", "--tiny", "--quiet")]
+rest = [x for x in sys.argv[1:] if x not in flags]
+a = dict(zip(rest[::2], rest[1::2]))
 stem = a["--output"][:-4]
-with open(stem + ".json", "w") as f:
-    json.dump({"argv": sys.argv[1:], "proc_self_cgroup": open("/proc/self/cgroup").read().splitlines()}, f)
-open(a["--output"], "w").close()
+call = {"argv": sys.argv[1:], "flags": flags, "config": a["--config"], "c": int(a["--concurrency"]),
+        "trial": int(a["--trial"]), "run_index": int(a["--run-index"]),
+        "proc_self_cgroup": open("/proc/self/cgroup").read().splitlines()}
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps(call) + "\n")
+if not os.path.exists(stem + ".json"):
+    with open(stem + ".json", "w") as f:
+        json.dump({"argv": sys.argv[1:]}, f)
+open(a["--output"], "a").close()
 t = time.time()
 while time.time() - t < float(os.environ.get("FAKE_BURN_S", "0.2")):
     pass
-print(f"[{a['--config']} c={a['--concurrency']} trial 1/1] p95 e2e 1.00 s", file=sys.stderr)
+if os.environ.get("FAKE_FAIL"):
+    sys.exit(3)
+print(f"[{a['--config']} c={a['--concurrency']} trial {a['--trial']}] p95 e2e 1.00 s", file=sys.stderr)
 '''
 
 
@@ -49,7 +59,12 @@ def _sh(script, *args, env=None, **kw):
 def fake(tmp_path):
     path = tmp_path / "fake_generator.py"
     path.write_text(FAKE_GENERATOR)
-    return {"SWEEP_GENERATOR": str(path)}
+    return {"SWEEP_GENERATOR": str(path), "FAKE_LOG": str(tmp_path / "calls.jsonl")}
+
+
+def calls(fake):
+    with open(fake["FAKE_LOG"]) as f:
+        return [json.loads(line) for line in f]
 
 
 def _dirs():
@@ -126,27 +141,58 @@ def test_non_root_is_refused_and_nothing_is_created(script, fake):
 
 
 @real
-def test_quick_sweep_places_limited_cells_only(fake, tmp_path, nothing_left):
+def test_quick_sweep_runs_every_cell_in_a_cgroup_of_its_own(fake, tmp_path, nothing_left):
     p = _sh("run_experiments.sh", "--quick", "--results-dir", str(tmp_path / "r"), "--cgroup-name", NAME,
             "--tiny", "--model", "m", env=fake)
     assert p.returncode == 0, p.stderr
-    progress = [line for line in p.stdout.splitlines() if line.startswith("[")]
-    assert [line.split(" -> ")[0] for line in progress] == [
-        "[1/4] baseline c=1 (unlimited)", "[2/4] baseline c=2 (unlimited)",
-        f"[3/4] cgroups c=1 (in cgroup {NAME})", f"[4/4] cgroups c=2 (in cgroup {NAME})"]
-    for cfg, c in [("baseline", 1), ("baseline", 2), ("cgroups", 1), ("cgroups", 2)]:
-        meta = json.loads((tmp_path / "r" / f"{cfg}_c{c}.json").read_text())
-        argv = meta["argv"]
+    progress = [line.split(" -> ")[0] for line in p.stdout.splitlines() if line.startswith("[")]
+    assert [line.split("] ")[0] for line in progress] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+    assert sorted(line.split("] ")[1] for line in progress) == sorted(
+        [f"trial 1/1 baseline c={c} (in unlimited cgroup {NAME})" for c in (1, 2)]
+        + [f"trial 1/1 cgroups c={c} (in cgroup {NAME})" for c in (1, 2)])
+    for call in calls(fake):
+        argv = call["argv"]
         assert argv[argv.index("--num-requests") + 1] == "4" and argv[argv.index("--max-new-tokens") + 1] == "8"
         assert "--tiny" in argv and argv[argv.index("--model") + 1] == "m" and "--quiet" in argv
-        inside = any(line.endswith(f"/{NAME}") for line in meta["proc_self_cgroup"])
-        assert inside == (cfg == "cgroups")
-        if cfg == "cgroups":
-            cell = meta["cgroup_cell"]
-            assert cell["limits"] == {"cpu_quota_us": 50000, "cpu_period_us": 100000,
-                                      "memory_max_bytes": 4294967296}
-            assert cell["counters"]["nr_periods"] is not None
+        assert any(line.endswith(f"/{NAME}") for line in call["proc_self_cgroup"])
+    for cfg, c in [("baseline", 1), ("baseline", 2), ("cgroups", 1), ("cgroups", 2)]:
+        run = json.loads((tmp_path / "r" / f"{cfg}_c{c}.json").read_text())["cgroup_runs"][0]
+        limited = {"cpu_quota_us": 50000, "cpu_period_us": 100000, "memory_max_bytes": 4294967296}
+        assert run["limits"] == limited if cfg == "cgroups" else run["limits"]["cpu_quota_us"] is None
+        assert run["counters"]["nr_periods"] is not None
     assert p.stderr.count("p95 e2e") == 4
+
+
+def test_trials_interleave_in_a_seeded_order_and_cells_are_never_overwritten(fake, tmp_path):
+    args = ["--configs", "baseline", "--concurrency", "1 2 4", "--cells", "baseline:8", "--trials", "3",
+            "--results-dir", str(tmp_path / "r"), "--cgroup-name", NAME]
+    env = {**fake, "FAKE_BURN_S": "0"}
+    p = _sh("run_experiments.sh", *args, env=env)
+    assert p.returncode == 0, p.stderr
+    first = calls(fake)
+    assert [x["run_index"] for x in first] == list(range(1, 13))
+    assert [x["trial"] for x in first] == [1] * 4 + [2] * 4 + [3] * 4      # round k: trial k of every cell
+    rounds = [[x["c"] for x in first[i:i + 4]] for i in (0, 4, 8)]
+    assert all(sorted(r) == [1, 2, 4, 8] for r in rounds) and len({tuple(r) for r in rounds}) > 1
+    assert all(("--resume" in x["flags"]) == (x["trial"] > 1) for x in first)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "r").iterdir()}
+    p = _sh("run_experiments.sh", *args, env=env)   # the cells exist: refused before anything runs
+    assert p.returncode == 2 and "4 cell(s) exist already" in p.stderr and "--force replaces" in p.stderr
+    assert len(calls(fake)) == 12 and {f.name: f.read_bytes() for f in (tmp_path / "r").iterdir()} == before
+    p = _sh("run_experiments.sh", *args, "--force", env=env)  # the same seed gives the same order
+    again = calls(fake)[12:]
+    assert [(x["trial"], x["c"]) for x in again] == [(x["trial"], x["c"]) for x in first]
+    assert all(("--force" in x["flags"]) == (x["trial"] == 1) for x in again)
+    p = _sh("run_experiments.sh", *args, "--resume", env=env)
+    assert p.returncode == 0 and len(calls(fake)) == 36 and all("--resume" in x["flags"] for x in calls(fake)[24:])
+
+
+@real
+def test_a_failed_cell_stops_the_sweep_and_leaves_no_cgroup(fake, tmp_path, nothing_left):
+    p = _sh("run_experiments.sh", "--configs", "cgroups", "--concurrency", "1 2", "--results-dir", str(tmp_path),
+            "--cgroup-name", NAME, env={**fake, "FAKE_FAIL": "1", "FAKE_BURN_S": "0"})
+    assert p.returncode == 3 and "failed (exit status 3); finished trials are kept" in p.stderr
+    assert len(calls(fake)) == 1
 
 
 @real
@@ -154,11 +200,10 @@ def test_psi_script_runs_the_psi_config(fake, tmp_path, nothing_left):
     p = _sh("run_psi_experiments.sh", "--concurrency", "1", "--results-dir", str(tmp_path),
             "--cgroup-name", NAME, "--cpu-quota", "25", "--memory-max", "1G", env=fake)
     assert p.returncode == 0, p.stderr
-    meta = json.loads((tmp_path / "psi_c1.json").read_text())
-    assert meta["argv"][meta["argv"].index("--config") + 1] == "psi"
-    assert meta["argv"][meta["argv"].index("--num-requests") + 1] == "20"
-    assert meta["cgroup_cell"]["limits"] == {"cpu_quota_us": 25000, "cpu_period_us": 100000,
-                                             "memory_max_bytes": 1 << 30}
+    call, = calls(fake)
+    assert call["config"] == "psi" and call["argv"][call["argv"].index("--num-requests") + 1] == "20"
+    assert json.loads((tmp_path / "psi_c1.json").read_text())["cgroup_runs"][0]["limits"] == {
+        "cpu_quota_us": 25000, "cpu_period_us": 100000, "memory_max_bytes": 1 << 30}
 
 
 @real
@@ -197,7 +242,7 @@ def test_real_generator_cell(tmp_path, nothing_left):
     assert "p95 e2e" in p.stderr
     meta = json.loads((tmp_path / "cgroups_c1.json").read_text())
     limits = {"cpu_quota_us": 50000, "cpu_period_us": 100000, "memory_max_bytes": 4294967296}
-    assert meta["cgroup"]["limits"] == limits and meta["cgroup_cell"]["limits"] == limits
-    assert meta["cgroup"]["info"]["cpu"].endswith(f"/{NAME}")
-    assert meta["trials"][0]["cgroup_delta"]["nr_periods"] is not None
-    assert meta["cgroup_cell"]["counters"]["usage_usec"] > 0
+    assert meta["cgroup"]["limits"] == limits and meta["cgroup_runs"][0]["limits"] == limits
+    assert meta["cgroup"]["info"]["cpu"].endswith(f"/{NAME}") and meta["cgroup"]["own"] is True
+    assert meta["trials"][0]["cgroup_delta"]["nr_periods"] is not None and meta["complete"] is True
+    assert meta["cgroup_runs"][0]["counters"]["usage_usec"] > 0

@@ -21,11 +21,19 @@ GENERATOR = {"--concurrency": True, "--num-requests": True, "--spacing-ms": Fals
 SWEEP = {"--concurrency": True, "--num-requests": True, "--max-new-tokens": True, "--trials": True,
          "--seed": False, "--cpu-quota": True, "--cpu-period-us": True, "--memory-max": True}
 CGROUP_RUN = {"--cpu-quota": True, "--cpu-period-us": True, "--memory-max": True}
-PSI = {}  # filled below from psi_admission's CLI
+PSI = {"--bench-threshold": True, "--bench-seconds": True}
 
 
 def cases(table):
     return [(opt, v) for opt, zero in table.items() for v in BAD + (("0",) if zero else ())]
+
+
+def exit_status(main, argv):
+    """main(argv)'s exit status, whether it returns it or raises SystemExit (argparse's way)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
 
 
 def one_line_exit_2(rc, err):
@@ -53,5 +61,12 @@ def test_sweep_scripts(script, opt, value, tmp_path):
 @pytest.mark.parametrize("opt, value", cases(CGROUP_RUN))
 def test_cgroup_lib_run(opt, value, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cgroup_lib, "create", lambda *a, **k: pytest.fail("a cgroup was about to be created"))
-    rc = cgroup_lib.main(["run", "--name", "validation_test", f"{opt}={value}", "--", "true"])
+    rc = exit_status(cgroup_lib.main, ["run", "--name", "validation_test", f"{opt}={value}", "--", "true"])
+    one_line_exit_2(rc, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("opt, value", cases(PSI))
+def test_psi_admission(opt, value, capsys, monkeypatch):
+    monkeypatch.setattr(cgroup_lib, "create", lambda *a, **k: pytest.fail("a cgroup was about to be created"))
+    rc = exit_status(psi_admission.main, ["--bench", f"{opt}={value}"])
     one_line_exit_2(rc, capsys.readouterr().err)
