@@ -389,10 +389,14 @@ TIMELINE_COLUMNS = ["t_s", "trial", "sys_cpu_some_avg10", "sys_cpu_some_total_us
 
 
 def _throttle_reader():
-    """cgroup_lib.read_counters of this process's cgroup as a no-argument callable, or None."""
+    """cgroup_lib.read_counters of this process's cgroup as a no-argument callable, or None. Only a cgroup made
+    for this run (cgroup_lib.own_cell_cgroup) counts: elsewhere the counters would include other processes."""
     try:
         import cgroup_lib
         info = cgroup_lib.own_cgroup()
+        if not cgroup_lib.own_cell_cgroup(info):
+            log.info("no throttling counters in the timeline: not in a cgroup made for this run")
+            return None
         cgroup_lib.read_counters(info)
     except Exception as e:  # the timeline never fails a run: these columns stay empty
         log.info("no throttling counters in the timeline: %s: %s", type(e).__name__, e)

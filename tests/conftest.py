@@ -70,5 +70,6 @@ def fake_quota(tmp_path, monkeypatch):
     own.mkdir(parents=True, exist_ok=True)
     (own / "cpu.max").write_text("50000 100000\n")
     (own / "memory.max").write_text("max\n")
+    (own / "cpu.stat").write_text("usage_usec 100\nnr_periods 5\nnr_throttled 1\nthrottled_usec 10\n")
     monkeypatch.setenv("CGROUP_ROOT", str(root))
     return {"CGROUP_ROOT": str(root)}

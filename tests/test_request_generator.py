@@ -214,6 +214,9 @@ def test_limited_config_runs_under_a_quota(generate, fake_quota):
     assert meta["cgroup"]["limits"]["cpu_quota_us"] == 50000 and meta["limited"] is True
     assert meta["cgroup"]["own"] is False and "no counters" in meta["cgroup"]["note"]
     assert meta["trials"][0]["cgroup_delta"] is None
+    import pandas as pd
+    timeline = pd.read_csv(str(out)[:-4] + "_timeline.csv")
+    assert len(timeline) >= 2 and timeline["nr_periods"].isna().all()  # another cgroup's counters: none
 
 
 def test_generate_engine_writes_exact_tokens(generate):

@@ -3,6 +3,7 @@
 Most tests use a stand-in generator (SWEEP_GENERATOR) that records where it ran; one runs the real
 request_generator.py with the tiny model.
 """
+import csv
 import json
 import os
 import shutil
@@ -246,3 +247,6 @@ def test_real_generator_cell(tmp_path, nothing_left):
     assert meta["cgroup"]["info"]["cpu"].endswith(f"/{NAME}") and meta["cgroup"]["own"] is True
     assert meta["trials"][0]["cgroup_delta"]["nr_periods"] is not None and meta["complete"] is True
     assert meta["cgroup_runs"][0]["counters"]["usage_usec"] > 0
+    with open(tmp_path / "cgroups_c1_timeline.csv") as f:
+        periods = [row["nr_periods"] for row in csv.DictReader(f)]
+    assert periods and all(periods)  # the cell's own cgroup: its throttling counters in every sample
