@@ -306,7 +306,9 @@ def environment(engine) -> dict:
                 if line.startswith("MemTotal:")), None)
     return {
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # the code, not the data: a sweep into results/ changes tracked cells while it runs
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                               ":(exclude)results", ":(exclude)paper.pdf")),
         "hostname": socket.gethostname(),
         "python": platform.python_version(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
