@@ -11,6 +11,12 @@ analysis both call these, so there is exactly one definition of each metric:
     ttft_ms     t_first_token - t_submit  time to first token, as the user sees it
     tpot_ms     (t_end - t_first_token) / (output_tokens - 1)   time per output token after the first
     e2e_ms      t_end - t_submit          end to end: what the paper says it reports
+    lateness_ms t_submit - t_intended     the client's lateness: how late the load generator sent the request
+                                          versus its open-loop schedule (``arrivals.schedule``); NaN
+                                          without the optional t_intended_s column (closed loop)
+
+Throughput (ok requests per second) and goodput (requests that met an SLO per second) are counts over one
+trial's span: the last t_end_s of any row minus the first t_submit_s of any row (``span_s``).
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import pandas as pd
 
 PERCENTILES = (50, 95, 99)
 TIME_COLUMNS = ["t_submit_s", "t_dequeue_s", "t_admit_s", "t_start_s", "t_first_token_s", "t_end_s"]
+INTENDED = "t_intended_s"  # optional: when an open-loop schedule meant to send the request
 METRICS = ["e2e_ms", "service_ms", "ttft_ms", "tpot_ms", "queue_ms", "defer_ms", "sched_ms"]
 _SPANS = {  # metric: (later timestamp, earlier timestamp)
     "queue_ms": ("t_dequeue_s", "t_submit_s"),
@@ -33,13 +40,16 @@ STATUSES = ("ok", "rejected", "failed")
 
 def derive(df: pd.DataFrame) -> pd.DataFrame:
     """Return a copy of ``df`` with the derived ``*_ms`` columns recomputed from the ``t_*_s`` columns.
-    Missing timestamps (a rejected request never starts) give NaN, never 0."""
+    Missing timestamps (a rejected request never starts) give NaN, never 0, and so does ``lateness_ms``
+    where the optional t_intended_s column is absent."""
     out = df.copy()
     t = {c: pd.to_numeric(out[c], errors="coerce") for c in TIME_COLUMNS}
     for name, (late, early) in _SPANS.items():
         out[name] = (t[late] - t[early]) * 1000.0
     decode_tokens = pd.to_numeric(out["output_tokens"], errors="coerce") - 1
     out["tpot_ms"] = ((t["t_end_s"] - t["t_first_token_s"]) * 1000.0 / decode_tokens.where(decode_tokens > 0))
+    intended = pd.to_numeric(out[INTENDED], errors="coerce") if INTENDED in out else np.nan
+    out["lateness_ms"] = (t["t_submit_s"] - intended) * 1000.0
     return out
 
 
@@ -50,9 +60,44 @@ def percentile(values, q: float) -> float:
     return float(np.percentile(v, q)) if v.size else float("nan")
 
 
-def summarize(df: pd.DataFrame) -> dict:
+def span_s(df: pd.DataFrame) -> float:
+    """Seconds from the first submission to the last completion of one trial: the largest t_end_s of any row
+    (any status) minus the smallest t_submit_s of any row, missing values ignored. NaN when either is
+    missing, when the span is not > 0, and when ``df`` holds rows of more than one trial (a ``trial``
+    column with several values: each trial's clock starts at its own 0)."""
+    if "trial" in df and df["trial"].nunique() > 1:
+        return float("nan")
+    end = pd.to_numeric(df["t_end_s"], errors="coerce").max()
+    start = pd.to_numeric(df["t_submit_s"], errors="coerce").min()
+    span = float(end - start)
+    return span if span > 0 else float("nan")
+
+
+def goodput(df: pd.DataFrame, slo: dict) -> dict:
+    """Requests that met the SLO, over one trial. ``slo`` maps metric columns of ``METRICS`` to bounds in
+    milliseconds (``arrivals.parse_slo``). A request meets it when its status is ok and every bounded
+    metric is <= its bound; a missing metric (NaN) does not meet its bound. Returns ``slo_met`` (that count),
+    ``goodput_rps`` = slo_met / ``span_s`` and ``throughput_rps`` = ok requests / ``span_s`` (both NaN where the
+    span is). An empty ``slo`` is met by every ok request. ValueError for a metric not in ``METRICS``."""
+    bad = [k for k in slo if k not in METRICS]
+    if bad:
+        raise ValueError(f"SLO metrics {bad} are not among {METRICS}")
+    d = derive(df)
+    met = d["status"].astype(str) == "ok"
+    n_ok = int(met.sum())
+    for m, bound in slo.items():
+        met &= pd.to_numeric(d[m], errors="coerce") <= float(bound)
+    span, n_met = span_s(d), int(met.sum())
+    return {"slo_met": n_met, "goodput_rps": n_met / span, "throughput_rps": n_ok / span}
+
+
+def summarize(df: pd.DataFrame, slo: dict | None = None) -> dict:
     """Counts by status and p50/p95/p99/mean of every metric over the ok requests of ``df``.
-    Rejected and failed requests are counted, never folded into the latency statistics."""
+    Rejected and failed requests are counted, never folded into the latency statistics.
+    Also ``throughput_rps`` (ok requests / ``span_s``, so NaN over rows of several trials); where ``df``
+    has a t_intended_s value, ``p50_lateness_ms``, ``p95_lateness_ms`` and ``max_lateness_ms`` over every
+    row (every sent request, whatever its status); with an ``slo``, ``slo_met`` and ``goodput_rps`` as
+    ``goodput`` defines them."""
     d = derive(df)
     status = d["status"].astype(str)
     res = {f"n_{s}": int((status == s).sum()) for s in STATUSES}
@@ -63,6 +108,13 @@ def summarize(df: pd.DataFrame) -> dict:
             res[f"p{q}_{m}"] = percentile(ok[m], q)
         vals = pd.to_numeric(ok[m], errors="coerce").dropna()
         res[f"mean_{m}"] = float(vals.mean()) if len(vals) else float("nan")
+    res["throughput_rps"] = goodput(d, {})["throughput_rps"]
+    if INTENDED in d and pd.to_numeric(d[INTENDED], errors="coerce").notna().any():
+        for q in (50, 95):
+            res[f"p{q}_lateness_ms"] = percentile(d["lateness_ms"], q)
+        res["max_lateness_ms"] = percentile(d["lateness_ms"], 100)
+    if slo is not None:
+        res.update(goodput(d, slo))
     return res
 
 

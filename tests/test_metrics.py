@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import pytest
 
 import metrics
 
@@ -49,3 +50,95 @@ def test_single_token_has_no_tpot():
 def test_min_samples_for():
     assert metrics.min_samples_for(95) == 59
     assert metrics.min_samples_for(50) == 5
+
+
+def open_loop_rows():
+    """Five sent requests of one trial with known answers. Lateness 0, 125, 200, 100, 100 ms; span 0 to 4 s.
+    ok: e2e 1000/3375/1200, ttft 300/500/1000 (500 exactly: binary fractions); the failed row's timings would meet any SLO here."""
+    nan = float("nan")
+    return pd.DataFrame([
+        dict(trial=1, status="ok", output_tokens=5, t_intended_s=0.0, t_submit_s=0.0, t_dequeue_s=0.0,
+             t_admit_s=0.0, t_start_s=0.1, t_first_token_s=0.3, t_end_s=1.0),
+        dict(trial=1, status="ok", output_tokens=5, t_intended_s=0.5, t_submit_s=0.625, t_dequeue_s=0.625,
+             t_admit_s=0.625, t_start_s=0.75, t_first_token_s=1.125, t_end_s=4.0),
+        dict(trial=1, status="ok", output_tokens=5, t_intended_s=1.0, t_submit_s=1.2, t_dequeue_s=1.2,
+             t_admit_s=1.2, t_start_s=1.3, t_first_token_s=2.2, t_end_s=2.4),
+        dict(trial=1, status="rejected", output_tokens=0, t_intended_s=1.5, t_submit_s=1.6, t_dequeue_s=1.6,
+             t_admit_s=nan, t_start_s=nan, t_first_token_s=nan, t_end_s=nan),
+        dict(trial=1, status="failed", output_tokens=5, t_intended_s=2.0, t_submit_s=2.1, t_dequeue_s=2.1,
+             t_admit_s=2.1, t_start_s=2.1, t_first_token_s=2.2, t_end_s=2.3),
+    ])
+
+
+def test_lateness_is_submit_minus_intended():
+    d = metrics.derive(open_loop_rows())
+    assert list(d.lateness_ms) == pytest.approx([0, 125, 200, 100, 100])
+    assert metrics.derive(rows()).lateness_ms.isna().all()  # no t_intended_s column: NaN, not 0
+
+
+def test_summarize_lateness_over_every_sent_request():
+    s = metrics.summarize(open_loop_rows())
+    assert s["p50_lateness_ms"] == pytest.approx(100)
+    assert s["p95_lateness_ms"] == pytest.approx(185)  # linear between 125 and 200 (rank 3.8 of 0-4)
+    assert s["max_lateness_ms"] == pytest.approx(200)  # an ok request
+    df = open_loop_rows()
+    df.loc[3, "t_submit_s"] = 2.5  # the rejected request, sent 1 s late, counts
+    assert metrics.summarize(df)["max_lateness_ms"] == pytest.approx(1000)
+    df.loc[4, "t_submit_s"] = 3.5  # and so does the failed one, 1.5 s late
+    assert metrics.summarize(df)["max_lateness_ms"] == pytest.approx(1500)
+
+
+def test_summarize_has_no_lateness_without_intended_times():
+    assert "p50_lateness_ms" not in metrics.summarize(rows())
+    empty = rows().assign(t_intended_s=[None, ""])  # a closed-loop run with the column, empty
+    assert not any("lateness" in k for k in metrics.summarize(empty))
+
+
+def test_summarize_keeps_every_existing_key_and_adds_throughput():
+    s = metrics.summarize(rows())
+    assert [k for k in s if k != "throughput_rps"] == (
+        ["n_ok", "n_rejected", "n_failed", "n"] + [f"{p}_{m}" for m in metrics.METRICS
+                                                  for p in ("p50", "p95", "p99", "mean")])
+    assert s["throughput_rps"] == pytest.approx(1 / 4.0)  # one ok request; first submit 0, last end 4
+    assert "slo_met" not in s and "goodput_rps" not in s
+
+
+def test_span_over_all_rows_of_one_trial():
+    assert metrics.span_s(open_loop_rows()) == pytest.approx(4.0)
+    df = open_loop_rows()
+    df.loc[4, "t_end_s"] = 5.0  # a failed request that ends last still ends the span
+    assert metrics.span_s(df) == pytest.approx(5.0)
+    assert math.isnan(metrics.span_s(df.assign(trial=[1, 1, 2, 2, 2])))  # two clocks: no span
+    assert math.isnan(metrics.span_s(df.assign(t_end_s=float("nan"))))
+    assert math.isnan(metrics.span_s(df.iloc[:1].assign(t_end_s=0.0)))  # zero span
+    assert math.isnan(metrics.summarize(df.assign(trial=[1, 1, 2, 2, 2]))["throughput_rps"])
+
+
+def test_goodput_counts_only_ok_requests_meeting_every_bound():
+    df = open_loop_rows()
+    g = metrics.goodput(df, {"ttft_ms": 500, "e2e_ms": 2000})  # only the first ok request
+    assert g == {"slo_met": 1, "goodput_rps": pytest.approx(0.25), "throughput_rps": pytest.approx(0.75)}
+    g = metrics.goodput(df, {"e2e_ms": 5000})  # every ok request; not the failed one, nor the rejected one
+    assert (g["slo_met"], g["goodput_rps"]) == (3, pytest.approx(0.75))
+    g = metrics.goodput(df, {"ttft_ms": 500})  # the bound itself meets it
+    assert g["slo_met"] == 2
+    assert metrics.goodput(df, {"queue_ms": 1})["slo_met"] == 3
+    assert metrics.goodput(df, {})["slo_met"] == 3
+
+
+def test_missing_metric_does_not_meet_its_bound():
+    one_token = open_loop_rows().assign(output_tokens=1)  # tpot undefined
+    assert metrics.goodput(one_token, {"tpot_ms": 1e9})["slo_met"] == 0
+
+
+def test_goodput_rejects_unknown_metric():
+    with pytest.raises(ValueError, match="ttft"):
+        metrics.goodput(open_loop_rows(), {"ttft": 500})
+
+
+def test_summarize_with_slo_from_parse_slo():
+    import arrivals
+    s = metrics.summarize(open_loop_rows(), slo=arrivals.parse_slo("ttft:500,e2e:2000"))
+    assert (s["n_ok"], s["n_rejected"], s["n_failed"]) == (3, 1, 1)
+    assert s["slo_met"] == 1 and s["goodput_rps"] == pytest.approx(0.25)
+    assert s["throughput_rps"] == pytest.approx(0.75)
