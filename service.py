@@ -1,0 +1,362 @@
+"""The resident service: one engine behind one admission controller, and the lifecycle of every request.
+
+``Service.submit`` is the one entry point, whoever the client is (the in-process load generator calls it
+directly, the HTTP server of ``http_api.py`` from its worker threads):
+
+    arrive -> [overload check] -> admit (the controller may defer or reject) -> generate -> release
+
+and returns an ``Outcome``: the status, the admission decision and the raw monotonic timestamps of each
+step. Metrics are derived from those timestamps elsewhere (``metrics.derive``), never here.
+
+Overload is answered, never dropped silently: with ``max_waiting`` N, a request that the controller could
+not admit at once while N requests already wait for admission is refused at arrival (status ``rejected``,
+decision ``overloaded``); a controller that gives up on a request (``on_timeout=reject``) rejects it too.
+With no admission controller nothing waits for admission, so ``max_waiting`` never refuses.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import threading
+import time
+
+import configs
+from cgroup_lib import finite_number
+
+log = logging.getLogger("service")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """The service's options; the load generator's RunConfig extends it with the load's."""
+    config: str = "baseline"         # the label this service runs as (configs.CONFIGS)
+    model: str | None = None
+    tiny: bool = False
+    seed: int = 0                    # weight init seed (and the base of per-request sampling seeds)
+    temperature: float = 0.7
+    torch_threads: str | None = None
+    engine: str = "loop"             # loop (our decode loop) | generate (Hugging Face generate(), as the artifact)
+    batching: str = "off"
+    max_batch: int = 8
+    admission: str = "none"          # none | gate | limit | adaptive
+    concurrency_limit: int = 1
+    psi_threshold: float = 95.0
+    psi_interval_ms: float = 500.0
+    psi_max_checks: int = 10
+    on_timeout: str = "admit"
+    psi_source: str = "system"
+    psi_signal: str = "avg10"
+    psi_mode: str = "poll"
+    adaptive_low_pct: float = 20.0   # adaptive limit: add one below this pressure (%)
+    adaptive_high_pct: float = 90.0  # halve at or above this pressure (%)
+    adaptive_tolerance: float = 1.5  # halve when median service exceeds the minimum by this factor
+    adaptive_max: int = 8            # adaptive limit's ceiling (the batch size when batching)
+    max_waiting: int | None = None   # refuse a request that would wait while this many wait (None: never)
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+class OptionParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+COUNT = finite_number(int, ge=1)
+PERCENT = finite_number(float, ge=0, le=100)
+DURATION_MS = finite_number(float, gt=0)
+
+
+def option(group, defaults, *flags, help="", **kw):
+    """An option whose default is None (= not given: the --config preset, then the dataclass ``defaults``
+    apply); its help shows the dataclass default."""
+    action = group.add_argument(*flags, default=None, help=help, **kw)
+    action.help = f"{help} (default: {getattr(defaults, action.dest, None)})".lstrip()
+    return action
+
+
+def add_config_option(group) -> None:
+    group.add_argument("--config", default=ServiceConfig.config,
+                       help=f"configuration label: {', '.join(configs.CONFIGS)}; it presets the options it names, "
+                            f"an explicit option wins (default: %(default)s)")
+
+
+def add_service_options(p, defaults=ServiceConfig) -> None:
+    """The service's option groups (model and decoding, admission), shared by the generator and the server."""
+    import engine
+    g = p.add_argument_group("model and decoding")
+    g.add_argument("--model", default=None, help="pretrained weights: local path or hub id (default: the GPT-2 "
+                                                 "124M architecture with weights from --seed)")
+    g.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
+    option(g, defaults, "--engine", choices=engine.ENGINES,
+           help="loop: our KV-cache decode loop; generate: Hugging Face generate(), as the artifact")
+    option(g, defaults, "--temperature", type=finite_number(float, gt=0))
+    option(g, defaults, "--seed", type=finite_number(int, ge=0), help="weight init and sampling seed")
+    g.add_argument("--torch-threads", default=None,
+                   help="N, 'auto' (= the cgroup's CPU quota, at least 1) or 'default' (torch's own)")
+    option(g, defaults, "--batching", choices=["off", "dynamic"],
+           help="dynamic: continuous batching (batch_engine.py)")
+    option(g, defaults, "--max-batch", type=COUNT)
+    g = p.add_argument_group(
+        "admission", "gate (the paper): before each request read the pressure; while it is over --psi-threshold "
+        "sleep --psi-interval-ms and read again, at most --psi-max-checks reads, then --on-timeout. limit: a "
+        "FIFO concurrency limit of --concurrency-limit. adaptive: AIMD on the limit (+1 below "
+        "--adaptive-low-pct pressure, halve at --adaptive-high-pct or when median service exceeds the minimum "
+        "by --adaptive-tolerance), floor 1, ceiling --adaptive-max. Overload: with --max-waiting N, a request "
+        "that would wait while N wait is refused at once (rejected, 'overloaded'; HTTP 503 + Retry-After).")
+    option(g, defaults, "--admission", choices=["none", "gate", "limit", "adaptive"])
+    g.add_argument("--psi-policy", choices=["gate", "adaptive"], default=None,
+                   help="the pressure-driven admission (= --admission)")
+    option(g, defaults, "--concurrency-limit", type=COUNT)
+    option(g, defaults, "--psi-threshold", type=PERCENT, help="percent")
+    option(g, defaults, "--psi-interval-ms", type=DURATION_MS)
+    option(g, defaults, "--psi-max-checks", type=COUNT)
+    option(g, defaults, "--on-timeout", choices=["admit", "reject"])
+    option(g, defaults, "--psi-source", choices=["system", "cgroup"],
+           help="/proc/pressure/cpu or the service cgroup's cpu.pressure")
+    option(g, defaults, "--psi-signal", choices=["avg10", "total"],
+           help="avg10, or the stall share over the last interval from total= deltas")
+    option(g, defaults, "--psi-mode", choices=["poll", "trigger"])
+    option(g, defaults, "--adaptive-low-pct", type=PERCENT)
+    option(g, defaults, "--adaptive-high-pct", type=PERCENT)
+    option(g, defaults, "--adaptive-tolerance", type=finite_number(float, gt=1))
+    g.add_argument("--adaptive-max", type=COUNT, default=None,
+                   help="the adaptive limit's ceiling (default: the generator's --concurrency, else "
+                        f"{ServiceConfig.adaptive_max}; --max-batch when batching)")
+    option(g, defaults, "--max-waiting", type=finite_number(int, ge=0),
+           help="refuse a request that would wait for admission while this many wait (None: never)")
+
+
+def resolve(a: dict, defaults=ServiceConfig, keep_none=()) -> None:
+    """Apply --psi-policy, the --config preset and the dataclass defaults to parsed options ``a`` (in place),
+    then check the service options. Precedence: an explicit option, the preset, the default."""
+    policy = a.pop("psi_policy", None)
+    if policy is not None and a.get("admission") is None:
+        a["admission"] = policy
+    if a["config"] not in configs.CONFIGS:
+        raise UsageError(f"unknown config {a['config']!r} (choose from {', '.join(configs.CONFIGS)})")
+    for key, value in configs.preset(a["config"]).items():
+        if a.get(key) is None:
+            a[key] = value
+    fallback = defaults()
+    for key, value in a.items():
+        if value is None and key not in keep_none:
+            a[key] = getattr(fallback, key)
+    if not a["adaptive_low_pct"] < a["adaptive_high_pct"]:
+        raise UsageError(f"need --adaptive-low-pct < --adaptive-high-pct, got "
+                         f"{a['adaptive_low_pct']} and {a['adaptive_high_pct']}")
+    if a["torch_threads"] not in (None, "auto", "default"):
+        if not str(a["torch_threads"]).isdigit() or int(a["torch_threads"]) < 1:
+            raise UsageError(f"--torch-threads must be a positive integer, 'auto' or 'default', "
+                             f"got {a['torch_threads']!r}")
+    if a["engine"] == "generate" and a["batching"] != "off":
+        raise UsageError("--engine generate cannot batch: the batching engine runs its own decode loop")
+
+
+def check_limits(label: str) -> None:
+    """A limited configuration must run under a CPU quota; otherwise its cells would be mislabelled."""
+    if not configs.is_limited(label):
+        return
+    try:
+        import cgroup_lib
+        cores = cgroup_lib.cpu_quota_cores()
+    except Exception:
+        cores = None
+    if cores is None:
+        raise UsageError(f"config {label!r} is limited, but no CPU quota is in force for this process; run it "
+                         f"in a sweep (sudo bash run_experiments.sh --configs {label}) or as: sudo python "
+                         f"cgroup_lib.py run --name llm_service -- python request_generator.py --config "
+                         f"{label} ... (or ... -- python llm_server.py serve --config {label})")
+
+
+def service_config(cfg) -> ServiceConfig:
+    """The ServiceConfig part of any config object carrying its fields (e.g. the generator's RunConfig)."""
+    return ServiceConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServiceConfig)})
+
+
+def build_admission(cfg: ServiceConfig, read=None):
+    """The admission controller ``cfg`` asks for, or None; ``read`` injects the gate's signal (tests).
+    Raises psi_admission.PsiUnavailable (with the fix) where the pressure file is unusable."""
+    import psi_admission as psi
+    if cfg.admission == "none":
+        return None
+    if cfg.admission == "limit":
+        return psi.Limit(cfg.concurrency_limit)
+    if cfg.admission == "adaptive":
+        import adaptive_control
+        return adaptive_control.build(cfg, max_limit=cfg.max_batch if cfg.batching != "off" else cfg.adaptive_max)
+    if cfg.admission != "gate":
+        raise ValueError(f"unknown admission {cfg.admission!r}")
+    interval_s = cfg.psi_interval_ms / 1000.0
+    if read is not None:
+        detector = psi.Detector(read, cfg.psi_threshold, "injected")
+    else:
+        detector = psi.make_detector(cfg.psi_source, cfg.psi_signal, cfg.psi_mode, cfg.psi_threshold, interval_s)
+    return psi.Gate(detector, interval_s, cfg.psi_max_checks, cfg.on_timeout)
+
+
+def load_engine(cfg: ServiceConfig):
+    """The engine ``cfg`` names, wrapped in the batching scheduler when it batches."""
+    import engine as engines
+    eng = engines.make_engine(cfg.engine, model=cfg.model, tiny=cfg.tiny, seed=cfg.seed,
+                              torch_threads=cfg.torch_threads, temperature=cfg.temperature)
+    if cfg.batching != "off":
+        import batch_engine
+        eng = batch_engine.wrap(eng, cfg)
+    return eng
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One request's result. Times are time.monotonic() values; None where the step never happened."""
+    status: str                      # ok | rejected | failed
+    decision: str = "none"           # admission: none | admitted | admitted_after_timeout | rejected | overloaded
+    checks: int = 0
+    pressure: float = math.nan
+    error: str = ""
+    prompt_tokens: int | None = None
+    output_tokens: int = 0
+    text: str = ""
+    t_arrive: float = math.nan
+    t_admit: float | None = None
+    t_start: float | None = None
+    t_first_token: float | None = None
+    t_end: float | None = None
+
+    @property
+    def deferred(self) -> bool:
+        """Held by the controller for at least one re-check (the gate) or a queue wait counted as one."""
+        return self.checks > 1 or self.decision == "admitted_after_timeout"
+
+
+class Service:
+    """Owns the engine (or the batching engine), the admission controller and the request counters."""
+
+    def __init__(self, cfg: ServiceConfig, engine, admission=None):
+        self.cfg, self.engine, self.admission = cfg, engine, admission
+        self.observers = []              # called with every finished Outcome (the HTTP metrics)
+        self._lock = threading.Lock()
+        self.running = self.waiting = self.peak_running = 0
+        self.counts = {"admitted": 0, "deferred": 0, "rejected": 0, "overloaded": 0, "failed": 0, "ok": 0}
+        self.closed = False
+
+    @classmethod
+    def start(cls, cfg: ServiceConfig, engine=None) -> "Service":
+        """Load the engine (unless given) and build the controller: admission fails before any request."""
+        return cls(cfg, engine if engine is not None else load_engine(cfg), build_admission(cfg))
+
+    def renew_admission(self) -> None:
+        """A fresh controller and counters (trials are independent repeats)."""
+        if self.admission is not None:
+            self.admission.close()
+        self.admission = build_admission(self.cfg)
+        with self._lock:
+            self.peak_running = 0
+            self.counts = {k: 0 for k in self.counts}
+
+    def state(self) -> dict:
+        """Requests running and waiting, the controller's and the engine's state (for the timeline)."""
+        st = {"in_flight": self.running, "waiting": self.waiting}
+        if self.admission is not None:
+            st.update(self.admission.state())
+            st["waiting"] = self.waiting
+        if hasattr(self.engine, "state"):
+            st.update(self.engine.state())
+        return st
+
+    def _saturated(self) -> bool:
+        """Would a new request wait for admission? A slot limit with no free slot, or a gate deferring."""
+        adm = self.admission
+        if adm is None:
+            return False
+        if hasattr(adm, "saturated"):
+            return adm.saturated()
+        return self.waiting > 0
+
+    def submit(self, prompt: str, max_tokens: int, *, seed: int = 0, stop=None, on_token=None) -> Outcome:
+        """Run one request through admission and generation. ``stop`` (threading.Event) abandons it at the
+        next token with engine.Interrupted, which propagates (an abandoned request is not a result);
+        ``on_token(id, t)`` sees every token as it is sampled."""
+        out = Outcome(status="ok", t_arrive=time.monotonic())
+        adm = self.admission
+        with self._lock:
+            refuse = self.closed or (self.cfg.max_waiting is not None and self.waiting >= self.cfg.max_waiting
+                                     and self._saturated())
+            if not refuse and adm is not None:
+                self.waiting += 1
+        if refuse:
+            out.decision, out.status = "overloaded", "rejected"
+            out.error = "draining" if self.closed else f"{self.waiting} requests wait (max_waiting {self.cfg.max_waiting})"
+            return self._done(out, prompt)
+        if adm is not None:
+            try:
+                dec = adm.admit()
+            finally:
+                with self._lock:
+                    self.waiting -= 1
+            out.decision, out.checks, out.pressure = dec.decision, dec.checks, dec.pressure
+        out.t_admit = time.monotonic()
+        if out.decision == "rejected":
+            out.status = "rejected"
+            return self._done(out, prompt)
+        with self._lock:
+            self.running += 1
+            self.peak_running = max(self.peak_running, self.running)
+        service_s = None
+        try:
+            g = self.engine.generate(prompt, max_tokens, seed=seed, stop=stop, on_token=on_token)
+            service_s = g.t_end - g.t_start
+            out.prompt_tokens, out.output_tokens, out.text = g.prompt_tokens, g.output_tokens, g.text
+            out.t_start, out.t_first_token, out.t_end = g.t_start, g.t_first_token, g.t_end
+            if g.output_tokens != max_tokens:
+                out.status, out.error = "failed", f"generated {g.output_tokens} of {max_tokens} tokens"
+        except Exception as e:
+            from engine import Interrupted
+            if isinstance(e, Interrupted):
+                raise
+            out.status, out.error, out.output_tokens = "failed", f"{type(e).__name__}: {e}"[:300], 0
+        finally:
+            with self._lock:
+                self.running -= 1
+            if adm is not None:
+                adm.release(service_s)
+        return self._done(out, prompt)
+
+    def _done(self, out: Outcome, prompt: str) -> Outcome:
+        if out.prompt_tokens is None:
+            try:
+                out.prompt_tokens = int(self.engine.encode(prompt).shape[1])
+            except Exception:
+                pass
+        with self._lock:
+            c = self.counts
+            if out.decision == "overloaded":
+                c["overloaded"] += 1
+            elif out.status == "rejected":
+                c["rejected"] += 1
+            else:
+                c["admitted"] += 1
+                c[out.status] += 1          # ok | failed
+            c["deferred"] += out.deferred
+        for fn in self.observers:
+            try:
+                fn(out)
+            except Exception as e:  # an observer never fails a request
+                log.warning("observer %r failed: %s", fn, e)
+        return out
+
+    def close(self) -> None:
+        """Refuse new requests; the batching engine finishes the ones it holds; the controller stops."""
+        with self._lock:
+            self.closed = True
+        if self.cfg.batching != "off" and hasattr(self.engine, "close"):
+            self.engine.close()
+        if self.admission is not None:
+            self.admission.close()
+
+    def identity(self) -> dict:
+        return {"config": self.cfg.config, "limited": configs.is_limited(self.cfg.config),
+                "model": self.engine.identity()}
