@@ -27,7 +27,7 @@ import artifact
 import metrics
 import report
 from report import md_table
-from request_generator import CONFIGS
+from configs import CONFIGS
 from trial_stats import EXACT_P_MAX, drift, interleaving, t_interval, trial_ratio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,7 +73,7 @@ def label(config: str) -> str:
 
 
 def order(configs) -> list[str]:
-    """The paper's three configurations first, then request_generator.CONFIGS order, then alphabetical."""
+    """The paper's three configurations first, then configs.CONFIGS order, then alphabetical."""
     known = list(LABELS) + [c for c in CONFIGS if c not in LABELS]
     return [c for c in known if c in configs] + sorted(c for c in configs if c not in known)
 

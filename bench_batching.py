@@ -85,7 +85,7 @@ def quota_cores():
 
 
 def measure(args) -> int:
-    from llm_server import Engine
+    from engine import Engine
     engine = Engine(tiny=args.tiny, seed=0, torch_threads=args.threads)
     quota = quota_cores()
     run_batch(engine, max(args.batches), min(args.tokens, 5))  # warm-up, untimed

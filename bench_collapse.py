@@ -93,7 +93,7 @@ def words(cast=str, allowed=None):
 
 
 def build_parser():
-    from llm_server import ENGINES
+    from engine import ENGINES
     p = _Parser(prog="bench_collapse.py", description=__doc__, formatter_class=_Help)
     grid = p.add_argument_group("grid (every combination is measured)")
     grid.add_argument("--threads", type=words(positive(int)), default="1 2 4 8", metavar="LIST",
@@ -101,7 +101,7 @@ def build_parser():
     grid.add_argument("--policies", type=words(allowed=POLICIES), default="passive active", metavar="LIST",
                       help="OMP_WAIT_POLICY values")
     grid.add_argument("--engines", type=words(allowed=ENGINES), default=" ".join(ENGINES), metavar="LIST",
-                      help="llm_server engines")
+                      help="engine.py engines")
     run = p.add_argument_group("measurement")
     run.add_argument("--reps", type=positive(int), default=3, metavar="N",
                      help="timed requests per combination")
@@ -124,7 +124,7 @@ def build_parser():
 def worker(args) -> int:
     """Time single requests in this process (its OpenMP variables already set); print one JSON line."""
     import cgroup_lib
-    from llm_server import make_engine
+    from engine import make_engine
     engine = make_engine(args.engines[0], tiny=args.tiny, seed=0, torch_threads=args.threads[0])
     engine.generate(PROMPT, min(args.max_new_tokens, 5), seed=0)  # warm-up, untimed
     times = []

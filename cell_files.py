@@ -18,7 +18,7 @@ from service import UsageError
 
 DEFAULT_OUTPUT = "runs/{config}_c{concurrency}.csv"  # git-ignored: committed results/ change only on purpose
 # Settings of one invocation, not of the cell: they may differ between the runs that fill one cell.
-PER_RUN_KEYS = ("trial", "run_index", "force", "resume", "quiet", "verbose", "output")
+PER_RUN_KEYS = ("trial", "run_index", "force", "resume", "quiet", "verbose", "output", "wait_ready_s")
 
 COLUMNS = ["trial", "request_id", "config", "concurrency", "prompt_id", "prompt_chars", "prompt_tokens",
            "output_tokens", "status", "error", "t_intended_s"] + metrics.TIME_COLUMNS + [

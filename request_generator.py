@@ -43,6 +43,7 @@ import time
 from datetime import datetime, timezone
 
 import configs
+import cotenant
 import metrics
 from cell_files import COLUMNS, DEFAULT_OUTPUT, PER_RUN_KEYS, CellFiles, CsvSink, check_output, write_json  # noqa: F401
 from cgroup_lib import counter_delta, finite_number
@@ -79,6 +80,7 @@ class RunConfig(ServiceConfig):
     max_concurrency: int | None = None  # open loop: cap on requests in flight (None: none)
     slo: str | None = None           # "ttft:MS,e2e:MS": goodput counts the ok requests meeting all
     target: str | None = None        # URL of a running service (llm_server.py serve); None: in-process
+    wait_ready_s: float = 0.0        # with --target: wait this long for the service to become ready
     antagonist: str | None = None    # co-tenant: cpu:N built-in burners or a command
     antagonist_quota: float | None = None  # its CPU quota, percent of one CPU (None: unlimited)
     trial: int | None = None         # run only this trial of the cell (sweeps interleave cells trial by trial)
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("service", "in-process (default) or a running `llm_server.py serve` at --target")
     g.add_argument("--target", default=None,
                    help="http://HOST:PORT of a running service; its --config must match this cell's label")
+    _opt(g, "--wait-ready-s", type=finite_number(float, ge=0),
+         help="with --target: wait up to this long for the service's /health to say ready")
     g = p.add_argument_group("co-tenant", "other work on the host, in a sibling cgroup of its own, started after "
                                           "the warm-up; its throughput is sampled every second")
     _opt(g, "--antagonist", help="cpu:N built-in CPU burner processes, or a command such as 'stress-ng --cpu 2'")
@@ -333,9 +337,13 @@ class Trial:
         self.in_flight = self.peak_in_flight = 0
         self.counts = {s: 0 for s in metrics.STATUSES}
         self.t0 = 0.0  # set by the caller just before run(): the trial's clock origin
+        self.tenant = None  # the co-tenant, whose cumulative work goes into the timeline
 
     def state(self) -> dict:
-        return {"in_flight": self.in_flight, **(self.client.state() or {})}
+        st = {"in_flight": self.in_flight, **(self.client.state() or {})}
+        if self.tenant is not None:
+            st.update(cotenant_units=self.tenant.units(), cotenant_cpu_s=self.tenant.cpu_usage_s())
+        return st
 
     def _now(self) -> float:
         return time.monotonic() - self.t0
@@ -437,12 +445,20 @@ def _on_sigterm(signum, frame):
     raise _Terminate()
 
 
+def cotenant_summary(rows: list[dict]) -> dict:
+    """The co-tenant's throughput during a trial: its per-second samples and their mean."""
+    rates = [r["units_per_s"] for r in rows if r.get("units_per_s") is not None]
+    shares = [r["cpu_share"] for r in rows if r.get("cpu_share") is not None]
+    return {"mean_units_per_s": sum(rates) / len(rates) if rates else None,
+            "mean_cpu_share": sum(shares) / len(shares) if shares else None, "per_second": rows}
+
+
 def _open_service(cfg: RunConfig):
     """(client, engine identity, service description) for the cell: an in-process Service, or the remote one."""
     if cfg.target is not None:
         import http_client
         try:
-            client = http_client.Remote(cfg.target, cfg.config)
+            client = http_client.Remote(cfg.target, cfg.config, wait_s=cfg.wait_ready_s)
         except http_client.RemoteError as e:
             raise UsageError(str(e)) from None
         return client, client.info["service"]["model"], client
@@ -493,7 +509,6 @@ def run(cfg: RunConfig) -> int:
             client.send(prompts[0], cfg.max_new_tokens, cfg.seed, None)
             meta["warmup_s"] = time.monotonic() - w0
         if cfg.antagonist is not None:  # after the warm-up: the co-tenant shares the measured trials only
-            import cotenant
             tenant = cotenant.Cotenant(cfg.antagonist, quota_pct=cfg.antagonist_quota,
                                        log=lambda m: print(m, file=sys.stderr))
             tenant.start()
@@ -505,14 +520,17 @@ def run(cfg: RunConfig) -> int:
             with tqdm(total=len(times), disable=cfg.quiet, file=sys.stderr, unit="req",
                       desc=f"{cfg.config} c={cfg.concurrency} trial {trial}") as bar:
                 t = Trial(cfg, client, prompts, sink, trial, stop, bar, times)
+                t.tenant = tenant
                 before = probe.counters()
                 record = {"trial": trial, "started_at": datetime.now(timezone.utc).isoformat(),
                           "run_index": cfg.run_index, "complete": False, "requests": len(times)}
                 t.t0 = wall0 = time.monotonic()  # one clock origin for the rows and the timeline
                 sampler = make_timeline(cfg, trial, t.t0, t.state)
-                tenant_rate = tenant.sampler(t.t0) if tenant is not None else None
+                tenant_rate = cotenant.ThroughputSampler(tenant, t0=t.t0) if tenant is not None else None
                 if sampler is not None:
                     sampler.start()
+                if tenant_rate is not None:
+                    tenant_rate.start()
                 try:
                     t.run()
                     record["complete"] = True
@@ -521,8 +539,7 @@ def run(cfg: RunConfig) -> int:
                         sampler.stop()
                     wall = time.monotonic() - wall0
                     if tenant_rate is not None:
-                        tenant_rate.stop()
-                        record["cotenant"] = tenant_rate.summary()
+                        record["cotenant"] = cotenant_summary(tenant_rate.stop())
                     after = probe.counters()
                     record.update(wall_s=wall, peak_in_flight=t.peak_in_flight, counts=dict(t.counts),
                                   cgroup_delta=counter_delta(before, after) if before and after else None)

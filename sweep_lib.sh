@@ -9,6 +9,7 @@
 SWEEP_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SWEEP_CHILD=""          # PID of the running trial's process, while one runs
 SWEEP_CHILD_CGROUP=0    # whether that trial runs in a cgroup made by cgroup_lib.py
+SWEEP_SERVER=""         # PID of the service (service mode), while one runs
 
 sweep_usage() {
     cat <<EOF
@@ -37,6 +38,11 @@ Options (defaults reproduce the paper):
   --cpu-period-us N        CPU period, 1000..1000000 (default: 100000)
   --memory-max SIZE        memory limit, e.g. 4G (default: 4G)
   --engine loop|generate   our decode loop or Hugging Face generate() (default: loop)
+  --mode in-process|service   in-process: the generator runs the service in its own process, inside the
+                           cell's cgroup (the paper); service: llm_server.py serve alone runs in the
+                           cell's cgroup and the generator sends it HTTP requests from outside (default:
+                           in-process)
+  --port N                 the service's port in service mode (default: 18000)
   --model PATH_OR_ID       pretrained weights (passed to the generator)
   --tiny                   tiny GPT-2 config (tests)
   --quick                  smoke run: concurrency "1 2", 4 requests, 8 tokens
@@ -61,7 +67,7 @@ sweep_parse_args() {
     unset CONCURRENCY NUM_REQUESTS MAX_NEW_TOKENS   # defaults depend on --quick; set below
     CONFIGS=$SWEEP_DEFAULT_CONFIGS EXTRA_CELLS="" TRIALS=1 SEED=0 FORCE=0 RESUME=0 ENGINE=loop
     RESULTS_DIR=runs CGROUP_NAME=llm_service CPU_QUOTA=50 CPU_PERIOD_US=100000 MEMORY_MAX=4G
-    MODEL="" TINY=0 QUICK=0
+    MODEL="" TINY=0 QUICK=0 MODE=in-process PORT=18000
     while (($#)); do
         case $1 in
             -h | --help) sweep_usage; exit 0 ;;
@@ -70,7 +76,8 @@ sweep_parse_args() {
             --force) FORCE=1; shift; continue ;;
             --resume) RESUME=1; shift; continue ;;
             --configs | --concurrency | --cells | --num-requests | --max-new-tokens | --trials | --seed | \
-                --results-dir | --cgroup-name | --cpu-quota | --cpu-period-us | --memory-max | --engine | --model)
+                --results-dir | --cgroup-name | --cpu-quota | --cpu-period-us | --memory-max | --engine | --model | \
+                --mode | --port)
                 (($# >= 2)) || sweep_die "$1 needs a value" ;;
             *) sweep_die "unknown option '$1' (see --help)" ;;
         esac
@@ -89,6 +96,8 @@ sweep_parse_args() {
             --memory-max) MEMORY_MAX=$2 ;;
             --engine) ENGINE=$2 ;;
             --model) MODEL=$2 ;;
+            --mode) MODE=$2 ;;
+            --port) PORT=$2 ;;
         esac
         shift 2
     done
@@ -119,6 +128,9 @@ sweep_parse_args() {
     [[ $MEMORY_MAX =~ ^([1-9][0-9]*[KMGTkmgt]?|max)$ ]] ||
         sweep_die "--memory-max must be a size > 0 such as 4G, 512M or max, got '$MEMORY_MAX'"
     [[ $ENGINE == loop || $ENGINE == generate ]] || sweep_die "--engine must be loop or generate, got '$ENGINE'"
+    [[ $MODE == in-process || $MODE == service ]] || sweep_die "--mode must be in-process or service, got '$MODE'"
+    [[ $PORT =~ ^[1-9][0-9]{0,4}$ ]] || sweep_die "--port must be within 1..65535, got '$PORT'"
+    ((PORT <= 65535)) || sweep_die "--port must be within 1..65535, got '$PORT'"
     [[ $CGROUP_NAME =~ ^[A-Za-z0-9_.-]+$ ]] || sweep_die "--cgroup-name must be letters, digits, _ . - only"
     ((!FORCE || !RESUME)) || sweep_die "--force and --resume exclude each other"
 }
@@ -194,8 +206,17 @@ sweep_on_signal() {  # SIGNAL STATUS: stop the running trial, remove its cgroup,
         kill -TERM "$SWEEP_CHILD" 2>/dev/null || true
         wait "$SWEEP_CHILD" || true
     fi
+    sweep_stop_server
     if ((SWEEP_CHILD_CGROUP)); then sweep_cleanup_cgroup; fi
     exit "$2"
+}
+
+sweep_stop_server() {  # SIGTERM drains the service; cgroup_lib.py run forwards it and removes the cgroup
+    if [[ -n $SWEEP_SERVER ]]; then
+        kill -TERM "$SWEEP_SERVER" 2>/dev/null || true
+        wait "$SWEEP_SERVER" || true
+        SWEEP_SERVER=""
+    fi
 }
 
 sweep_run_trial() {  # TRIAL CONFIG LEVEL INDEX TOTAL
@@ -207,21 +228,36 @@ sweep_run_trial() {  # TRIAL CONFIG LEVEL INDEX TOTAL
     if ((TINY)); then cmd+=(--tiny); fi
     if [[ -n $MODEL ]]; then cmd+=(--model "$MODEL"); fi
     local -a cg=("$PY" "$SWEEP_DIR/cgroup_lib.py" run --name "$CGROUP_NAME" --meta "${out%.csv}.json")
+    local -a served=("${cmd[@]}")  # what runs in the cell's cgroup: the generator, or the service alone
+    if [[ $MODE == service ]]; then
+        served=("$PY" "$SWEEP_DIR/llm_server.py" serve --config "$cfg" --port "$PORT" --engine "$ENGINE")
+        if ((TINY)); then served+=(--tiny); fi
+        if [[ -n $MODEL ]]; then served+=(--model "$MODEL"); fi
+        cmd+=(--target "http://127.0.0.1:$PORT" --wait-ready-s 600)
+    fi
     if ((LIMITED[$cfg])); then
         where="in cgroup $CGROUP_NAME" in_cgroup=1
-        cmd=("${cg[@]}" --cpu-quota "$CPU_QUOTA" --cpu-period-us "$CPU_PERIOD_US" --memory-max "$MEMORY_MAX"
-            -- "${cmd[@]}")
+        served=("${cg[@]}" --cpu-quota "$CPU_QUOTA" --cpu-period-us "$CPU_PERIOD_US" --memory-max "$MEMORY_MAX"
+            -- "${served[@]}")
     elif ((EUID == 0)); then
         where="in unlimited cgroup $CGROUP_NAME" in_cgroup=1
-        cmd=("${cg[@]}" --unlimited -- "${cmd[@]}")
+        served=("${cg[@]}" --unlimited -- "${served[@]}")
+    fi
+    SWEEP_CHILD_CGROUP=$in_cgroup
+    if [[ $MODE == service ]]; then  # the service in the background, the generator outside its cgroup
+        where="service $where, generator outside it"
+        "${served[@]}" &
+        SWEEP_SERVER=$!
+    else
+        cmd=("${served[@]}")
     fi
     echo "[$4/$5] trial $k/$TRIALS $cfg c=$c ($where) -> $out   (sweep $((SECONDS / 60)) min so far)"
     # In the background so that a signal to this script runs its trap at once.
-    SWEEP_CHILD_CGROUP=$in_cgroup
     "${cmd[@]}" &
     SWEEP_CHILD=$!
     wait "$SWEEP_CHILD" || rc=$?
     SWEEP_CHILD=""
+    sweep_stop_server
     if ((rc != 0)); then
         echo "$SWEEP_SCRIPT: trial $k of $cfg c=$c failed (exit status $rc); finished trials are kept" >&2
         if ((in_cgroup)); then sweep_cleanup_cgroup; fi
@@ -258,7 +294,7 @@ sweep_main() {
     trap 'sweep_on_signal SIGTERM 143' TERM
     trap 'sweep_on_signal SIGHUP 129' HUP
     mkdir -p "$RESULTS_DIR"
-    echo "sweep: cells \"${CELLS[*]}\", $NUM_REQUESTS requests, $MAX_NEW_TOKENS tokens, $TRIALS trial(s)" \
+    echo "sweep ($MODE): cells \"${CELLS[*]}\", $NUM_REQUESTS requests, $MAX_NEW_TOKENS tokens, $TRIALS trial(s)" \
         "interleaved in random order (seed $SEED) -> $RESULTS_DIR/"
     local i line
     for i in "${!plan[@]}"; do

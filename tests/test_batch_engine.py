@@ -6,7 +6,7 @@ import pytest
 
 import batch_engine
 from batch_engine import BatchEngine, DecodeBatch
-from llm_server import Engine, Interrupted
+from engine import Engine, Interrupted
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog near the river", "A",
            "Why is the sky blue?"]

@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from llm_server import ENGINES, Engine, Interrupted, make_engine, resolve_threads
+from engine import ENGINES, Engine, Interrupted, make_engine, resolve_threads
 
 
 @pytest.fixture(scope="module")
