@@ -23,6 +23,7 @@ import statistics
 import threading
 import time
 
+import cgroup_lib
 import psi_admission as psi
 
 log = logging.getLogger("adaptive")
@@ -112,9 +113,9 @@ class AdaptiveLimit(psi.Limit):
 
 def build(cfg) -> AdaptiveLimit:
     """The adaptive controller for a run config: the service cgroup's stall share where it has one."""
-    path = psi.cgroup_path("cpu")
+    path = cgroup_lib.pressure_path("cpu")
     if path is None:
-        path = psi.system_path("cpu")
+        path = cgroup_lib.system_pressure_path("cpu")
         log.warning("no cgroup cpu.pressure for this process: adapting to the system's %s", path)
     source = psi.StallShare(psi.PressureFile(path).timed_total, psi.TRIGGER_WINDOW_S)
     return AdaptiveLimit(source, initial=1, max_limit=cfg.max_batch if cfg.batching != "off" else cfg.concurrency,

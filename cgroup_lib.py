@@ -1,7 +1,10 @@
 """cgroup detection, creation, limits, counters and teardown for the service cgroup.
 
 Supports pure cgroup v2, hybrid (v1 cpu + memory, v2 at <root>/unified) and pure v1.
-The cgroupfs root is /sys/fs/cgroup, or $CGROUP_ROOT (tests use a fake tree).
+The cgroupfs root is /sys/fs/cgroup, or $CGROUP_ROOT (tests use a fake tree). This module is the one place
+that locates cgroup files, pressure files included: under $CGROUP_ROOT the system-wide pressure is the fake
+root cgroup's <res>.pressure (on a real v2 host, Linux >= 5.2, the root cgroup's file shows the system-wide
+figures), so a whole run, PSI included, can point at a fake tree; without it, /proc/pressure/<res>.
 
 CLI (used by sweep_lib.sh):
   cgroup_lib.py detect
@@ -34,6 +37,7 @@ STOP_GRACE_S = 5.0               # after a forwarded signal, before the cgroup i
 LOCK_DIR = "/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir()
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 CELL_ENV = "CGROUP_LIB_CELL"     # set for the child of `run`: the name of the cell cgroup made for it
+PROC_CGROUP = "/proc/self/cgroup"
 PR_SET_PDEATHSIG = 1
 
 
@@ -121,19 +125,51 @@ def _dirs(info):
     return out
 
 
-def own_cgroup(root=None, proc_file="/proc/self/cgroup"):
-    """Where this process runs: mode and the cpu, memory, unified dirs and cpu.pressure path."""
-    root = _root(root)
-    mode = detect_mode(root)
+def own_paths(proc_file=PROC_CGROUP):
+    """{controller: this process's cgroup path relative to its hierarchy}; the key "" is the v2 (0::) one."""
     paths = {}
     with open(proc_file) as f:
         for line in f:
             _, controllers, path = line.rstrip("\n").split(":", 2)
             for c in controllers.split(",") if controllers else [""]:
                 paths.setdefault(c, path.strip("/"))
+    return paths
+
+
+def _pressure_file(root, rel, resource):
+    """<resource>.pressure of v2 cgroup `rel` (in <root>/unified on hybrid hosts), None if there is none."""
+    for base in (os.path.join(root, "unified"), root):
+        path = _join(base, rel, f"{resource}.pressure")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def pressure_path(resource="cpu", root=None, proc_file=PROC_CGROUP):
+    """<resource>.pressure of this process's v2 cgroup, or None where it has none (v1, no cgroup2 mounted)."""
+    try:
+        rel = own_paths(proc_file).get("")
+    except (OSError, ValueError):
+        return None
+    return None if rel is None else _pressure_file(_root(root), rel, resource)
+
+
+def system_pressure_path(resource="cpu", root=None):
+    """The system-wide <resource> pressure: /proc/pressure/<resource>, or, under an injected root (root or
+    $CGROUP_ROOT), that tree's root cgroup <resource>.pressure (the same figures on a real v2 host)."""
+    root = root or os.environ.get("CGROUP_ROOT")
+    if not root:
+        return f"/proc/pressure/{resource}"
+    return _pressure_file(root, "", resource) or os.path.join(root, f"{resource}.pressure")
+
+
+def own_cgroup(root=None, proc_file=PROC_CGROUP):
+    """Where this process runs: mode and the cpu, memory, unified dirs and cpu.pressure path (None: none)."""
+    root = _root(root)
+    mode = detect_mode(root)
+    paths = own_paths(proc_file)
     info = _info(mode, root, paths.get("cpu", ""), paths.get("memory", ""), paths.get("", ""))
-    if info["pressure"] and not os.path.exists(info["pressure"]):
-        info["pressure"] = None
+    info["pressure"] = _pressure_file(root, paths.get("", ""), "cpu") if info["unified"] else None
     return info
 
 
@@ -189,14 +225,44 @@ def read_counters(info):
 
 
 def counter_delta(before, after):
-    """Change of each counter between two read_counters(); memory_peak_bytes is the later peak."""
-    out = {}
-    for key, value in after.items():
-        if key == "memory_peak_bytes" or value is None or before.get(key) is None:
-            out[key] = value
-        else:
-            out[key] = value - before[key]
-    return out
+    """Change from one read_counters() to a later one: counters subtracted, levels (keys naming a peak, e.g.
+    memory_peak_bytes) kept as the later value, as is a key that is None or missing on either side. None if
+    either reading is missing (None or empty)."""
+    if not before or not after:
+        return None
+    return {k: v if "peak" in k or v is None or before.get(k) is None else v - before[k] for k, v in after.items()}
+
+
+class CgroupProbe:
+    """Limits and counters of the cgroup this process runs in (own_cgroup). Counters only where that cgroup
+    was made for this run (own_cell_cgroup): elsewhere they would count other processes too. Never raises:
+    why there are none is in `error` or `note`."""
+
+    def __init__(self, root=None):
+        self.info = self.limits = self.error = self.note = None
+        self.own = False
+        try:
+            self.info = own_cgroup(root)
+            self.limits = read_limits(self.info)
+            self.own = bool(own_cell_cgroup(self.info))
+        except Exception as e:  # recorded, never fatal
+            self.error = f"{type(e).__name__}: {e}"
+            return
+        if not self.own:
+            self.note = (f"no counters: this process does not run in a cgroup made for it by cgroup_lib.py run, so "
+                         f"the counters of {self.info.get('cpu')} would include other processes")
+
+    def counters(self):
+        """read_counters() of the cell cgroup; None where it is not the cell's own or cannot be read."""
+        if not self.own:
+            return None
+        try:
+            return read_counters(self.info)
+        except Exception:
+            return None
+
+    def describe(self):
+        return {"info": self.info, "limits": self.limits, "own": self.own, "note": self.note, "error": self.error}
 
 
 def cpu_quota_cores(info=None):

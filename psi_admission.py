@@ -1,8 +1,8 @@
 """PSI-gated admission: pressure reading, the paper's gate, kernel triggers, a timeline sampler.
 
-    python psi_admission.py --show        # current pressure of every source, one JSON line
-    python psi_admission.py --bench       # admit() overhead and reaction times to a CPU step load (JSON)
-        [--bench-threshold PCT] [--bench-seconds S]   (finite, > 0; else one error line, exit status 2)
+    python psi_admission.py --show [-v]   # current pressure of every source, one JSON line
+
+(psi_bench.py is the benchmark: admit() overhead and reaction times to a CPU step load.)
 
 The gate (the paper): before each request, read /proc/pressure/cpu "some avg10"; at or below the
 threshold admit at once, else sleep the interval and check again; after the last of max_checks checks
@@ -11,6 +11,7 @@ source = the service's own cgroup, signal = stall share over the last interval f
 mode = a kernel PSI trigger (shared by all workers) deciding "over" instead of a read. Each decision is
 one DEBUG log line; run with -v to see them. Every stall share (gate, timeline, adaptive limit, bench)
 comes from stall_share() over readings that pair each total= with the time of its own read.
+Which files: cgroup_lib.system_pressure_path() and pressure_path() (both follow $CGROUP_ROOT, a fake tree).
 """
 from __future__ import annotations
 
@@ -27,12 +28,13 @@ import sys
 import threading
 import time
 
+import cgroup_lib
+
 log = logging.getLogger("psi_admission")
 
 PSI_FIX = "boot with psi=1 on the kernel command line (needs CONFIG_PSI=y)"
 TRIGGER_WINDOW_S = 2.0   # unprivileged triggers need a window that is a multiple of 2 s
 MIN_DELTA_S = 0.1        # shortest stall-share delta (first check with no earlier sample)
-FAKE_ENV = "PSI_FAKE_PRESSURE"  # TEST HOOK: a constant pressure (percent) replaces every gate reading
 
 
 class PsiUnavailable(RuntimeError):
@@ -96,25 +98,6 @@ class PressureFile:
         """(time, some total= in us) of one reading: what stall_share() takes."""
         t, pressure = self.sample()
         return t, pressure["some"]["total"]
-
-
-def system_path(resource: str = "cpu") -> str:
-    return f"/proc/pressure/{resource}"
-
-
-def cgroup_path(resource: str = "cpu", proc_cgroup: str = "/proc/self/cgroup",
-                root: str = "/sys/fs/cgroup") -> str | None:
-    """<resource>.pressure of this process's v2 cgroup (the unified hierarchy on hybrid hosts), or None."""
-    try:
-        with open(proc_cgroup) as f:
-            rel = next(line[3:].strip() for line in f if line.startswith("0::"))
-    except (OSError, StopIteration):
-        return None
-    for base in (os.path.join(root, "unified"), root):
-        path = os.path.join(base, rel.lstrip("/"), f"{resource}.pressure")
-        if os.path.exists(path):
-            return path
-    return None
 
 
 def stall_share(before: tuple[float, int], after: tuple[float, int]) -> float:
@@ -249,7 +232,7 @@ class Detector:
 
 def make_detector(source: str, sig: str, mode: str, threshold: float, interval_s: float, path=None):
     """The detector for one gate configuration; PsiUnavailable (with the fix) if the file is unusable."""
-    path = path or (system_path("cpu") if source == "system" else cgroup_path("cpu"))
+    path = path or (cgroup_lib.system_pressure_path("cpu") if source == "system" else cgroup_lib.pressure_path("cpu"))
     if path is None:
         raise PsiUnavailable("no cgroup v2 cpu.pressure for this process (0:: line of /proc/self/cgroup); "
                              "mount cgroup2 (unified) or use --psi-source system")
@@ -361,7 +344,7 @@ class Limit(Admission):
 
 
 def build_admission(cfg, read=None) -> Admission | None:
-    """The admission controller cfg asks for; `read` (or env PSI_FAKE_PRESSURE) injects the gate's signal."""
+    """The admission controller cfg asks for; `read` injects the gate's signal (else the files, see make_detector)."""
     if cfg.admission == "none":
         return None
     if cfg.admission == "limit":
@@ -372,10 +355,6 @@ def build_admission(cfg, read=None) -> Admission | None:
     if cfg.admission != "gate":
         raise ValueError(f"unknown admission {cfg.admission!r}")
     interval_s = cfg.psi_interval_ms / 1000.0
-    fake = os.environ.get(FAKE_ENV)
-    if read is None and fake:  # TEST HOOK, never set in experiments
-        log.warning("%s=%s: the gate reads a constant fake pressure (test hook)", FAKE_ENV, fake)
-        read = lambda value=float(fake): value  # noqa: E731
     if read is not None:
         detector = Detector(read, cfg.psi_threshold, "injected")
     else:
@@ -388,20 +367,12 @@ TIMELINE_COLUMNS = ["t_s", "trial", "sys_cpu_some_avg10", "sys_cpu_some_total_us
                     "nr_periods", "nr_throttled", "throttled_usec", "in_flight", "waiting", "limit", "batch"]
 
 
-def _throttle_reader():
-    """cgroup_lib.read_counters of this process's cgroup as a no-argument callable, or None. Only a cgroup made
-    for this run (cgroup_lib.own_cell_cgroup) counts: elsewhere the counters would include other processes."""
-    try:
-        import cgroup_lib
-        info = cgroup_lib.own_cgroup()
-        if not cgroup_lib.own_cell_cgroup(info):
-            log.info("no throttling counters in the timeline: not in a cgroup made for this run")
-            return None
-        cgroup_lib.read_counters(info)
-    except Exception as e:  # the timeline never fails a run: these columns stay empty
-        log.info("no throttling counters in the timeline: %s: %s", type(e).__name__, e)
-        return None
-    return lambda: cgroup_lib.read_counters(info)
+def _cell_probe() -> cgroup_lib.CgroupProbe:
+    """The probe of this process's cgroup; its counters only where the cgroup was made for this run."""
+    probe = cgroup_lib.CgroupProbe()
+    if not probe.own:
+        log.info("no throttling counters in the timeline: %s", probe.error or probe.note)
+    return probe
 
 
 class TimelineSampler:
@@ -409,9 +380,10 @@ class TimelineSampler:
 
     def __init__(self, path, interval_ms, trial, state_fn, t0):
         self.path, self.interval_s, self.trial, self.state_fn, self.t0 = path, interval_ms / 1000.0, trial, state_fn, t0
-        cg = cgroup_path("cpu")
-        self.sources = {"sys": PressureFile(system_path("cpu")), **({"cg": PressureFile(cg)} if cg else {})}
-        self.counters = _throttle_reader()
+        cg = cgroup_lib.pressure_path("cpu")
+        self.sources = {"sys": PressureFile(cgroup_lib.system_pressure_path("cpu")),
+                        **({"cg": PressureFile(cg)} if cg else {})}
+        self.probe = _cell_probe()
         self._prev = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="psi-timeline", daemon=True)
@@ -442,7 +414,7 @@ class TimelineSampler:
             if prev:
                 row[f"{key}_cpu_some_pct"] = round(stall_share(prev, self._prev[key]), 2)
         try:
-            row.update({k: v for k, v in (self.counters() if self.counters else {}).items()
+            row.update({k: v for k, v in (self.probe.counters() or {}).items()
                         if k in ("nr_periods", "nr_throttled", "throttled_usec")})
             row.update(self.state_fn() or {})
         except Exception as e:
@@ -471,42 +443,41 @@ def show() -> dict:
             except (PsiUnavailable, ValueError) as e:
                 out[res] = {"error": str(e)}
         return out
-    cg = cgroup_path("cpu")
-    counters = _throttle_reader()
-    return {"system": read_all(system_path),
-            "cgroup": {"dir": os.path.dirname(cg), **read_all(cgroup_path)} if cg else None,
-            "throttling": counters() if counters else None}
+    cg = cgroup_lib.pressure_path("cpu")
+    return {"system": read_all(cgroup_lib.system_pressure_path),
+            "cgroup": {"dir": os.path.dirname(cg), **read_all(cgroup_lib.pressure_path)} if cg else None,
+            "throttling": _cell_probe().counters()}
+
+
+def run_cli(prog: str, verbose: bool, action) -> int:
+    """A command's body: log at DEBUG with verbose, print action()'s result as one JSON line; exit status 1 on
+    PSI or cgroup errors, 130 on Ctrl-C (the bench's load and cgroup are gone by then)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        print(json.dumps(action()))
+    except (PsiUnavailable, OSError, cgroup_lib.CgroupError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; load stopped and cgroup removed", file=sys.stderr)
+        return 130
+    return 0
 
 
 def main(argv=None) -> int:
-    import cgroup_lib
     p = cgroup_lib.OneLineParser(prog="psi_admission.py", description=__doc__.split("\n\n")[0])
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--show", action="store_true", help="current pressure of every source, one JSON line")
-    g.add_argument("--bench", action="store_true", help="admit() overhead and reaction times (JSON)")
-    p.add_argument("--bench-threshold", type=cgroup_lib.finite_number(gt=0, le=100), default=50.0,
-                   help="percent in (0, 100], besides the paper's 95 (default 50)")
-    p.add_argument("--bench-seconds", type=cgroup_lib.finite_number(gt=0, le=300), default=40.0,
-                   help="longest step load, seconds in (0, 300] (default 40)")
+    p.add_argument("--show", action="store_true", required=True, help="current pressure of every source, one JSON line")
     p.add_argument("-v", "--verbose", action="store_true", help="log every decision and trigger event")
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg.startswith("--bench") for arg in argv):
+        p.error("the benchmark is its own command now: psi_bench.py [--threshold PCT] [--seconds S] [-v]")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    errors = (PsiUnavailable, OSError, cgroup_lib.CgroupError)
-    try:
-        if a.show:
-            PressureFile(system_path("cpu")).read()
-            print(json.dumps(show()))
-        else:
-            import psi_bench
-            print(json.dumps(psi_bench.bench(a.bench_threshold, a.bench_seconds)))
-    except errors as e:
-        print(f"psi_admission.py: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("psi_admission.py: interrupted; load stopped and cgroup removed", file=sys.stderr)
-        return 130
-    return 0
+
+    def checked_show() -> dict:
+        PressureFile(cgroup_lib.system_pressure_path("cpu")).read()   # no system PSI: exit status 1
+        return show()
+    return run_cli("psi_admission.py", a.verbose, checked_show)
 
 
 if __name__ == "__main__":

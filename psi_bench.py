@@ -1,7 +1,11 @@
-"""The benchmark behind ``python psi_admission.py --bench``: admit() overhead and how soon each pressure
-detector (poll-avg10, poll-total, kernel trigger) sees a CPU step load started inside a temporary cgroup with
-a 50% one-CPU quota. The load and the cgroup are removed on every exit path: normal end, exception,
-Ctrl-C, SIGTERM or SIGHUP (both raise KeyboardInterrupt while the bench runs)."""
+"""PSI benchmark: admit() overhead and how soon each pressure detector (poll-avg10, poll-total, kernel
+trigger) sees a CPU step load started inside a temporary cgroup with a 50% one-CPU quota (root).
+
+    sudo python psi_bench.py [--threshold PCT] [--seconds S] [-v]     # one JSON line
+
+Bad input: one error line, exit status 2; PSI or cgroup errors: 1; Ctrl-C: 130. The load and the cgroup
+are removed on every exit path: normal end, exception, Ctrl-C, SIGTERM or SIGHUP (both raise
+KeyboardInterrupt while the bench runs)."""
 from __future__ import annotations
 
 import collections
@@ -13,10 +17,11 @@ import subprocess
 import sys
 import time
 
+import cgroup_lib
 from psi_admission import (TRIGGER_WINDOW_S, Gate, PressureFile, StallShare, TriggerMonitor, TriggerUnavailable,
-                           make_detector, system_path)
+                           make_detector, run_cli)
 
-log = logging.getLogger("psi_admission")
+log = logging.getLogger("psi_bench")
 
 BURNER = ("import os, time\np, end = os.getppid(), time.monotonic() + {limit}\n"
           "while os.getppid() == p and time.monotonic() < end:\n    for _ in range(100000): pass\n")
@@ -62,7 +67,6 @@ def bench(threshold: float = 50.0, load_s: float = 40.0, burners: int = 3, calls
     step; then the triggers during a second step in which nothing here reads the files (reads delay
     trigger events). Burners and cgroup are removed on every exit path (stop signals raise
     KeyboardInterrupt meanwhile, and are ignored during the teardown they ask for). Main thread only."""
-    import cgroup_lib
     overhead = {det: _median_admit_us(make_detector("system", sig, mode, 100.0, 0.5), calls)
                 for det, (sig, mode) in DETECTORS.items()}
     thresholds, name, trigger_s = sorted({float(threshold), 95.0}), f"psi_bench_{os.getpid()}", 10.0
@@ -70,7 +74,8 @@ def bench(threshold: float = 50.0, load_s: float = 40.0, burners: int = 3, calls
     old = {s: signal.signal(s, _interrupt) for s in STOP_SIGNALS}
     try:
         info, dirs = cgroup_lib.create(name, 50.0, memory_max_bytes=None, log=log.info)
-        files = {"system": PressureFile(system_path("cpu")), "cgroup": PressureFile(info["pressure"])}
+        files = {"system": PressureFile(cgroup_lib.system_pressure_path("cpu")),
+                 "cgroup": PressureFile(info["pressure"])}
         shares = {src: StallShare(pf.timed_total, 0.5) for src, pf in files.items()}
         baseline = {src: (pf.avg10(), round(shares[src](), 1)) for src, pf in files.items()}
         polls = [(s, t, d) for s in files for t in thresholds for d in ("poll-avg10", "poll-total")]
@@ -125,3 +130,18 @@ def bench(threshold: float = 50.0, load_s: float = 40.0, burners: int = 3, calls
             "method": "seconds from starting the burners until the detector first reports over the threshold; "
                       "polls read every 100 ms (poll-total: stall share over 500 ms); trigger "
                       "'some <threshold% of 2 s> 2000000' in a second step of the same load, no reads"}
+
+
+def main(argv=None) -> int:
+    p = cgroup_lib.OneLineParser(prog="psi_bench.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--threshold", type=cgroup_lib.finite_number(gt=0, le=100), default=50.0,
+                   help="percent in (0, 100], besides the paper's 95 (default 50)")
+    p.add_argument("--seconds", type=cgroup_lib.finite_number(gt=0, le=300), default=40.0,
+                   help="longest step load, seconds in (0, 300] (default 40)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every decision and trigger event")
+    a = p.parse_args(argv)
+    return run_cli("psi_bench.py", a.verbose, lambda: bench(a.threshold, a.seconds))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

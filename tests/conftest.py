@@ -57,19 +57,54 @@ def real_cgroups_reason():
 real_cgroups = pytest.mark.skipif(real_cgroups_reason() is not None, reason=str(real_cgroups_reason()))
 
 
+PRESSURE = "some avg10={avg10:.2f} avg60={avg10:.2f} avg300={avg10:.2f} total={total}\n"
+NO_FULL_PRESSURE = "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+
+
+class FakeCgroupfs:
+    """A fake cgroup v2 tree: root (cgroup.controllers, cpu.max unlimited, cpu.stat, cpu.pressure) and this
+    process's own cgroup (the 0:: line of /proc/self/cgroup: cpu.max 50% of one CPU, memory.max max, cpu.stat,
+    cpu.pressure; written after the root's).
+    With $CGROUP_ROOT pointing at it, cgroup_lib reads it in place of /sys/fs/cgroup, and the system-wide
+    pressure from root/cpu.pressure in place of /proc/pressure/cpu. Where this process runs in the root
+    cgroup (0::/), own == root and the two pressure files are one."""
+
+    def __init__(self, root):
+        with open("/proc/self/cgroup") as f:
+            rel = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), "/")
+        self.root, self.own = root, root / rel.lstrip("/")
+        self.env = {"CGROUP_ROOT": str(root)}
+        self.own.mkdir(parents=True, exist_ok=True)
+        (root / "cgroup.controllers").write_text("cpu memory\n")
+        (root / "cpu.max").write_text("max 100000\n")
+        (root / "cpu.stat").write_text("usage_usec 1000\n")
+        (self.own / "cpu.max").write_text("50000 100000\n")
+        (self.own / "memory.max").write_text("max\n")
+        (self.own / "cpu.stat").write_text("usage_usec 100\nnr_periods 5\nnr_throttled 1\nthrottled_usec 10\n")
+        self.set_pressure("system", 0.0)
+        self.set_pressure("cgroup", 0.0)
+
+    def pressure_file(self, where):
+        """root/cpu.pressure for "system", own/cpu.pressure for "cgroup"."""
+        return {"system": self.root, "cgroup": self.own}[where] / "cpu.pressure"
+
+    def set_pressure(self, where, avg10, total=0):
+        """Write cpu.pressure of "system" or "cgroup": some avg10=avg60=avg300=avg10 total=total, full zero."""
+        self.pressure_file(where).write_text(PRESSURE.format(avg10=avg10, total=total) + NO_FULL_PRESSURE)
+
+
 @pytest.fixture
-def fake_quota(tmp_path, monkeypatch):
-    """A fake cgroup v2 tree ($CGROUP_ROOT) in which this process's cgroup has a quota of 50% of one CPU, so that
-    a limited configuration can run without root; child processes inherit the variable. Returns the env."""
+def fake_cgroupfs(tmp_path, monkeypatch):
+    """A FakeCgroupfs in tmp_path with $CGROUP_ROOT set (child processes inherit it; .env holds it)."""
     root = tmp_path / "cgroupfs"
     root.mkdir()
-    (root / "cgroup.controllers").write_text("cpu memory\n")
-    with open("/proc/self/cgroup") as f:
-        rel = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), "/")
-    own = root / rel.lstrip("/")
-    own.mkdir(parents=True, exist_ok=True)
-    (own / "cpu.max").write_text("50000 100000\n")
-    (own / "memory.max").write_text("max\n")
-    (own / "cpu.stat").write_text("usage_usec 100\nnr_periods 5\nnr_throttled 1\nthrottled_usec 10\n")
+    fake = FakeCgroupfs(root)
     monkeypatch.setenv("CGROUP_ROOT", str(root))
-    return {"CGROUP_ROOT": str(root)}
+    return fake
+
+
+@pytest.fixture
+def fake_quota(fake_cgroupfs):
+    """fake_cgroupfs (this process's cgroup has a quota of 50% of one CPU, so that a limited configuration can run
+    without root), as its env."""
+    return fake_cgroupfs.env

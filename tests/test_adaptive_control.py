@@ -1,10 +1,11 @@
 """The adaptive concurrency limit: AIMD on pressure and latency, FIFO, floor of 1, never drops."""
 import threading
 import time
+import types
 
 import pytest
 
-from adaptive_control import AdaptiveLimit
+from adaptive_control import AdaptiveLimit, build
 
 
 class Clock:
@@ -124,3 +125,15 @@ def test_background_loop_runs_and_closes():
         time.sleep(0.01)
     ctl.close()
     assert ctl.limit == 1 and not ctl._thread.is_alive()
+
+
+def test_build_adapts_to_the_fake_cgroup_pressure(fake_cgroupfs):
+    cfg = types.SimpleNamespace(batching="off", max_batch=8, concurrency=4, adaptive_low_pct=20.0,
+                                adaptive_high_pct=90.0, adaptive_tolerance=1.5, psi_interval_ms=500)
+    fake_cgroupfs.set_pressure("cgroup", 0.0, total=1000)
+    ctl = build(cfg)
+    try:
+        assert ctl.pressure.read.__self__.path == str(fake_cgroupfs.pressure_file("cgroup"))
+        assert ctl.max_limit == 4 and ctl.step() == 1 and ctl.last_pressure == 0.0   # a still total: no stall
+    finally:
+        ctl.close()

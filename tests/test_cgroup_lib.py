@@ -235,6 +235,49 @@ def test_own_cgroup_from_proc_file(v2, tmp_path):
                     "unified": str(hy / "unified" / "svc"), "pressure": str(hy / "unified" / "svc" / "cpu.pressure")}
 
 
+@pytest.mark.parametrize("hybrid", [True, False])
+def test_pressure_path_hybrid_and_v2(tmp_path, hybrid):
+    proc = tmp_path / "cgroup"
+    _put(proc, "4:memory:/x\n1:cpu:/\n0::/llm_service\n" if hybrid else "0::/llm_service\n")
+    root = tmp_path / "root"
+    d = root / ("unified" if hybrid else "") / "llm_service"
+    _put(d / "cpu.pressure", "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    assert cgroup_lib.pressure_path("cpu", str(root), str(proc)) == str(d / "cpu.pressure")
+    assert cgroup_lib.pressure_path("io", str(root), str(proc)) is None
+    assert cgroup_lib.pressure_path("cpu", str(root), str(tmp_path / "missing")) is None
+    _put(proc, "4:memory:/x\n1:cpu:/\n")                          # pure v1: no 0:: line
+    assert cgroup_lib.pressure_path("cpu", str(root), str(proc)) is None
+
+
+def test_system_pressure_path_follows_the_injected_root(tmp_path, monkeypatch):
+    assert cgroup_lib.system_pressure_path("cpu") == "/proc/pressure/cpu"       # a real run
+    assert cgroup_lib.system_pressure_path("io", str(tmp_path)) == str(tmp_path / "io.pressure")
+    _put(tmp_path / "unified" / "cpu.pressure", "")                             # hybrid: the unified root's
+    monkeypatch.setenv("CGROUP_ROOT", str(tmp_path))
+    assert cgroup_lib.system_pressure_path("cpu") == str(tmp_path / "unified" / "cpu.pressure")
+
+
+def test_fake_cgroupfs_is_what_the_library_finds(fake_cgroupfs):
+    info = cgroup_lib.own_cgroup()
+    assert info["cpu"] == str(fake_cgroupfs.own) and info["pressure"] == str(fake_cgroupfs.pressure_file("cgroup"))
+    assert cgroup_lib.pressure_path("cpu") == info["pressure"]
+    assert cgroup_lib.system_pressure_path("cpu") == str(fake_cgroupfs.pressure_file("system"))
+    assert cgroup_lib.cpu_quota_cores() == 0.5
+
+
+def test_probe_counts_only_a_cell_of_its_own(fake_cgroupfs, monkeypatch):
+    monkeypatch.delenv(cgroup_lib.CELL_ENV, raising=False)
+    probe = cgroup_lib.CgroupProbe()
+    assert probe.counters() is None and "no counters" in probe.note and probe.error is None
+    assert probe.describe()["own"] is False and probe.describe()["limits"]["cpu_quota_us"] == 50000
+    monkeypatch.setenv(cgroup_lib.CELL_ENV, fake_cgroupfs.own.name)
+    probe = cgroup_lib.CgroupProbe()
+    assert probe.own and probe.note is None and probe.counters()["nr_throttled"] == 1
+    monkeypatch.setenv("CGROUP_ROOT", str(fake_cgroupfs.root / "missing"))
+    probe = cgroup_lib.CgroupProbe()
+    assert probe.counters() is None and probe.error.startswith("CgroupError: ")
+
+
 def test_parse_bytes_and_delta():
     assert cgroup_lib.parse_bytes("4G") == GIB4
     assert cgroup_lib.parse_bytes("512m") == 512 << 20
@@ -245,6 +288,10 @@ def test_parse_bytes_and_delta():
     before = {"nr_periods": 5, "memory_peak_bytes": 10, "oom_kill": None}
     after = {"nr_periods": 9, "memory_peak_bytes": 7, "oom_kill": 0}
     assert cgroup_lib.counter_delta(before, after) == {"nr_periods": 4, "memory_peak_bytes": 7, "oom_kill": 0}
+    assert cgroup_lib.counter_delta(None, after) is None and cgroup_lib.counter_delta(before, None) is None
+    assert cgroup_lib.counter_delta({}, after) is None
+    assert cgroup_lib.counter_delta({"usage_usec": 5, "peak_in_flight": 9}, {"usage_usec": None, "peak_in_flight": 3}
+                                    ) == {"usage_usec": None, "peak_in_flight": 3}
 
 
 def test_lock_refuses_a_second_holder():

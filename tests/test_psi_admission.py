@@ -1,5 +1,8 @@
-"""PSI parsing, the gate with an injected pressure source, the limit, triggers and the timeline sampler."""
+"""PSI parsing, the gate with an injected pressure source, the limit, triggers, the timeline sampler, the CLI,
+and a whole run reading a fake cgroup tree ($CGROUP_ROOT)."""
+import ast
 import csv
+import json
 import errno
 import logging
 import math
@@ -13,8 +16,10 @@ import types
 
 import pytest
 
-from conftest import read_cell, real_cgroups, run_script
+from conftest import ROOT, read_cell, real_cgroups, run_script
+import cgroup_lib
 import psi_admission as pa
+import psi_bench
 
 CPU_SAMPLE = ("some avg10=1.26 avg60=0.43 avg300=0.52 total=3345418\n"
               "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
@@ -56,17 +61,6 @@ def test_psi_disabled_at_boot_names_the_fix(monkeypatch):
     monkeypatch.setattr(pa, "open", no_psi, raising=False)
     with pytest.raises(pa.PsiUnavailable, match="disabled at boot.*psi=1"):
         pa.PressureFile(SYSTEM_CPU).read()
-
-
-@pytest.mark.parametrize("hybrid", [True, False])
-def test_cgroup_path_hybrid_and_v2(tmp_path, hybrid):
-    proc = tmp_path / "cgroup"
-    proc.write_text("4:memory:/x\n1:cpu:/\n0::/llm_service\n" if hybrid else "0::/llm_service\n")
-    d = tmp_path / "root" / ("unified" if hybrid else "") / "llm_service"
-    d.mkdir(parents=True)
-    (d / "cpu.pressure").write_text(CPU_SAMPLE)
-    assert pa.cgroup_path("cpu", str(proc), str(tmp_path / "root")) == str(d / "cpu.pressure")
-    assert pa.cgroup_path("io", str(proc), str(tmp_path / "root")) is None
 
 
 class FakeClock:
@@ -213,8 +207,7 @@ def cfg(**kw):
     return types.SimpleNamespace(**{**base, **kw})
 
 
-def test_build_admission_kinds(monkeypatch):
-    monkeypatch.delenv(pa.FAKE_ENV, raising=False)
+def test_build_admission_kinds():
     assert pa.build_admission(cfg(admission="none")) is None
     assert isinstance(pa.build_admission(cfg(admission="limit")), pa.Limit)
     adaptive = pa.build_admission(cfg(admission="adaptive"))
@@ -226,9 +219,34 @@ def test_build_admission_kinds(monkeypatch):
     assert gate.admit() == pa.Decision("rejected", 3, 100.0)
 
 
-def test_fake_pressure_env_hook(monkeypatch):
-    monkeypatch.setenv(pa.FAKE_ENV, "99")
+def test_gate_reads_the_fake_tree(fake_cgroupfs):
+    """Under $CGROUP_ROOT the system pressure is the fake root's cpu.pressure, the cgroup's its own."""
+    fake_cgroupfs.set_pressure("system", 99.0)
     assert pa.build_admission(cfg()).admit() == pa.Decision("admitted_after_timeout", 3, 99.0)
+    fake_cgroupfs.set_pressure("cgroup", 42.0)
+    assert pa.build_admission(cfg(psi_source="cgroup")).admit() == pa.Decision("admitted", 1, 42.0)
+
+
+def test_timeline_reads_the_fake_tree(fake_cgroupfs, monkeypatch):
+    fake_cgroupfs.set_pressure("system", 12.5, total=1000)
+    fake_cgroupfs.set_pressure("cgroup", 7.0, total=500)
+    monkeypatch.setenv(cgroup_lib.CELL_ENV, fake_cgroupfs.own.name)        # the fake cgroup is the cell's own
+    row = pa.TimelineSampler(os.devnull, 100, 1, dict, 0.0).row()
+    assert row["sys_cpu_some_avg10"] == (7.0 if fake_cgroupfs.own == fake_cgroupfs.root else 12.5)
+    assert row["cg_cpu_some_avg10"] == 7.0 and row["cg_cpu_some_total_us"] == 500
+    assert (row["nr_periods"], row["nr_throttled"], row["throttled_usec"]) == (5, 1, 10)
+
+
+def test_show_reads_the_fake_tree_and_fails_without_pressure(fake_cgroupfs):
+    fake_cgroupfs.set_pressure("cgroup", 3.0)
+    proc = run_script("psi_admission.py", "--show")
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["cgroup"]["dir"] == str(fake_cgroupfs.own) and shown["cgroup"]["cpu"]["some"]["avg10"] == 3.0
+    assert shown["cgroup"]["io"] is None and shown["throttling"] is None
+    os.remove(fake_cgroupfs.pressure_file("system"))
+    proc = run_script("psi_admission.py", "--show")
+    assert proc.returncode == 1 and proc.stderr.startswith("psi_admission.py: ") and proc.stderr.count("\n") == 1
 
 
 def test_trigger_refused_falls_back_to_polling_once(monkeypatch, caplog, tmp_path):
@@ -311,16 +329,61 @@ def test_real_trigger_and_stall_share_under_cpu_load():
         monitor.close()
 
 
-@pytest.mark.parametrize("flag", ["--bench-threshold", "--bench-seconds"])
+@pytest.mark.parametrize("flag", ["--threshold", "--seconds"])
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "x"])
-def test_cli_rejects_bad_numbers_in_one_line(monkeypatch, capsys, flag, value):
-    import psi_bench
+def test_bench_cli_rejects_bad_numbers_in_one_line(monkeypatch, capsys, flag, value):
     monkeypatch.setattr(psi_bench, "bench", pytest.fail)
     with pytest.raises(SystemExit) as exit_info:
-        pa.main(["--bench", flag, value])
+        psi_bench.main([flag, value])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert err.startswith(f"psi_admission.py: error: argument {flag}: ") and err.count("\n") == 1
+    assert err.startswith(f"psi_bench.py: error: argument {flag}: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("error,status", [(cgroup_lib.CgroupError("no cgroups"), 1), (pa.PsiUnavailable("no psi"), 1),
+                                          (KeyboardInterrupt("SIGTERM"), 130)])
+def test_bench_cli_exit_status(monkeypatch, capsys, error, status):
+    def fail(threshold, seconds):
+        assert (threshold, seconds) == (80.0, 5.0)
+        raise error
+    monkeypatch.setattr(psi_bench, "bench", fail)
+    assert psi_bench.main(["--threshold", "80", "--seconds", "5"]) == status
+    err = capsys.readouterr().err
+    assert err.startswith("psi_bench.py: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [[], ["--bench"], ["--bench", "--bench-threshold", "50"], ["--show", "-x"]])
+def test_psi_admission_cli_is_show_only(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        pa.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("psi_admission.py: error: ") and err.count("\n") == 1
+    assert ("psi_bench.py" in err) == ("--bench" in argv)
+
+
+def _imports(module):
+    """{(imported module, enclosing top-level function or None)} of a module of this repository."""
+    with open(os.path.join(ROOT, f"{module}.py")) as f:
+        tree = ast.parse(f.read())
+    out = set()
+    for top in tree.body:
+        scope = top.name if isinstance(top, (ast.FunctionDef, ast.ClassDef)) else None
+        for node in ast.walk(top):
+            if isinstance(node, ast.Import):
+                out |= {(a.name, scope) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                out.add((node.module, scope))
+    return out
+
+
+def test_no_import_cycles():
+    """cgroup_lib <- psi_admission <- adaptive_control, psi_bench; the one way back is build_admission's."""
+    ours = {"cgroup_lib", "psi_admission", "adaptive_control", "psi_bench"}
+    deps = {m: {(d, scope) for d, scope in _imports(m) if d in ours} for m in ours}
+    assert deps["cgroup_lib"] == set()
+    assert deps["psi_admission"] == {("cgroup_lib", None), ("adaptive_control", "build_admission")}
+    assert {d for d, _ in deps["adaptive_control"]} == {"cgroup_lib", "psi_admission"}
+    assert {d for d, _ in deps["psi_bench"]} == {"cgroup_lib", "psi_admission"}
 
 
 @real_cgroups
@@ -359,20 +422,22 @@ def test_bench_removes_its_cgroup_and_burners_on_every_exit(monkeypatch, how):
     assert not [d for d in dirs if os.path.exists(d)]
 
 
-def test_generator_records_rejected_rows(tmp_path, fake_quota):
+def test_generator_records_rejected_rows(tmp_path, fake_cgroupfs):
     if not os.path.exists(os.path.join(os.path.dirname(pa.__file__), "request_generator.py")):
         pytest.skip("request_generator.py missing")
+    fake_cgroupfs.set_pressure("system", 99.0)            # $CGROUP_ROOT: the run reads the fake tree
     for on_timeout, decision, status in (("reject", "rejected", "rejected"),
                                          ("admit", "admitted_after_timeout", "ok")):
         out = tmp_path / f"psi_{on_timeout}.csv"
         proc = run_script("request_generator.py", "--tiny", "--quiet", "--no-warmup", "--config", "psi",
                           "--concurrency", 2, "--num-requests", 3, "--spacing-ms", 0, "--max-new-tokens", 2,
                           "--psi-interval-ms", 1, "--psi-max-checks", 2, "--on-timeout", on_timeout,
-                          "--timeline-interval-ms", 20, "--output", out, env={pa.FAKE_ENV: "99"})
+                          "--timeline-interval-ms", 20, "--output", out)
         assert proc.returncode == 0, proc.stderr[-2000:]
         df, _meta = read_cell(out)
         assert len(df) == 3 and set(df["status"]) == {status} and set(df["gate_decision"]) == {decision}
         assert set(df["gate_checks"]) == {2} and set(df["gate_pressure"]) == {99.0}
         assert (df["defer_ms"] >= 1.0).all()
         with open(str(out).replace(".csv", "_timeline.csv")) as f:
-            assert len(list(csv.DictReader(f))) >= 1
+            timeline = list(csv.DictReader(f))
+        assert len(timeline) >= 1 and {r["sys_cpu_some_avg10"] for r in timeline} == {"99.0"}
