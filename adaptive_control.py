@@ -111,13 +111,14 @@ class AdaptiveLimit(psi.Limit):
             self._thread.join(timeout=5)
 
 
-def build(cfg) -> AdaptiveLimit:
-    """The adaptive controller for a run config: the service cgroup's stall share where it has one."""
+def build(cfg, max_limit: int) -> AdaptiveLimit:
+    """The adaptive controller for a service config, its limit within 1..max_limit: the service cgroup's
+    stall share where it has one."""
     path = cgroup_lib.pressure_path("cpu")
     if path is None:
         path = cgroup_lib.system_pressure_path("cpu")
         log.warning("no cgroup cpu.pressure for this process: adapting to the system's %s", path)
     source = psi.StallShare(psi.PressureFile(path).timed_total, psi.TRIGGER_WINDOW_S)
-    return AdaptiveLimit(source, initial=1, max_limit=cfg.max_batch if cfg.batching != "off" else cfg.concurrency,
+    return AdaptiveLimit(source, initial=1, max_limit=max_limit,
                          low_pct=cfg.adaptive_low_pct, high_pct=cfg.adaptive_high_pct,
                          tolerance=cfg.adaptive_tolerance, interval_s=cfg.psi_interval_ms / 1000.0)

@@ -24,6 +24,8 @@ CONFIGS = {
                       adaptive_low_pct=60.0, adaptive_tolerance=2.0),
     # The paper's gate reading the service cgroup's own pressure instead of the whole system's.
     "psi_cgroup": dict(limited=True, admission="gate", psi_source="cgroup"),
+    # The paper's gate with no quota: what pressure-aware admission alone does next to a co-tenant.
+    "psi_unlimited": dict(limited=False, admission="gate"),
 }
 
 # Varied prompts of 27-41 characters, as in the paper.

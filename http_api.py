@@ -66,17 +66,12 @@ class Probe:
     counters of its cgroup where it is a cgroup made for it. Each reading pairs a total with its read time."""
 
     def __init__(self):
-        self.files = {"sys": psi.PressureFile(psi.system_path("cpu"))}
-        path = psi.cgroup_path("cpu")
+        self.files = {"sys": psi.PressureFile(cgroup_lib.system_pressure_path("cpu"))}
+        path = cgroup_lib.pressure_path("cpu")
         if path:
             self.files["cg"] = psi.PressureFile(path)
-        self._info, self._prev, self._lock = None, {}, threading.Lock()
-        try:
-            info = cgroup_lib.own_cgroup()
-            if cgroup_lib.own_cell_cgroup(info):
-                self._info = info
-        except Exception as e:
-            log.info("no throttling counters: %s", e)
+        self._prev, self._lock = {}, threading.Lock()
+        self.cgroup = cgroup_lib.CgroupProbe()
 
     def read(self) -> dict:
         """One flat reading, with the stall share (%) since the previous read() of the same source."""
@@ -93,12 +88,7 @@ class Probe:
             out.update({f"{key}_cpu_some_avg10": some["avg10"], f"{key}_cpu_some_total_us": some["total"]})
             if prev:
                 out[f"{key}_cpu_some_pct"] = round(psi.stall_share(prev, (t, some["total"])), 2)
-        counters = None
-        if self._info is not None:
-            try:
-                counters = cgroup_lib.read_counters(self._info)
-            except Exception:
-                counters = None
+        counters = self.cgroup.counters()
         for k in ("nr_periods", "nr_throttled", "throttled_usec", "usage_usec"):
             out[k] = (counters or {}).get(k)
         return out
@@ -213,7 +203,7 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
             return JSONResponse({"status": "loading"}, status_code=503)
         body = {"status": "draining" if st.draining else "ok", "service": st.service.identity(),
                 "config": dataclasses.asdict(cfg),
-                "cgroup": {"info": st.probe._info, "own": st.probe._info is not None},
+                "cgroup": st.probe.cgroup.describe(),
                 "state": {**st.service.state(), **st.probe.read()}}
         return JSONResponse(body, status_code=503 if st.draining else 200)
 

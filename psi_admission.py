@@ -267,6 +267,10 @@ class Admission:
     def state(self) -> dict:
         return {}
 
+    def saturated(self) -> bool:
+        """Would a request arriving now wait? (The service's --max-waiting refuses only those.)"""
+        return False
+
     def close(self) -> None:
         pass
 
@@ -310,6 +314,9 @@ class Gate(Admission):
     def state(self) -> dict:
         return {"waiting": self._waiting}
 
+    def saturated(self) -> bool:
+        return self._waiting > 0  # a request is being deferred: the pressure is over the threshold
+
     def close(self) -> None:
         self.detector.close()
 
@@ -342,29 +349,15 @@ class Limit(Admission):
     def state(self) -> dict:
         return {"limit": self.limit, "waiting": len(self._queue)}
 
-
-def build_admission(cfg, read=None) -> Admission | None:
-    """The admission controller cfg asks for; `read` injects the gate's signal (else the files, see make_detector)."""
-    if cfg.admission == "none":
-        return None
-    if cfg.admission == "limit":
-        return Limit(cfg.concurrency_limit)
-    if cfg.admission == "adaptive":
-        import adaptive_control
-        return adaptive_control.build(cfg)
-    if cfg.admission != "gate":
-        raise ValueError(f"unknown admission {cfg.admission!r}")
-    interval_s = cfg.psi_interval_ms / 1000.0
-    if read is not None:
-        detector = Detector(read, cfg.psi_threshold, "injected")
-    else:
-        detector = make_detector(cfg.psi_source, cfg.psi_signal, cfg.psi_mode, cfg.psi_threshold, interval_s)
-    return Gate(detector, interval_s, cfg.psi_max_checks, cfg.on_timeout)
+    def saturated(self) -> bool:
+        with self._cv:
+            return self._in_use >= self.limit or bool(self._queue)
 
 
 TIMELINE_COLUMNS = ["t_s", "trial", "sys_cpu_some_avg10", "sys_cpu_some_total_us", "sys_cpu_some_pct",
                     "cg_cpu_some_avg10", "cg_cpu_some_total_us", "cg_cpu_some_pct",
-                    "nr_periods", "nr_throttled", "throttled_usec", "in_flight", "waiting", "limit", "batch"]
+                    "nr_periods", "nr_throttled", "throttled_usec", "in_flight", "waiting", "limit", "batch",
+                    "cotenant_units", "cotenant_cpu_s"]
 
 
 def _cell_probe() -> cgroup_lib.CgroupProbe:

@@ -46,7 +46,7 @@ import configs
 import cotenant
 import metrics
 from cell_files import COLUMNS, DEFAULT_OUTPUT, PER_RUN_KEYS, CellFiles, CsvSink, check_output, write_json  # noqa: F401
-from cgroup_lib import counter_delta, finite_number
+from cgroup_lib import CgroupProbe, counter_delta, finite_number
 from configs import CONFIGS, PROMPTS
 from service import Service, ServiceConfig, UsageError, option, service_config
 import service
@@ -269,39 +269,6 @@ def environment(identity: dict) -> dict:
         "proc_self_cgroup": (_read("/proc/self/cgroup") or "").splitlines(),
         "model": identity,
     }
-
-
-class CgroupProbe:
-    """Limits and counters of the cgroup this process runs in. Counters are recorded only when that cgroup was
-    made for this run (cgroup_lib.py run marks it): elsewhere they would count other processes too."""
-
-    def __init__(self):
-        self._lib = self.info = self.limits = self.error = self.note = None
-        try:
-            import cgroup_lib
-            self.info = cgroup_lib.own_cgroup()
-            self.limits = cgroup_lib.read_limits(self.info)
-            own = cgroup_lib.own_cell_cgroup(self.info)
-        except Exception as e:  # recorded, never fatal
-            self.error = f"{type(e).__name__}: {e}"
-            return
-        if own:
-            self._lib = cgroup_lib
-        else:
-            self.note = (f"no counters: this process does not run in a cgroup made for it by cgroup_lib.py run, so "
-                         f"the counters of {self.info.get('cpu')} would include other processes")
-
-    def counters(self) -> dict | None:
-        if self._lib is None:
-            return None
-        try:
-            return self._lib.read_counters(self.info)
-        except Exception:
-            return None
-
-    def describe(self) -> dict:
-        return {"info": self.info, "limits": self.limits, "own": self._lib is not None, "note": self.note,
-                "error": self.error}
 
 
 def make_timeline(cfg: RunConfig, trial: int, t0: float, state_fn, remote=None):
@@ -542,7 +509,7 @@ def run(cfg: RunConfig) -> int:
                         record["cotenant"] = cotenant_summary(tenant_rate.stop())
                     after = probe.counters()
                     record.update(wall_s=wall, peak_in_flight=t.peak_in_flight, counts=dict(t.counts),
-                                  cgroup_delta=counter_delta(before, after) if before and after else None)
+                                  cgroup_delta=counter_delta(before, after))
                     if cfg.target is None:
                         record["service_counts"] = dict(svc.counts)
                     meta["trials"] = sorted(meta["trials"] + [record], key=lambda r: r["trial"])

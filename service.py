@@ -269,12 +269,7 @@ class Service:
 
     def _saturated(self) -> bool:
         """Would a new request wait for admission? A slot limit with no free slot, or a gate deferring."""
-        adm = self.admission
-        if adm is None:
-            return False
-        if hasattr(adm, "saturated"):
-            return adm.saturated()
-        return self.waiting > 0
+        return self.admission is not None and self.admission.saturated()
 
     def submit(self, prompt: str, max_tokens: int, *, seed: int = 0, stop=None, on_token=None) -> Outcome:
         """Run one request through admission and generation. ``stop`` (threading.Event) abandons it at the

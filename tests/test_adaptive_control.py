@@ -131,7 +131,7 @@ def test_build_adapts_to_the_fake_cgroup_pressure(fake_cgroupfs):
     cfg = types.SimpleNamespace(batching="off", max_batch=8, concurrency=4, adaptive_low_pct=20.0,
                                 adaptive_high_pct=90.0, adaptive_tolerance=1.5, psi_interval_ms=500)
     fake_cgroupfs.set_pressure("cgroup", 0.0, total=1000)
-    ctl = build(cfg)
+    ctl = build(cfg, max_limit=4)
     try:
         assert ctl.pressure.read.__self__.path == str(fake_cgroupfs.pressure_file("cgroup"))
         assert ctl.max_limit == 4 and ctl.step() == 1 and ctl.last_pressure == 0.0   # a still total: no stall

@@ -19,6 +19,7 @@ import pytest
 from conftest import ROOT, read_cell, real_cgroups, run_script
 import cgroup_lib
 import psi_admission as pa
+import service
 import psi_bench
 
 CPU_SAMPLE = ("some avg10=1.26 avg60=0.43 avg300=0.52 total=3345418\n"
@@ -202,29 +203,29 @@ def test_limit_is_fifo_and_bounded():
 def cfg(**kw):
     base = dict(admission="gate", psi_threshold=95.0, psi_interval_ms=1.0, psi_max_checks=3, on_timeout="admit",
                 psi_source="system", psi_signal="avg10", psi_mode="poll", concurrency_limit=2,
-                concurrency=4, batching="off", max_batch=8, adaptive_low_pct=20.0, adaptive_high_pct=90.0,
+                adaptive_max=4, batching="off", max_batch=8, adaptive_low_pct=20.0, adaptive_high_pct=90.0,
                 adaptive_tolerance=1.5)
     return types.SimpleNamespace(**{**base, **kw})
 
 
 def test_build_admission_kinds():
-    assert pa.build_admission(cfg(admission="none")) is None
-    assert isinstance(pa.build_admission(cfg(admission="limit")), pa.Limit)
-    adaptive = pa.build_admission(cfg(admission="adaptive"))
+    assert service.build_admission(cfg(admission="none")) is None
+    assert isinstance(service.build_admission(cfg(admission="limit")), pa.Limit)
+    adaptive = service.build_admission(cfg(admission="adaptive"))
     try:
         assert isinstance(adaptive, pa.Limit) and adaptive.limit == 1 and adaptive.max_limit == 4
     finally:
         adaptive.close()
-    gate = pa.build_admission(cfg(on_timeout="reject"), read=lambda: 100.0)
+    gate = service.build_admission(cfg(on_timeout="reject"), read=lambda: 100.0)
     assert gate.admit() == pa.Decision("rejected", 3, 100.0)
 
 
 def test_gate_reads_the_fake_tree(fake_cgroupfs):
     """Under $CGROUP_ROOT the system pressure is the fake root's cpu.pressure, the cgroup's its own."""
     fake_cgroupfs.set_pressure("system", 99.0)
-    assert pa.build_admission(cfg()).admit() == pa.Decision("admitted_after_timeout", 3, 99.0)
+    assert service.build_admission(cfg()).admit() == pa.Decision("admitted_after_timeout", 3, 99.0)
     fake_cgroupfs.set_pressure("cgroup", 42.0)
-    assert pa.build_admission(cfg(psi_source="cgroup")).admit() == pa.Decision("admitted", 1, 42.0)
+    assert service.build_admission(cfg(psi_source="cgroup")).admit() == pa.Decision("admitted", 1, 42.0)
 
 
 def test_timeline_reads_the_fake_tree(fake_cgroupfs, monkeypatch):
@@ -377,11 +378,11 @@ def _imports(module):
 
 
 def test_no_import_cycles():
-    """cgroup_lib <- psi_admission <- adaptive_control, psi_bench; the one way back is build_admission's."""
+    """cgroup_lib <- psi_admission <- adaptive_control, psi_bench: no way back (the whole repo: test_architecture)."""
     ours = {"cgroup_lib", "psi_admission", "adaptive_control", "psi_bench"}
     deps = {m: {(d, scope) for d, scope in _imports(m) if d in ours} for m in ours}
     assert deps["cgroup_lib"] == set()
-    assert deps["psi_admission"] == {("cgroup_lib", None), ("adaptive_control", "build_admission")}
+    assert deps["psi_admission"] == {("cgroup_lib", None)}
     assert {d for d, _ in deps["adaptive_control"]} == {"cgroup_lib", "psi_admission"}
     assert {d for d, _ in deps["psi_bench"]} == {"cgroup_lib", "psi_admission"}
 

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import ROOT
 import cgroup_lib
-import psi_admission
+import llm_server
+import psi_bench
 import request_generator
 
 BAD = ("nan", "inf", "-1")
@@ -17,11 +18,15 @@ GENERATOR = {"--concurrency": True, "--num-requests": True, "--spacing-ms": Fals
              "--temperature": True, "--seed": False, "--torch-threads": True, "--max-batch": True,
              "--concurrency-limit": True, "--psi-threshold": False, "--psi-interval-ms": True,
              "--psi-max-checks": True, "--adaptive-low-pct": False, "--adaptive-high-pct": True,
-             "--adaptive-tolerance": True}
+             "--adaptive-tolerance": True, "--rate": True, "--burstiness": True, "--duration": True,
+             "--max-concurrency": True, "--wait-ready-s": False, "--antagonist-quota": True, "--max-waiting": False,
+             "--adaptive-max": True}
 SWEEP = {"--concurrency": True, "--num-requests": True, "--max-new-tokens": True, "--trials": True,
          "--seed": False, "--cpu-quota": True, "--cpu-period-us": True, "--memory-max": True}
 CGROUP_RUN = {"--cpu-quota": True, "--cpu-period-us": True, "--memory-max": True}
-PSI = {"--bench-threshold": True, "--bench-seconds": True}
+PSI_BENCH = {"--threshold": True, "--seconds": True}
+SERVE = {"--port": False, "--retry-after-s": True, "--drain-timeout-s": True, "--psi-threshold": False,
+         "--max-waiting": False, "--max-batch": True}
 
 
 def cases(table):
@@ -65,8 +70,16 @@ def test_cgroup_lib_run(opt, value, tmp_path, capsys, monkeypatch):
     one_line_exit_2(rc, capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("opt, value", cases(PSI))
-def test_psi_admission(opt, value, capsys, monkeypatch):
+@pytest.mark.parametrize("opt, value", cases(PSI_BENCH))
+def test_psi_bench(opt, value, capsys, monkeypatch):
     monkeypatch.setattr(cgroup_lib, "create", lambda *a, **k: pytest.fail("a cgroup was about to be created"))
-    rc = exit_status(psi_admission.main, ["--bench", f"{opt}={value}"])
+    rc = exit_status(psi_bench.main, [f"{opt}={value}"])
+    one_line_exit_2(rc, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("opt, value", cases(SERVE))
+def test_llm_server_serve(opt, value, capsys, monkeypatch):
+    import http_api
+    monkeypatch.setattr(http_api, "serve", lambda *a, **k: pytest.fail("the server was about to start"))
+    rc = exit_status(llm_server.main, ["serve", "--tiny", f"{opt}={value}"])
     one_line_exit_2(rc, capsys.readouterr().err)

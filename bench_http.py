@@ -1,0 +1,104 @@
+"""What the HTTP path adds: p95 end-to-end at c=8 under the CPU quota, service over HTTP vs in-process.
+
+    sudo .venv/bin/python bench_http.py                 # 2 trials of each mode, alternating; then the figures
+    .venv/bin/python bench_http.py --from-results runs/http_bench
+
+In-process, the generator and the service share one process inside the cell's cgroup (the paper's way).
+Over HTTP, ``llm_server.py serve`` alone runs in the cgroup (its event loop, SSE encoding and request threads
+share the quota with generation) and the generator sends requests from outside, timing them at the client.
+Trials alternate between the modes so that a drifting host loads both alike. The ratio is of the means of
+the per-trial p95s (trial_stats.trial_ratio: geometric means, Welch interval on the logs).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODES = ("in-process", "service")
+
+
+def _cell(a, mode) -> str:
+    return os.path.join(a.results_dir, mode, f"{a.config}_c{a.concurrency}.csv")
+
+
+def run_trial(a, mode: str, trial: int) -> None:
+    py = sys.executable
+    out = _cell(a, mode)
+    cg = [py, os.path.join(HERE, "cgroup_lib.py"), "run", "--name", "llm_service", "--cpu-quota", str(a.cpu_quota),
+          "--meta", out[:-4] + ".json", "--"]
+    gen = [py, os.path.join(HERE, "request_generator.py"), "--config", a.config, "--concurrency", str(a.concurrency),
+           "--num-requests", str(a.num_requests), "--max-new-tokens", str(a.max_new_tokens), "--trials",
+           str(a.trials), "--trial", str(trial), "--output", out, "--quiet",
+           "--force" if trial == 1 else "--resume"] + ["--tiny"] * a.tiny
+    print(f"trial {trial}/{a.trials}: {mode} -> {out}", file=sys.stderr, flush=True)
+    if mode == "in-process":
+        subprocess.run(cg + gen, check=True)
+        return
+    server = subprocess.Popen(cg + [py, os.path.join(HERE, "llm_server.py"), "serve", "--config", a.config,
+                                    "--port", str(a.port)] + ["--tiny"] * a.tiny)
+    try:
+        subprocess.run(gen + ["--target", f"http://127.0.0.1:{a.port}", "--wait-ready-s", "600"], check=True)
+    finally:
+        server.send_signal(signal.SIGTERM)  # drains; cgroup_lib forwards it and removes the cgroup
+        server.wait(timeout=120)
+
+
+def figures(a) -> list[str]:
+    import pandas as pd
+
+    import metrics
+    import trial_stats
+    p95 = {}
+    for mode in MODES:
+        df = pd.read_csv(_cell(a, mode))
+        p95[mode] = [metrics.summarize(g)["p95_e2e_ms"] / 1000 for _, g in df.groupby("trial")]
+    lines = [f"{a.config} c={a.concurrency}, {a.num_requests} requests x {a.max_new_tokens} tokens, quota "
+             f"{a.cpu_quota}% of one CPU; p95 end-to-end per trial (s):"]
+    for mode in MODES:
+        lines.append(f"  {mode:10s} " + "  ".join(f"{v:.2f}" for v in p95[mode]))
+    ratio, lo, hi = trial_stats.trial_ratio(p95["service"], p95["in-process"])
+    lines.append(f"HTTP / in-process: {ratio:.3f} [{lo:.3f}-{hi:.3f}] (95% interval; "
+                 f"{len(p95['service'])} vs {len(p95['in-process'])} trials)")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results-dir", default=os.path.join("runs", "http_bench"), help="(default: %(default)s)")
+    p.add_argument("--from-results", action="store_true", help="print the figures from existing cells")
+    p.add_argument("--config", default="cgroups", help="a limited config (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=8, help="(default: %(default)s)")
+    p.add_argument("--num-requests", type=int, default=20, help="(default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=50, help="(default: %(default)s)")
+    p.add_argument("--trials", type=int, default=2, help="trials per mode, alternating (default: %(default)s)")
+    p.add_argument("--cpu-quota", type=float, default=50.0, help="percent of one CPU (default: %(default)s)")
+    p.add_argument("--port", type=int, default=18001, help="(default: %(default)s)")
+    p.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
+    a = p.parse_args(argv)
+    for name in ("concurrency", "num_requests", "max_new_tokens", "trials"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        if not a.from_results:
+            for trial in range(1, a.trials + 1):
+                for mode in (MODES if trial % 2 else MODES[::-1]):
+                    run_trial(a, mode, trial)
+        print("\n".join(figures(a)))
+    except subprocess.CalledProcessError as e:
+        print(f"bench_http.py: error: a trial failed (exit status {e.returncode})", file=sys.stderr)
+        return e.returncode or 1
+    except (OSError, KeyError, ValueError) as e:
+        print(f"bench_http.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench_http.py: interrupted; finished trials are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
