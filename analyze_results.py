@@ -314,6 +314,7 @@ class Analysis:
     collapse: pd.DataFrame | None = None        # collapse.csv's slowdowns (artifact.collapse_slowdowns), or None
     speedups: pd.DataFrame | None = None        # speedups.csv (speedup_table)
     table_md: str = ""
+    modes: pd.DataFrame | None = None           # modes.csv: in-process vs service mode (mode_table), or None
 
     def __post_init__(self):
         self.configs = order({k[0] for k in self.cells})
@@ -500,7 +501,40 @@ def render(an: Analysis) -> str:
     return "\n".join(lines) + "\n"
 
 
-def analyze(results_dir: str, include_incomplete: bool = False) -> Analysis:
+def mode_table(an: Analysis, service_dir: str) -> tuple[pd.DataFrame, list[str]]:
+    """In-process cells (an) beside the service-mode cells of ``service_dir`` (llm_server.py serve in the cell's
+    cgroup, the generator outside it): p95 end-to-end and service, the mean of the per-trial p95s in each mode,
+    and service / in-process. Returns (tidy rows, markdown lines)."""
+    svc = summarize_cells(load_cells(service_dir), None)
+    svc = svc[svc["trial"] == "all"].set_index(["config", "concurrency"])
+    rows = []
+    for r in an.used_summary().itertuples():
+        if (r.config, r.concurrency) not in svc.index:
+            continue
+        o = svc.loc[(r.config, r.concurrency)]
+        for metric in ("e2e", "service"):
+            a, b = getattr(r, f"p95_{metric}_trial_mean_ms"), o[f"p95_{metric}_trial_mean_ms"]
+            rows.append(dict(config=r.config, concurrency=r.concurrency, metric=metric,
+                             in_process_trials=int(r.n_trials), service_trials=int(o["n_trials"]),
+                             in_process_p95_ms=a, service_p95_ms=b, service_over_in_process=b / a))
+    df = pd.DataFrame(rows)
+    lines = [f"## In-process vs service mode ({service_dir})", "",
+             "Service mode: `llm_server.py serve` alone in the cell's cgroup, the generator outside it sending HTTP "
+             "and timing at the client. p95 (s): the mean of the per-trial p95s of each mode (trials in brackets).", ""]
+    if df.empty:
+        return df, lines + ["— (no cell in both modes)"]
+    body = []
+    for (config, metric), g in df.groupby(["config", "metric"], sort=False):
+        for mode, col, n in (("in-process", "in_process_p95_ms", "in_process_trials"),
+                             ("service", "service_p95_ms", "service_trials")):
+            body.append([label(config), metric, mode] + [f"{v / 1000:.2f} ({k})" for v, k in zip(g[col], g[n])])
+        body.append([label(config), metric, "service ÷ in-process"] + [f"{v:.2f}" for v in g["service_over_in_process"]])
+    levels = sorted(df["concurrency"].unique())
+    # one column per level, in the order of the first config's levels
+    return df, lines + md_table(["config", "p95 of", "mode"] + [f"c={c}" for c in levels], body)
+
+
+def analyze(results_dir: str, include_incomplete: bool = False, service_dir: str | None = None) -> Analysis:
     cells = load_cells(results_dir)
     used = {k: cell for k, cell in cells.items() if cell.complete or include_incomplete}
     reference, ideal_ms = ideal_reference(used)
@@ -519,11 +553,18 @@ def analyze(results_dir: str, include_incomplete: bool = False) -> Analysis:
         warn("no reference cell for the ideal (" + ", ".join(f"{c}_c1" for c in IDEAL_REFERENCE) + "): shown as —")
     an.speedups = speedup_table(an)
     an.table_md = render(an)
+    an.modes = None
+    service_dir = service_dir or os.path.join(results_dir, "service")
+    if os.path.isdir(service_dir) and any(CELL_RE.match(n) for n in os.listdir(service_dir)):
+        an.modes, lines = mode_table(an, service_dir)
+        an.table_md += "\n" + "\n".join(lines) + "\n"
     return an
 
 
 def write_outputs(an: Analysis) -> None:
     d = an.results_dir
+    if an.modes is not None:
+        an.modes.to_csv(os.path.join(d, "modes.csv"), index=False)
     an.summary.to_csv(os.path.join(d, "summary.csv"), index=False)
     an.speedups.to_csv(os.path.join(d, "speedups.csv"), index=False)
     keys = ["config", "concurrency", "trial", "request_id", "status"]
@@ -549,9 +590,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-figures", action="store_true", help="tables and CSVs only: no PNGs, no PDF")
     p.add_argument("--include-incomplete", action="store_true",
                    help="keep incomplete cells in Table I and the other tables (they are warned about either way)")
+    p.add_argument("--service-dir", default=None,
+                   help="service-mode cells to set beside the in-process ones (default: <results-dir>/service, "
+                        "where it exists)")
     a = p.parse_args(argv)
     try:
-        an = analyze(a.results_dir, a.include_incomplete)
+        an = analyze(a.results_dir, a.include_incomplete, a.service_dir)
         write_outputs(an)
         print(an.table_md, end="")
         if not a.no_figures:

@@ -190,26 +190,19 @@ def _check_load(a: dict) -> None:
             raise UsageError(f"--{key.replace('_', '-')} applies to an open loop (--arrival constant|poisson|gamma)")
     if a["burstiness"] != 1.0 and a["arrival"] != "gamma":
         raise UsageError("--burstiness applies to --arrival gamma")
-    if a["slo"] is not None:
-        try:
-            arrivals.parse_slo(a["slo"])
-        except ValueError as e:
-            raise UsageError(f"--slo: {e}") from None
+    for key, check in (("slo", arrivals.parse_slo), ("antagonist", cotenant.parse_spec)):
+        if a[key] is not None:
+            try:
+                check(a[key])
+            except ValueError as e:
+                raise UsageError(f"--{key}: {e}") from None
+    if a["antagonist"] is None and a["antagonist_quota"] is not None:
+        raise UsageError("--antagonist-quota needs --antagonist")
     if a["target"] is not None:
         from urllib.parse import urlparse
         u = urlparse(a["target"])
         if u.scheme not in ("http", "https") or not u.netloc:
             raise UsageError(f"--target must be http://HOST:PORT, got {a['target']!r}")
-        if a["batching"] != "off" and CONFIGS[a["config"]].get("batching") is None:
-            raise UsageError("--batching is a service option: give it to llm_server.py serve, not with --target")
-    if a["antagonist"] is not None:
-        import cotenant
-        try:
-            cotenant.parse_spec(a["antagonist"])
-        except ValueError as e:
-            raise UsageError(f"--antagonist: {e}") from None
-    elif a["antagonist_quota"] is not None:
-        raise UsageError("--antagonist-quota needs --antagonist")
 
 
 def load_prompts(cfg: RunConfig) -> list[str]:
@@ -480,6 +473,7 @@ def run(cfg: RunConfig) -> int:
                                        log=lambda m: print(m, file=sys.stderr))
             tenant.start()
             meta["cotenant"] = tenant.describe()
+            write_json(cell.json, meta)
         for n, trial in enumerate(todo):
             if n > 0 and cfg.target is None:  # trials are independent repeats: a fresh controller
                 svc.renew_admission()

@@ -407,3 +407,19 @@ def test_report_imports_no_analysis():
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert "analyze_results" not in imported, name
+
+
+def test_service_mode_cells_beside_in_process(tmp_path, capsys):
+    """A service/ directory beside the cells: modes.csv and a table row per config and mode, with the ratio."""
+    svc = tmp_path / "service"
+    svc.mkdir()
+    write_cell(tmp_path, "baseline", 8, E2E, trials=2)
+    write_cell(svc, "baseline", 8, E2E * 1.5)
+    write_cell(svc, "cgroups", 8, E2E)  # no in-process twin: left out
+    rc, out = analyze(tmp_path, capsys)
+    assert rc == 0 and "In-process vs service mode" in out.out
+    modes = pd.read_csv(tmp_path / "modes.csv")
+    e2e = modes[modes.metric == "e2e"].iloc[0]
+    assert list(modes.config.unique()) == ["baseline"]
+    assert e2e.in_process_p95_ms == pytest.approx(19050) and e2e.service_p95_ms == pytest.approx(19050 * 1.5)
+    assert e2e.service_over_in_process == pytest.approx(1.5) and e2e.in_process_trials == 2

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 
+import pandas as pd
 import pytest
 
 import cgroup_lib
@@ -250,3 +251,23 @@ def test_real_generator_cell(tmp_path, nothing_left):
     with open(tmp_path / "cgroups_c1_timeline.csv") as f:
         periods = [row["nr_periods"] for row in csv.DictReader(f)]
     assert periods and all(periods)  # the cell's own cgroup: its throttling counters in every sample
+
+
+@real
+def test_service_mode_puts_only_the_service_in_the_cgroup(tmp_path, nothing_left):
+    """--mode service: llm_server.py serve runs in the cell's cgroup, the generator outside it sends HTTP."""
+    p = _sh("run_experiments.sh", "--configs", "cgroups", "--concurrency", "2", "--num-requests", "3",
+            "--max-new-tokens", "3", "--tiny", "--results-dir", str(tmp_path), "--cgroup-name", NAME,
+            "--mode", "service", "--port", "18977")
+    assert p.returncode == 0, p.stderr[-3000:]
+    df = pd.read_csv(tmp_path / "cgroups_c2.csv")
+    assert (df.status == "ok").sum() == 3 and df.srv_start_s.notna().all()
+    meta = json.loads((tmp_path / "cgroups_c2.json").read_text())
+    assert meta["mode"] == "service" and meta["service"]["config"]["config"] == "cgroups"
+    assert not any(NAME in line for line in meta["environment"]["proc_self_cgroup"])  # the client: outside
+    assert meta["service"]["cgroup"]["own"] is True                                     # the service: inside
+    assert meta["cgroup_runs"][0]["limits"]["cpu_quota_us"] == 50000
+    assert meta["trials"][0]["cgroup_delta"]["nr_periods"] > 0  # the service's counters, read over HTTP
+    with open(tmp_path / "cgroups_c2_timeline.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["nr_periods"] for r in rows)
