@@ -368,16 +368,6 @@ def report(d: str, slo_text=None) -> str:
     return text
 
 
-def _checked(parse):
-    def check(text):
-        try:
-            parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        return text.strip()
-    return check
-
-
 def _config_list(text):
     names = [c.strip() for c in text.split(",") if c.strip()]
     bad = [c for c in names if c not in CONFIGS]
@@ -398,9 +388,9 @@ def parse_args(argv):
     p.add_argument("--num-requests", type=num(int, ge=1), default=20, help="requests per open-loop cell")
     p.add_argument("--load", type=num(gt=0), default=0.7, help="open-loop rate as a fraction of capacity")
     p.add_argument("--seed", type=num(int, ge=0), default=0, help="run order, arrivals, weights and sampling")
-    p.add_argument("--slo", type=_checked(arrivals.parse_slo), help=f"goodput SLO, metric:ms pairs (default: "
+    p.add_argument("--slo", type=cgroup_lib.checked_by(arrivals.parse_slo), help=f"goodput SLO, metric:ms pairs (default: "
                    f"{DEFAULT_SLO}; with --report-only the SLO the cells ran with)", default=argparse.SUPPRESS)
-    p.add_argument("--antagonist", type=_checked(cotenant.parse_spec), default="cpu:2",
+    p.add_argument("--antagonist", type=cgroup_lib.checked_by(cotenant.parse_spec), default="cpu:2",
                    help="the co-tenant: cpu:N burners or a shell command")
     p.add_argument("--max-new-tokens", type=num(int, ge=1), default=50, help="tokens per request")
     p.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")

@@ -11,13 +11,15 @@ the per-trial p95s (trial_stats.trial_ratio: geometric means, Welch interval on 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
 import sys
 
+from cgroup_lib import OneLineParser, finite_number
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+COUNT = finite_number(int, ge=1)
 MODES = ("in-process", "service")
 
 
@@ -67,21 +69,19 @@ def figures(a) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="bench_http.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--results-dir", default=os.path.join("runs", "http_bench"), help="(default: %(default)s)")
     p.add_argument("--from-results", action="store_true", help="print the figures from existing cells")
     p.add_argument("--config", default="cgroups", help="a limited config (default: %(default)s)")
-    p.add_argument("--concurrency", type=int, default=8, help="(default: %(default)s)")
-    p.add_argument("--num-requests", type=int, default=20, help="(default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=50, help="(default: %(default)s)")
-    p.add_argument("--trials", type=int, default=2, help="trials per mode, alternating (default: %(default)s)")
-    p.add_argument("--cpu-quota", type=float, default=50.0, help="percent of one CPU (default: %(default)s)")
-    p.add_argument("--port", type=int, default=18001, help="(default: %(default)s)")
+    p.add_argument("--concurrency", type=COUNT, default=8, help="(default: %(default)s)")
+    p.add_argument("--num-requests", type=COUNT, default=20, help="(default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=COUNT, default=50, help="(default: %(default)s)")
+    p.add_argument("--trials", type=COUNT, default=2, help="trials per mode, alternating (default: %(default)s)")
+    p.add_argument("--cpu-quota", type=finite_number(float, gt=0), default=50.0,
+                   help="percent of one CPU (default: %(default)s)")
+    p.add_argument("--port", type=finite_number(int, ge=1, le=65535), default=18001, help="(default: %(default)s)")
     p.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
     a = p.parse_args(argv)
-    for name in ("concurrency", "num_requests", "max_new_tokens", "trials"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
         if not a.from_results:
             for trial in range(1, a.trials + 1):

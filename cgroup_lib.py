@@ -571,6 +571,17 @@ def finite_number(kind=float, gt=None, ge=None, le=None):
     return parse
 
 
+def checked_by(check):
+    """argparse type: the stripped text, once ``check(text)`` accepted it (its ValueError is the error)."""
+    def parse(text):
+        try:
+            check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text.strip()
+    return parse
+
+
 def _memory_size(text):
     try:
         size = parse_bytes(text)

@@ -20,7 +20,6 @@ the co-tenant): the death signal follows the thread that started the children.
 CLI: python cotenant.py --antagonist cpu:2 --seconds 10 [--antagonist-quota PCT] [--json PATH] runs the
 co-tenant alone and prints one JSON line, its reference throughput (mean units/s, the per-second series, CPU s).
 """
-import argparse
 import atexit
 import json
 import math
@@ -273,14 +272,6 @@ class ThroughputSampler:
             prev = now
 
 
-def _spec_arg(text):
-    try:
-        parse_spec(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text.strip()
-
-
 def _interrupt(signum, _frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -292,7 +283,7 @@ def main(argv=None):
         return 0
     p = OneLineParser(prog="cotenant.py", description="Run the co-tenant alone for --seconds and print its "
                       "reference throughput as one JSON line.")
-    p.add_argument("--antagonist", type=_spec_arg, default="cpu:1",
+    p.add_argument("--antagonist", type=cgroup_lib.checked_by(parse_spec), default="cpu:1",
                    help="cpu:N (N built-in burner processes) or a shell command (default %(default)s)")
     p.add_argument("--seconds", type=finite_number(gt=0), default=10.0, help="run time (default %(default)s)")
     p.add_argument("--antagonist-quota", type=finite_number(gt=0), metavar="PCT",

@@ -40,7 +40,6 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-import cgroup_lib
 import psi_admission as psi
 from service import Service, ServiceConfig
 
@@ -59,39 +58,6 @@ def timings(out) -> dict:
                     else None) for name, (a, b) in SPANS.items()}
     pressure = None if out.pressure is None or math.isnan(out.pressure) else out.pressure
     return {"admission": out.decision, "checks": out.checks, "pressure": pressure, **rel, **spans}
-
-
-class Probe:
-    """Pressure and throttling of the service: the system's and its own cgroup's cpu.pressure, and the
-    counters of its cgroup where it is a cgroup made for it. Each reading pairs a total with its read time."""
-
-    def __init__(self):
-        self.files = {"sys": psi.PressureFile(cgroup_lib.system_pressure_path("cpu"))}
-        path = cgroup_lib.pressure_path("cpu")
-        if path:
-            self.files["cg"] = psi.PressureFile(path)
-        self._prev, self._lock = {}, threading.Lock()
-        self.cgroup = cgroup_lib.CgroupProbe()
-
-    def read(self) -> dict:
-        """One flat reading, with the stall share (%) since the previous read() of the same source."""
-        out = {}
-        for key, pf in self.files.items():
-            out.update({f"{key}_cpu_some_avg10": None, f"{key}_cpu_some_total_us": None, f"{key}_cpu_some_pct": None})
-            try:
-                t, pressure = pf.sample()
-            except (psi.PsiUnavailable, ValueError):
-                continue
-            some = pressure["some"]
-            with self._lock:
-                prev, self._prev[key] = self._prev.get(key), (t, some["total"])
-            out.update({f"{key}_cpu_some_avg10": some["avg10"], f"{key}_cpu_some_total_us": some["total"]})
-            if prev:
-                out[f"{key}_cpu_some_pct"] = round(psi.stall_share(prev, (t, some["total"])), 2)
-        counters = self.cgroup.counters()
-        for k in ("nr_periods", "nr_throttled", "throttled_usec", "usage_usec"):
-            out[k] = (counters or {}).get(k)
-        return out
 
 
 class ServiceCollector:
@@ -185,8 +151,11 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
 
     def attach(svc):
         svc.observers.append(observe)
+        # what /health says of the service that does not change: built once, not on every poll
+        app.state.about = {"service": svc.identity(), "config": dataclasses.asdict(cfg),
+                           "cgroup": app.state.probe.cgroup.describe()}
         app.state.service = svc
-        log.info("ready: %s", json.dumps(svc.identity()))
+        log.info("ready: %s", json.dumps(app.state.about["service"]))
 
     def load():
         try:
@@ -201,9 +170,7 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
             return JSONResponse({"status": "failed", "error": st.load_error}, status_code=503)
         if st.service is None:
             return JSONResponse({"status": "loading"}, status_code=503)
-        body = {"status": "draining" if st.draining else "ok", "service": st.service.identity(),
-                "config": dataclasses.asdict(cfg),
-                "cgroup": st.probe.cgroup.describe(),
+        body = {"status": "draining" if st.draining else "ok", **st.about,
                 "state": {**st.service.state(), **st.probe.read()}}
         return JSONResponse(body, status_code=503 if st.draining else 200)
 
@@ -297,7 +264,7 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
     app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
                             Route("/health", health), Route("/metrics", metrics)], lifespan=lifespan)
     app.state.service, app.state.draining, app.state.load_error = None, False, None
-    app.state.probe = Probe()
+    app.state.probe = psi.PressureProbe()
     registry.register(ServiceCollector(app.state))
     if service is not None:
         attach(service)

@@ -123,7 +123,7 @@ class Remote:
         if not self.info.get("cgroup", {}).get("own"):
             return None
         st = self.state()
-        return {k: st.get(k) for k in ("nr_periods", "nr_throttled", "throttled_usec", "usage_usec")} or None
+        return {k: st.get(k) for k in ("nr_periods", "nr_throttled", "throttled_usec", "usage_usec")}
 
     def describe(self) -> dict:
         return {"remote": self.url, **self.info.get("cgroup", {})}

@@ -368,16 +368,46 @@ def _cell_probe() -> cgroup_lib.CgroupProbe:
     return probe
 
 
+class PressureProbe:
+    """The pressure and throttling a service sees, as one flat reading: the system's and its own cgroup's
+    cpu.pressure (avg10, total=, and the stall share since this probe's previous read of that source), and
+    its cgroup's cpu.stat counters where the cgroup was made for it (else None). Each key is always present,
+    None where it cannot be read. Shared by the timeline and the HTTP service's /health and /metrics."""
+
+    COUNTERS = ("nr_periods", "nr_throttled", "throttled_usec", "usage_usec")
+
+    def __init__(self):
+        cg = cgroup_lib.pressure_path("cpu")
+        self.files = {"sys": PressureFile(cgroup_lib.system_pressure_path("cpu")),
+                      **({"cg": PressureFile(cg)} if cg else {})}
+        self.cgroup = _cell_probe()
+        self._prev, self._lock = {}, threading.Lock()
+
+    def read(self) -> dict:
+        out = {}
+        for key, pf in self.files.items():
+            out.update({f"{key}_cpu_some_avg10": None, f"{key}_cpu_some_total_us": None, f"{key}_cpu_some_pct": None})
+            try:
+                t, pressure = pf.sample()
+            except (PsiUnavailable, ValueError):
+                continue
+            some = pressure["some"]
+            with self._lock:
+                prev, self._prev[key] = self._prev.get(key), (t, some["total"])
+            out.update({f"{key}_cpu_some_avg10": some["avg10"], f"{key}_cpu_some_total_us": some["total"]})
+            if prev:
+                out[f"{key}_cpu_some_pct"] = round(stall_share(prev, (t, some["total"])), 2)
+        counters = self.cgroup.counters() or {}
+        out.update({k: counters.get(k) for k in self.COUNTERS})
+        return out
+
+
 class TimelineSampler:
     """Daemon thread appending one row every interval to <stem>_timeline.csv (header once, flushed)."""
 
     def __init__(self, path, interval_ms, trial, state_fn, t0):
         self.path, self.interval_s, self.trial, self.state_fn, self.t0 = path, interval_ms / 1000.0, trial, state_fn, t0
-        cg = cgroup_lib.pressure_path("cpu")
-        self.sources = {"sys": PressureFile(cgroup_lib.system_pressure_path("cpu")),
-                        **({"cg": PressureFile(cg)} if cg else {})}
-        self.probe = _cell_probe()
-        self._prev = {}
+        self.probe = PressureProbe()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="psi-timeline", daemon=True)
 
@@ -395,20 +425,8 @@ class TimelineSampler:
         self._f.close()
 
     def row(self) -> dict:
-        row = {"t_s": round(time.monotonic() - self.t0, 4), "trial": self.trial}
-        for key, pf in self.sources.items():
-            try:
-                t, pressure = pf.sample()
-            except (PsiUnavailable, ValueError):
-                continue
-            some, prev = pressure["some"], self._prev.get(key)
-            self._prev[key] = (t, some["total"])
-            row.update({f"{key}_cpu_some_avg10": some["avg10"], f"{key}_cpu_some_total_us": some["total"]})
-            if prev:
-                row[f"{key}_cpu_some_pct"] = round(stall_share(prev, self._prev[key]), 2)
+        row = {"t_s": round(time.monotonic() - self.t0, 4), "trial": self.trial, **self.probe.read()}
         try:
-            row.update({k: v for k, v in (self.probe.counters() or {}).items()
-                        if k in ("nr_periods", "nr_throttled", "throttled_usec")})
             row.update(self.state_fn() or {})
         except Exception as e:
             log.debug("timeline row incomplete: %s", e)

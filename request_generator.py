@@ -264,11 +264,8 @@ def environment(identity: dict) -> dict:
     }
 
 
-def make_timeline(cfg: RunConfig, trial: int, t0: float, state_fn, remote=None):
-    try:
-        import psi_admission
-    except ImportError:
-        return None
+def make_timeline(cfg: RunConfig, trial: int, t0: float, state_fn):
+    import psi_admission
     return psi_admission.TimelineSampler(cfg.stem + "_timeline.csv", cfg.timeline_interval_ms, trial,
                                          state_fn, t0)
 
@@ -488,16 +485,14 @@ def run(cfg: RunConfig) -> int:
                 t.t0 = wall0 = time.monotonic()  # one clock origin for the rows and the timeline
                 sampler = make_timeline(cfg, trial, t.t0, t.state)
                 tenant_rate = cotenant.ThroughputSampler(tenant, t0=t.t0) if tenant is not None else None
-                if sampler is not None:
-                    sampler.start()
+                sampler.start()
                 if tenant_rate is not None:
                     tenant_rate.start()
                 try:
                     t.run()
                     record["complete"] = True
                 finally:
-                    if sampler is not None:
-                        sampler.stop()
+                    sampler.stop()
                     wall = time.monotonic() - wall0
                     if tenant_rate is not None:
                         record["cotenant"] = cotenant_summary(tenant_rate.stop())

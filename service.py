@@ -24,6 +24,7 @@ import time
 
 import configs
 from cgroup_lib import finite_number
+from engine import Interrupted
 
 log = logging.getLogger("service")
 
@@ -239,7 +240,7 @@ class Service:
         self.cfg, self.engine, self.admission = cfg, engine, admission
         self.observers = []              # called with every finished Outcome (the HTTP metrics)
         self._lock = threading.Lock()
-        self.running = self.waiting = self.peak_running = 0
+        self.running = self.waiting = 0
         self.counts = {"admitted": 0, "deferred": 0, "rejected": 0, "overloaded": 0, "failed": 0, "ok": 0}
         self.closed = False
 
@@ -254,22 +255,13 @@ class Service:
             self.admission.close()
         self.admission = build_admission(self.cfg)
         with self._lock:
-            self.peak_running = 0
             self.counts = {k: 0 for k in self.counts}
 
     def state(self) -> dict:
         """Requests running and waiting, the controller's and the engine's state (for the timeline)."""
-        st = {"in_flight": self.running, "waiting": self.waiting}
-        if self.admission is not None:
-            st.update(self.admission.state())
-            st["waiting"] = self.waiting
-        if hasattr(self.engine, "state"):
-            st.update(self.engine.state())
-        return st
-
-    def _saturated(self) -> bool:
-        """Would a new request wait for admission? A slot limit with no free slot, or a gate deferring."""
-        return self.admission is not None and self.admission.saturated()
+        return {**(self.admission.state() if self.admission is not None else {}),
+                **(self.engine.state() if hasattr(self.engine, "state") else {}),
+                "in_flight": self.running, "waiting": self.waiting}
 
     def submit(self, prompt: str, max_tokens: int, *, seed: int = 0, stop=None, on_token=None) -> Outcome:
         """Run one request through admission and generation. ``stop`` (threading.Event) abandons it at the
@@ -279,7 +271,7 @@ class Service:
         adm = self.admission
         with self._lock:
             refuse = self.closed or (self.cfg.max_waiting is not None and self.waiting >= self.cfg.max_waiting
-                                     and self._saturated())
+                                     and adm is not None and adm.saturated())  # it would wait
             if not refuse and adm is not None:
                 self.waiting += 1
         if refuse:
@@ -299,7 +291,6 @@ class Service:
             return self._done(out, prompt)
         with self._lock:
             self.running += 1
-            self.peak_running = max(self.peak_running, self.running)
         service_s = None
         try:
             g = self.engine.generate(prompt, max_tokens, seed=seed, stop=stop, on_token=on_token)
@@ -308,10 +299,9 @@ class Service:
             out.t_start, out.t_first_token, out.t_end = g.t_start, g.t_first_token, g.t_end
             if g.output_tokens != max_tokens:
                 out.status, out.error = "failed", f"generated {g.output_tokens} of {max_tokens} tokens"
+        except Interrupted:
+            raise
         except Exception as e:
-            from engine import Interrupted
-            if isinstance(e, Interrupted):
-                raise
             out.status, out.error, out.output_tokens = "failed", f"{type(e).__name__}: {e}"[:300], 0
         finally:
             with self._lock:

@@ -173,7 +173,7 @@ def test_stall_share_pairs_each_total_with_its_own_read_time(monkeypatch):
     assert share() == pytest.approx(50.0)      # 0.1 s fresh delta whose second read takes 0.3 s
     clock.t += 0.5
     assert share() == pytest.approx(50.0)
-    sampler.sources = {"sys": pf}
+    sampler.probe.files = {"sys": pf}
     sampler.row()
     clock.t += 0.5
     assert sampler.row()["sys_cpu_some_pct"] == pytest.approx(50.0)   # the second read takes 0.4 s
