@@ -13,9 +13,13 @@ sys.path.insert(0, ROOT)
 
 
 def run_script(script, *args, cwd=None, timeout=300, env=None):
-    """Run ``python <script> args`` from the repo; return the CompletedProcess (text)."""
+    """Run ``python <script> args`` (a root script such as ``llm_server.py``) or ``python -m <module> args``
+    (a dotted module such as ``bench.collapse``) from the repo; return the CompletedProcess (text)."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd or ROOT,
+    cmd = [os.path.join(ROOT, script)] if script.endswith(".py") else ["-m", script]
+    if not script.endswith(".py"):
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, full_env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, *cmd, *map(str, args)], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
@@ -42,14 +46,14 @@ def generate(tmp_path):
 @functools.lru_cache(maxsize=None)
 def real_cgroups_reason():
     """Why this host's cgroups cannot be used for real (None if they can): a probe cgroup is made and removed."""
-    import cgroup_lib
+    from llm_psi import cgroups
     if os.geteuid() != 0:
         return "not root: cannot create cgroups"
     try:
-        _, made = cgroup_lib.create(f"probe_{os.getpid()}", 50, 100000, None, root="/sys/fs/cgroup",
+        _, made = cgroups.create(f"probe_{os.getpid()}", 50, 100000, None, root="/sys/fs/cgroup",
                                     log=lambda _: None)
-        cgroup_lib._remove(made, print)
-    except cgroup_lib.CgroupError as e:
+        cgroups.remove(made, print)
+    except cgroups.CgroupError as e:
         return f"no usable cgroups here: {e}"
     return None
 

@@ -5,7 +5,7 @@ import types
 
 import pytest
 
-from adaptive_control import AdaptiveLimit, build
+from llm_psi.control.adaptive import AdaptiveLimit, build
 
 
 class Clock:

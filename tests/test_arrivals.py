@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-import arrivals
-import metrics
+from llm_psi.load import arrivals
+from llm_psi.analysis import metrics
 
 
 def cv(times) -> float:

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import artifact
+from llm_psi.analysis import artifact
 
 REF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference")
 PAPER_COLUMNS = {"baseline": "baseline_p95_ms", "cgroups": "cgroups_only_p95_ms", "psi": "cgroups_psi_p95_ms"}

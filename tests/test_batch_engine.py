@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-import batch_engine
-from batch_engine import BatchEngine, DecodeBatch
-from engine import Engine, Interrupted
+from llm_psi.engine import batch as batch_engine
+from llm_psi.engine.batch import BatchEngine, DecodeBatch
+from llm_psi.engine.loop import Engine, Interrupted
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog near the river", "A",
            "Why is the sky blue?"]
@@ -247,7 +247,7 @@ def test_identity_and_delegation(engine, batched):
 
 def test_request_generator_batch_config(tmp_path, fake_quota):
     import pandas as pd
-    import request_generator
+    from llm_psi.load import generator as request_generator
     out = tmp_path / "batch_c3.csv"
     rc = request_generator.main(["--config", "batch", "--tiny", "--concurrency", "3", "--num-requests", "5",
                                  "--max-new-tokens", "4", "--spacing-ms", "0", "--no-warmup", "--quiet",
@@ -259,7 +259,7 @@ def test_request_generator_batch_config(tmp_path, fake_quota):
 
 def test_bench_batching_prints_table_and_json(capsys):
     import json
-    import bench_batching
+    from bench import batching as bench_batching
     assert bench_batching.main(["--tiny", "--tokens", "3", "--batches", "1", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])

@@ -4,13 +4,13 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-import bench_collapse
+from bench import collapse as bench_collapse
 from conftest import run_script
 
 
 def test_tiny_grid_without_quota(tmp_path):
     csv_path, md_path = tmp_path / "c.csv", tmp_path / "c.md"
-    proc = run_script("bench_collapse.py", "--tiny", "--threads", "1", "--policies", "passive", "--engines",
+    proc = run_script("bench.collapse", "--tiny", "--threads", "1", "--policies", "passive", "--engines",
                       "loop generate", "--reps", 1, "--max-new-tokens", 5, "--no-quota",
                       "--output-csv", csv_path, "--output-md", md_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -29,7 +29,7 @@ def test_tiny_grid_without_quota(tmp_path):
 @pytest.mark.parametrize("args", [["--reps", "0"], ["--slow-s", "nan"], ["--slow-s", "-3"], ["--threads", "2 x"],
                                   ["--policies", "lazy"], ["--max-new-tokens", "inf"]])
 def test_bad_numbers_and_words_exit_2(tmp_path, args):
-    proc = run_script("bench_collapse.py", *args, "--output-csv", tmp_path / "c.csv", "--output-md", tmp_path / "c.md")
+    proc = run_script("bench.collapse", *args, "--output-csv", tmp_path / "c.csv", "--output-md", tmp_path / "c.md")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "c.csv").exists()
 
@@ -37,7 +37,7 @@ def test_bad_numbers_and_words_exit_2(tmp_path, args):
 def test_refuses_to_overwrite_without_force(tmp_path):
     md_path = tmp_path / "c.md"
     md_path.write_text("keep me")
-    proc = run_script("bench_collapse.py", "--output-csv", tmp_path / "c.csv", "--output-md", md_path)
+    proc = run_script("bench.collapse", "--output-csv", tmp_path / "c.csv", "--output-md", md_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"bench_collapse.py: error: {md_path} exists; use --force to overwrite it"
     assert md_path.read_text() == "keep me"

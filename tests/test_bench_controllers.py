@@ -1,7 +1,7 @@
 """bench_controllers.py's table from synthetic cells: speedups over cgroups-only and ratios to the ideal."""
 import numpy as np
 
-import bench_controllers as bc
+from bench import controllers as bc
 from test_analyze_results import write_cell
 
 E2E = np.arange(1, 21, dtype=float)

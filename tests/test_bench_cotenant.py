@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import bench_cotenant as bc
-import configs
-import psi_admission
-from cell_files import COLUMNS
+from bench import cotenant as bc
+from llm_psi import config as configs
+from llm_psi.service import telemetry
+from llm_psi.load.cell_files import COLUMNS
 from conftest import real_cgroups, run_script
 
 SLO = "ttft:5000,e2e:15000"
@@ -44,7 +44,7 @@ def write_cell(stem, config, antagonist=None, rate=1.0, units_per_s=None, timeli
     with open(f"{stem}.json", "w") as f:
         json.dump(meta, f)
     if timeline is not None:
-        pd.DataFrame(timeline).reindex(columns=psi_admission.TIMELINE_COLUMNS).to_csv(
+        pd.DataFrame(timeline).reindex(columns=telemetry.TIMELINE_COLUMNS).to_csv(
             f"{stem}_timeline.csv", index=False)
 
 
@@ -229,7 +229,7 @@ def test_full_run_with_a_fake_runner_then_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bc, "call", fake)
     d = tmp_path / "res"
     assert bc.main(["--results-dir", str(d), "--seed", "5"]) == 0
-    assert len(fake.cmds) == 1 + 4 + 16 and "cotenant.py" in fake.cmds[0][1]
+    assert len(fake.cmds) == 1 + 4 + 16 and "llm_psi.load.cotenant" in fake.cmds[0]
     opened = [(c[c.index("--config") + 1], "--antagonist" in c) for c in fake.cmds[5:]]
     expected = [(c, t is not None) for c, t in [(c, t) for c in bc.CONFIGS for t in (None, "cpu:2")]]
     random.Random(5).shuffle(expected)
@@ -288,7 +288,7 @@ def test_bad_arguments_exit_2(args, capsys):
 
 
 def test_cli_one_line_error():
-    proc = run_script("bench_cotenant.py", "--load", "-1", timeout=60)
+    proc = run_script("bench.cotenant", "--load", "-1", timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--load" in proc.stderr
 
 
@@ -297,7 +297,7 @@ def test_end_to_end_smoke(tmp_path):
     """Real cgroups (root): one limited configuration, tiny model, 2 tokens a request, a 1 s reference; the
     load is low enough that an open-loop trial lasts over a second (the co-tenant is sampled every second)."""
     d = tmp_path / "res"
-    proc = run_script("bench_cotenant.py", "--results-dir", d, "--tiny", "--num-requests", "30", "--max-new-tokens",
+    proc = run_script("bench.cotenant", "--results-dir", d, "--tiny", "--num-requests", "30", "--max-new-tokens",
                       "2", "--load", "0.25", "--reference-seconds", "1", "--configs", "psi_cgroup", timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "cell 2/2" in proc.stderr

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-import cgroup_lib
+from llm_psi import cgroups
 from conftest import real_cgroups
-from cgroup_lib import CgroupError
+from llm_psi.cgroups import CgroupError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = os.path.join(ROOT, "cgroup_lib.py")
@@ -51,27 +51,27 @@ def v1(tmp_path):
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """In-process locks in tmp_path; the real cgroupfs for subprocesses."""
-    monkeypatch.setattr(cgroup_lib, "LOCK_DIR", str(tmp_path))
+    monkeypatch.setattr(cgroups.cell, "LOCK_DIR", str(tmp_path))
     monkeypatch.delenv("CGROUP_ROOT", raising=False)
 
 
 def test_detect_modes(v2, v1):
-    assert cgroup_lib.detect_mode(v2) == "v2"
-    assert cgroup_lib.detect_mode(v1) == "v1"
+    assert cgroups.detect_mode(v2) == "v2"
+    assert cgroups.detect_mode(v1) == "v1"
     _put(os.path.join(v1, "unified", "cgroup.controllers"), "")
-    assert cgroup_lib.detect_mode(v1) == "hybrid"
+    assert cgroups.detect_mode(v1) == "hybrid"
 
 
 def test_detect_fails_clearly(tmp_path):
     with pytest.raises(CgroupError, match="no usable cgroup"):
-        cgroup_lib.detect_mode(str(tmp_path))
+        cgroups.detect_mode(str(tmp_path))
     _put(tmp_path / "cgroup.controllers", "io pids\n")
     with pytest.raises(CgroupError, match="lacks the controllers cpu memory"):
-        cgroup_lib.detect_mode(str(tmp_path))
+        cgroups.detect_mode(str(tmp_path))
 
 
 def test_create_v2_writes_limits_and_enables_controllers(v2):
-    info, created = cgroup_lib.create("svc", 50, 100000, 4 << 30, root=v2, log=print)
+    info, created = cgroups.create("svc", 50, 100000, 4 << 30, root=v2, log=print)
     d = os.path.join(v2, "svc")
     assert created == [d]
     assert _get(os.path.join(v2, "cgroup.subtree_control")) == "+cpu +memory"
@@ -79,29 +79,29 @@ def test_create_v2_writes_limits_and_enables_controllers(v2):
     assert _get(os.path.join(d, "memory.max")) == str(GIB4)
     assert info == {"mode": "v2", "cpu": d, "memory": d, "unified": d,
                     "pressure": os.path.join(d, "cpu.pressure")}
-    assert cgroup_lib.read_limits(info) == {"cpu_quota_us": 50000, "cpu_period_us": 100000,
+    assert cgroups.read_limits(info) == {"cpu_quota_us": 50000, "cpu_period_us": 100000,
                                             "memory_max_bytes": GIB4}
 
 
 def test_create_v2_keeps_enabled_controllers_and_other_values(v2):
     _put(os.path.join(v2, "cgroup.subtree_control"), "cpu memory\n")
-    info, _ = cgroup_lib.create("svc", 150, 200000, None, root=v2, log=print)
+    info, _ = cgroups.create("svc", 150, 200000, None, root=v2, log=print)
     assert _get(os.path.join(v2, "cgroup.subtree_control")) == "cpu memory"
     assert _get(os.path.join(info["cpu"], "cpu.max")) == "300000 200000"
     assert _get(os.path.join(info["memory"], "memory.max")) == "max"
-    assert cgroup_lib.cpu_quota_cores(info) == 1.5
+    assert cgroups.cpu_quota_cores(info) == 1.5
 
 
 def test_create_v2_unlimited(v2):
-    info, _ = cgroup_lib.create("svc", None, 100000, None, root=v2, log=print)
+    info, _ = cgroups.create("svc", None, 100000, None, root=v2, log=print)
     assert _get(os.path.join(info["cpu"], "cpu.max")) == "max 100000"
     assert _get(os.path.join(info["memory"], "memory.max")) == "max"
-    assert cgroup_lib.read_limits(info) == {"cpu_quota_us": None, "cpu_period_us": 100000,
+    assert cgroups.read_limits(info) == {"cpu_quota_us": None, "cpu_period_us": 100000,
                                             "memory_max_bytes": None}
 
 
 def test_create_v1_writes_limits(v1):
-    info, created = cgroup_lib.create("svc", 50, 100000, 4 << 30, root=v1, log=print)
+    info, created = cgroups.create("svc", 50, 100000, 4 << 30, root=v1, log=print)
     assert created == [os.path.join(v1, "cpu", "svc"), os.path.join(v1, "memory", "svc")]
     assert _get(os.path.join(info["cpu"], "cpu.cfs_quota_us")) == "50000"
     assert _get(os.path.join(info["cpu"], "cpu.cfs_period_us")) == "100000"
@@ -112,14 +112,14 @@ def test_create_v1_writes_limits(v1):
 def test_leftover_without_processes_is_removed(v2):
     os.mkdir(os.path.join(v2, "svc"))
     said = []
-    cgroup_lib.create("svc", 50, 100000, 4 << 30, root=v2, log=said.append)
+    cgroups.create("svc", 50, 100000, 4 << 30, root=v2, log=said.append)
     assert any("leftover" in s and "earlier run that did not clean up" in s for s in said)
 
 
 def test_leftover_with_processes_is_refused(v2):
     _put(os.path.join(v2, "svc", "cgroup.procs"), "12345\n")
     with pytest.raises(CgroupError, match=r"still has processes \[12345\].*cleanup --name svc"):
-        cgroup_lib.create("svc", 50, 100000, 4 << 30, root=v2, log=print)
+        cgroups.create("svc", 50, 100000, 4 << 30, root=v2, log=print)
     assert _get(os.path.join(v2, "svc", "cgroup.procs")) == "12345"
 
 
@@ -138,9 +138,9 @@ def test_remove_writes_cgroup_kill(v2, monkeypatch):
         for f in ("cgroup.procs", "cgroup.kill"):
             os.remove(os.path.join(d, f))
 
-    monkeypatch.setattr(cgroup_lib, "_write", kernel)
+    monkeypatch.setattr(cgroups.cell, "_write", kernel)
     try:
-        cgroup_lib._remove([d], said.append)
+        cgroups.remove([d], said.append)
     finally:
         sleeper.kill()
     assert written == [(os.path.join(d, "cgroup.kill"), 1)]
@@ -151,7 +151,7 @@ def test_merge_meta_appends_to_cgroup_runs(tmp_path):
     meta = tmp_path / "cell.json"
     meta.write_text(json.dumps({"keep": 1}))
     for trial in (1, 2):
-        cgroup_lib._merge_meta(str(meta), {"exit_status": 0, "trial": trial}, print)
+        cgroups.merge_meta(str(meta), {"exit_status": 0, "trial": trial}, print)
     assert json.loads(meta.read_text()) == {"keep": 1, "cgroup_runs": [{"exit_status": 0, "trial": 1},
                                                                        {"exit_status": 0, "trial": 2}]}
     assert os.listdir(tmp_path) == ["cell.json"]           # written via tmp + os.replace
@@ -159,12 +159,12 @@ def test_merge_meta_appends_to_cgroup_runs(tmp_path):
 
 def test_own_cell_cgroup(monkeypatch):
     info = {"mode": "v2", "cpu": "/sys/fs/cgroup/cell_a", "memory": "/sys/fs/cgroup/cell_a"}
-    monkeypatch.delenv(cgroup_lib.CELL_ENV, raising=False)
-    assert cgroup_lib.own_cell_cgroup(info) is None
-    monkeypatch.setenv(cgroup_lib.CELL_ENV, "cell_a")
-    assert cgroup_lib.own_cell_cgroup(info) == "cell_a"
-    monkeypatch.setenv(cgroup_lib.CELL_ENV, "cell_b")              # e.g. inherited by a process elsewhere
-    assert cgroup_lib.own_cell_cgroup(info) is None
+    monkeypatch.delenv(cgroups.CELL_ENV, raising=False)
+    assert cgroups.own_cell_cgroup(info) is None
+    monkeypatch.setenv(cgroups.CELL_ENV, "cell_a")
+    assert cgroups.own_cell_cgroup(info) == "cell_a"
+    monkeypatch.setenv(cgroups.CELL_ENV, "cell_b")              # e.g. inherited by a process elsewhere
+    assert cgroups.own_cell_cgroup(info) is None
 
 
 @pytest.mark.parametrize("args,flag", [
@@ -185,7 +185,7 @@ def test_cli_rejects_bad_numbers_in_one_line(v2, args, flag):
 
 def test_bad_name_is_refused(v2):
     with pytest.raises(CgroupError, match="bad cgroup name"):
-        cgroup_lib.create("../etc", 50, 100000, None, root=v2, log=print)
+        cgroups.create("../etc", 50, 100000, None, root=v2, log=print)
 
 
 def test_read_counters_v2(v2):
@@ -194,8 +194,8 @@ def test_read_counters_v2(v2):
          "nr_periods 10\nnr_throttled 4\nthrottled_usec 2500\n")
     _put(os.path.join(d, "memory.peak"), "123456\n")
     _put(os.path.join(d, "memory.events"), "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
-    info = cgroup_lib._info("v2", v2, "svc", "svc", "svc")
-    assert cgroup_lib.read_counters(info) == {
+    info = cgroups.cgroup_info("v2", v2, "svc", "svc", "svc")
+    assert cgroups.read_counters(info) == {
         "nr_periods": 10, "nr_throttled": 4, "throttled_usec": 2500, "usage_usec": 900,
         "memory_peak_bytes": 123456, "oom_kill": 1}
 
@@ -209,19 +209,19 @@ def test_read_counters_and_limits_hybrid(tmp_path):
     _put(tmp_path / "memory" / "svc" / "memory.limit_in_bytes", "9223372036854771712\n")
     _put(tmp_path / "memory" / "svc" / "memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
     _put(tmp_path / "unified" / "svc" / "cpu.stat", "usage_usec 4242\n")
-    info = cgroup_lib._info("hybrid", root, "svc", "svc", "svc")
-    assert cgroup_lib.read_counters(info) == {
+    info = cgroups.cgroup_info("hybrid", root, "svc", "svc", "svc")
+    assert cgroups.read_counters(info) == {
         "nr_periods": 7, "nr_throttled": 5, "throttled_usec": 3000, "usage_usec": 4242,
         "memory_peak_bytes": 777, "oom_kill": 2}
-    assert cgroup_lib.read_limits(info) == {"cpu_quota_us": None, "cpu_period_us": 100000,
+    assert cgroups.read_limits(info) == {"cpu_quota_us": None, "cpu_period_us": 100000,
                                             "memory_max_bytes": None}
-    assert cgroup_lib.cpu_quota_cores(info) is None
+    assert cgroups.cpu_quota_cores(info) is None
 
 
 def test_own_cgroup_from_proc_file(v2, tmp_path):
     proc = tmp_path / "proc_cgroup"
     _put(proc, "0::/system.slice/llm.service\n")
-    info = cgroup_lib.own_cgroup(v2, str(proc))
+    info = cgroups.own_cgroup(v2, str(proc))
     assert info["cpu"] == os.path.join(v2, "system.slice", "llm.service")
     assert info["pressure"] is None                      # no cpu.pressure file in the fake tree
     hy = tmp_path / "hy"
@@ -230,7 +230,7 @@ def test_own_cgroup_from_proc_file(v2, tmp_path):
     _put(hy / "unified" / "cgroup.controllers", "")
     _put(hy / "unified" / "svc" / "cpu.pressure", "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
     _put(proc, "4:memory:/svc\n2:cpu,cpuacct:/svc\n1:name=systemd:/\n0::/svc\n")
-    info = cgroup_lib.own_cgroup(str(hy), str(proc))
+    info = cgroups.own_cgroup(str(hy), str(proc))
     assert info == {"mode": "hybrid", "cpu": str(hy / "cpu" / "svc"), "memory": str(hy / "memory" / "svc"),
                     "unified": str(hy / "unified" / "svc"), "pressure": str(hy / "unified" / "svc" / "cpu.pressure")}
 
@@ -242,66 +242,66 @@ def test_pressure_path_hybrid_and_v2(tmp_path, hybrid):
     root = tmp_path / "root"
     d = root / ("unified" if hybrid else "") / "llm_service"
     _put(d / "cpu.pressure", "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
-    assert cgroup_lib.pressure_path("cpu", str(root), str(proc)) == str(d / "cpu.pressure")
-    assert cgroup_lib.pressure_path("io", str(root), str(proc)) is None
-    assert cgroup_lib.pressure_path("cpu", str(root), str(tmp_path / "missing")) is None
+    assert cgroups.pressure_path("cpu", str(root), str(proc)) == str(d / "cpu.pressure")
+    assert cgroups.pressure_path("io", str(root), str(proc)) is None
+    assert cgroups.pressure_path("cpu", str(root), str(tmp_path / "missing")) is None
     _put(proc, "4:memory:/x\n1:cpu:/\n")                          # pure v1: no 0:: line
-    assert cgroup_lib.pressure_path("cpu", str(root), str(proc)) is None
+    assert cgroups.pressure_path("cpu", str(root), str(proc)) is None
 
 
 def test_system_pressure_path_follows_the_injected_root(tmp_path, monkeypatch):
-    assert cgroup_lib.system_pressure_path("cpu") == "/proc/pressure/cpu"       # a real run
-    assert cgroup_lib.system_pressure_path("io", str(tmp_path)) == str(tmp_path / "io.pressure")
+    assert cgroups.system_pressure_path("cpu") == "/proc/pressure/cpu"       # a real run
+    assert cgroups.system_pressure_path("io", str(tmp_path)) == str(tmp_path / "io.pressure")
     _put(tmp_path / "unified" / "cpu.pressure", "")                             # hybrid: the unified root's
     monkeypatch.setenv("CGROUP_ROOT", str(tmp_path))
-    assert cgroup_lib.system_pressure_path("cpu") == str(tmp_path / "unified" / "cpu.pressure")
+    assert cgroups.system_pressure_path("cpu") == str(tmp_path / "unified" / "cpu.pressure")
 
 
 def test_fake_cgroupfs_is_what_the_library_finds(fake_cgroupfs):
-    info = cgroup_lib.own_cgroup()
+    info = cgroups.own_cgroup()
     assert info["cpu"] == str(fake_cgroupfs.own) and info["pressure"] == str(fake_cgroupfs.pressure_file("cgroup"))
-    assert cgroup_lib.pressure_path("cpu") == info["pressure"]
-    assert cgroup_lib.system_pressure_path("cpu") == str(fake_cgroupfs.pressure_file("system"))
-    assert cgroup_lib.cpu_quota_cores() == 0.5
+    assert cgroups.pressure_path("cpu") == info["pressure"]
+    assert cgroups.system_pressure_path("cpu") == str(fake_cgroupfs.pressure_file("system"))
+    assert cgroups.cpu_quota_cores() == 0.5
 
 
 def test_probe_counts_only_a_cell_of_its_own(fake_cgroupfs, monkeypatch):
-    monkeypatch.delenv(cgroup_lib.CELL_ENV, raising=False)
-    probe = cgroup_lib.CgroupProbe()
+    monkeypatch.delenv(cgroups.CELL_ENV, raising=False)
+    probe = cgroups.CgroupProbe()
     assert probe.counters() is None and "no counters" in probe.note and probe.error is None
     assert probe.describe()["own"] is False and probe.describe()["limits"]["cpu_quota_us"] == 50000
-    monkeypatch.setenv(cgroup_lib.CELL_ENV, fake_cgroupfs.own.name)
-    probe = cgroup_lib.CgroupProbe()
+    monkeypatch.setenv(cgroups.CELL_ENV, fake_cgroupfs.own.name)
+    probe = cgroups.CgroupProbe()
     assert probe.own and probe.note is None and probe.counters()["nr_throttled"] == 1
     monkeypatch.setenv("CGROUP_ROOT", str(fake_cgroupfs.root / "missing"))
-    probe = cgroup_lib.CgroupProbe()
+    probe = cgroups.CgroupProbe()
     assert probe.counters() is None and probe.error.startswith("CgroupError: ")
 
 
 def test_parse_bytes_and_delta():
-    assert cgroup_lib.parse_bytes("4G") == GIB4
-    assert cgroup_lib.parse_bytes("512m") == 512 << 20
-    assert cgroup_lib.parse_bytes("1000") == 1000
-    assert cgroup_lib.parse_bytes("max") is None
+    assert cgroups.parse_bytes("4G") == GIB4
+    assert cgroups.parse_bytes("512m") == 512 << 20
+    assert cgroups.parse_bytes("1000") == 1000
+    assert cgroups.parse_bytes("max") is None
     with pytest.raises(ValueError):
-        cgroup_lib.parse_bytes("4 GB")
+        cgroups.parse_bytes("4 GB")
     before = {"nr_periods": 5, "memory_peak_bytes": 10, "oom_kill": None}
     after = {"nr_periods": 9, "memory_peak_bytes": 7, "oom_kill": 0}
-    assert cgroup_lib.counter_delta(before, after) == {"nr_periods": 4, "memory_peak_bytes": 7, "oom_kill": 0}
-    assert cgroup_lib.counter_delta(None, after) is None and cgroup_lib.counter_delta(before, None) is None
-    assert cgroup_lib.counter_delta({}, after) is None
-    assert cgroup_lib.counter_delta({"usage_usec": 5, "peak_in_flight": 9}, {"usage_usec": None, "peak_in_flight": 3}
+    assert cgroups.counter_delta(before, after) == {"nr_periods": 4, "memory_peak_bytes": 7, "oom_kill": 0}
+    assert cgroups.counter_delta(None, after) is None and cgroups.counter_delta(before, None) is None
+    assert cgroups.counter_delta({}, after) is None
+    assert cgroups.counter_delta({"usage_usec": 5, "peak_in_flight": 9}, {"usage_usec": None, "peak_in_flight": 3}
                                     ) == {"usage_usec": None, "peak_in_flight": 3}
 
 
 def test_lock_refuses_a_second_holder():
-    fd = cgroup_lib._lock("svc")
+    fd = cgroups.lock("svc")
     try:
         with pytest.raises(CgroupError, match=f"in use by a running experiment \\(pid {os.getpid()}\\)"):
-            cgroup_lib._lock("svc")
+            cgroups.lock("svc")
     finally:
         os.close(fd)
-    os.close(cgroup_lib._lock("svc"))
+    os.close(cgroups.lock("svc"))
 
 
 def test_non_root_is_refused(tmp_path):
@@ -324,8 +324,8 @@ SHOW_AND_BURN = "print(open('/proc/self/cgroup').read(), flush=True)\n" + BURN
 
 
 def _real_dirs():
-    mode = cgroup_lib.detect_mode(REAL)
-    return cgroup_lib._dirs(cgroup_lib._info(mode, REAL, NAME, NAME, NAME))
+    mode = cgroups.detect_mode(REAL)
+    return cgroups.cgroup_dirs(cgroups.cgroup_info(mode, REAL, NAME, NAME, NAME))
 
 
 def _runner(*cmd, meta=None, limits=()):
@@ -338,7 +338,7 @@ def _runner(*cmd, meta=None, limits=()):
 def _wait_for_procs(timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pids = [p for d in _real_dirs() for p in cgroup_lib._procs(d)]
+        pids = [p for d in _real_dirs() for p in cgroups.procs(d)]
         if pids:
             return pids
         time.sleep(0.05)
@@ -350,7 +350,7 @@ def real_cleanup():
     yield
     leftover = [d for d in _real_dirs() if os.path.isdir(d)]
     if leftover:
-        cgroup_lib.cleanup(NAME, root=REAL, log=print)
+        cgroups.cleanup(NAME, root=REAL, log=print)
     assert not leftover, f"cgroups left behind: {leftover}"
 
 
@@ -361,7 +361,7 @@ def test_real_run_places_process_and_records_counters(tmp_path, real_cleanup):
     p = _runner(sys.executable, "-c", SHOW_AND_BURN.format(s=0.5), meta=meta)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
-    mode = cgroup_lib.detect_mode(REAL)
+    mode = cgroups.detect_mode(REAL)
     lines = out.splitlines()
     if mode != "v1":
         assert f"0::/{NAME}" in lines
@@ -381,15 +381,15 @@ def test_real_run_places_process_and_records_counters(tmp_path, real_cleanup):
 
 @real
 def test_real_unlimited_cell_knows_it_is_its_own(real_cleanup):
-    code = (f"import json, sys\nsys.path.insert(0, {ROOT!r})\nimport cgroup_lib\n"
-            "info = cgroup_lib.own_cgroup()\n"
-            "print(json.dumps([cgroup_lib.own_cell_cgroup(info), cgroup_lib.read_limits(info)]))\n")
+    code = (f"import json, sys\nsys.path.insert(0, {ROOT!r})\nfrom llm_psi import cgroups\n"
+            "info = cgroups.own_cgroup()\n"
+            "print(json.dumps([cgroups.own_cell_cgroup(info), cgroups.read_limits(info)]))\n")
     p = _runner(sys.executable, "-c", code, limits=["--unlimited"])
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
     assert json.loads(out) == [NAME, {"cpu_quota_us": None, "cpu_period_us": 100000, "memory_max_bytes": None}]
     assert "cpu max/100000 us, memory max bytes" in err
-    assert cgroup_lib.own_cell_cgroup() is None                  # this process: no cell of its own
+    assert cgroups.own_cell_cgroup() is None                  # this process: no cell of its own
 
 
 @real
@@ -420,7 +420,7 @@ def test_real_child_ignoring_signals_is_killed(real_cleanup):
     _, err = p.communicate(timeout=30)
     assert p.returncode == -signal.SIGTERM
     assert "via cgroup.kill" in err or "sending SIGKILL" in err     # cgroup.kill: v2 and hybrid, kernel >= 5.14
-    assert time.monotonic() - t0 < cgroup_lib.STOP_GRACE_S + 10
+    assert time.monotonic() - t0 < cgroups.STOP_GRACE_S + 10
 
 
 @real

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-import cgroup_lib
+from llm_psi import cgroups
 from conftest import ROOT, real_cgroups, run_script
-from cotenant import Cotenant, ThroughputSampler, parse_spec
+from llm_psi.load.cotenant import Cotenant, ThroughputSampler, parse_spec
 
 NAME = f"cot_test_{os.getpid()}"
 CLI_NAME = "cot_test_cli"          # a subprocess locks it in /run/lock: one fixed name, one lock file
@@ -19,8 +19,9 @@ REAL = "/sys/fs/cgroup"
 SCRIPT = """import json, os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C -> KeyboardInterrupt even if inherited ignored
 sys.path.insert(0, {root!r})
-import cgroup_lib, cotenant
-cgroup_lib.LOCK_DIR = {locks!r}
+from llm_psi.cgroups import cell
+from llm_psi.load import cotenant
+cell.LOCK_DIR = {locks!r}
 co = cotenant.Cotenant({spec!r}, name={name!r}, log=lambda m: None)
 co.start()
 print(json.dumps(co.describe()), flush=True)
@@ -61,7 +62,7 @@ def children(pid):
 @pytest.fixture(autouse=True)
 def locks(tmp_path, monkeypatch):
     """The name locks in tmp_path, not /run/lock."""
-    monkeypatch.setattr(cgroup_lib, "LOCK_DIR", str(tmp_path))
+    monkeypatch.setattr(cgroups.cell, "LOCK_DIR", str(tmp_path))
     return str(tmp_path)
 
 
@@ -100,7 +101,7 @@ def test_burner_counts_in_the_fake_cgroup_and_stop_cleans_up(fake_quota):
         with open(os.path.join(d, "cpu.max")) as f:
             assert f.read().split() == ["25000", "100000"]
         assert desc["limits"]["cpu_quota_us"] == 25000
-        assert cgroup_lib._procs(d) == pids                # it joined before doing work
+        assert cgroups.procs(d) == pids                # it joined before doing work
         assert co.cpu_usage_s() is None                    # a fake tree has no cpu.stat
     finally:
         co.stop()
@@ -176,7 +177,7 @@ def test_killed_parent_leaves_no_burner(sig, fake_quota, locks):
 
 def test_cli_prints_json(fake_quota, tmp_path):
     out = tmp_path / "ref.json"
-    p = run_script("cotenant.py", "--antagonist", "cpu:1", "--seconds", "1.5", "--name", CLI_NAME, "--json", out,
+    p = run_script("llm_psi.load.cotenant", "--antagonist", "cpu:1", "--seconds", "1.5", "--name", CLI_NAME, "--json", out,
                    timeout=60)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
@@ -194,13 +195,13 @@ def test_cli_prints_json(fake_quota, tmp_path):
                                   ["--antagonist-period-us", "10"], ["--name", "a/b"],
                                   ["--json", "/nonexistent/dir/x.json"]])
 def test_cli_bad_input_is_one_line_exit_2(args):
-    p = run_script("cotenant.py", *args, timeout=30)
+    p = run_script("llm_psi.load.cotenant", *args, timeout=30)
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.startswith("cotenant.py: error: ") and p.stderr.count("\n") == 1
 
 
 def test_cli_missing_program_is_one_line_exit_2(fake_quota):
-    p = run_script("cotenant.py", "--antagonist", "no-such-program-xyz --x", "--seconds", "1",
+    p = run_script("llm_psi.load.cotenant", "--antagonist", "no-such-program-xyz --x", "--seconds", "1",
                    "--name", CLI_NAME, timeout=30)
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.splitlines()[-1].startswith("cotenant.py: error: cannot start")
@@ -212,10 +213,10 @@ def test_cli_missing_program_is_one_line_exit_2(fake_quota):
 def real_root(monkeypatch):
     monkeypatch.delenv("CGROUP_ROOT", raising=False)
     yield
-    mode = cgroup_lib.detect_mode(REAL)
-    leftover = [d for d in cgroup_lib._dirs(cgroup_lib._info(mode, REAL, NAME, NAME, NAME)) if os.path.isdir(d)]
+    mode = cgroups.detect_mode(REAL)
+    leftover = [d for d in cgroups.cgroup_dirs(cgroups.cgroup_info(mode, REAL, NAME, NAME, NAME)) if os.path.isdir(d)]
     if leftover:
-        cgroup_lib.cleanup(NAME, root=REAL, log=print)
+        cgroups.cleanup(NAME, root=REAL, log=print)
     assert not leftover, f"cgroups left behind: {leftover}"
 
 
@@ -226,7 +227,7 @@ def test_real_burners_run_in_their_cgroup(real_root):
         mode = desc["cgroup_mode"]
         assert desc["cgroup_error"] is None and len(desc["cgroup_dirs"]) == {"v2": 1, "hybrid": 3, "v1": 2}[mode]
         for d in desc["cgroup_dirs"]:
-            assert set(desc["pids"]) <= set(cgroup_lib._procs(d)), d
+            assert set(desc["pids"]) <= set(cgroups.procs(d)), d
         assert desc["limits"]["cpu_quota_us"] == 50000
         if mode != "v1":
             assert desc["cpu_pressure"] and os.path.exists(desc["cpu_pressure"])

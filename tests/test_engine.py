@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from engine import ENGINES, Engine, Interrupted, make_engine, resolve_threads
+from llm_psi.engine.loop import ENGINES, Engine, Interrupted, make_engine, resolve_threads
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import metrics
+from llm_psi.analysis import metrics
 
 
 def rows():
@@ -137,7 +137,7 @@ def test_goodput_rejects_unknown_metric():
 
 
 def test_summarize_with_slo_from_parse_slo():
-    import arrivals
+    from llm_psi.load import arrivals
     s = metrics.summarize(open_loop_rows(), slo=arrivals.parse_slo("ttft:500,e2e:2000"))
     assert (s["n_ok"], s["n_rejected"], s["n_failed"]) == (3, 1, 1)
     assert s["slo_met"] == 1 and s["goodput_rps"] == pytest.approx(0.25)

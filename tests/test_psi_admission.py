@@ -1,6 +1,5 @@
 """PSI parsing, the gate with an injected pressure source, the limit, triggers, the timeline sampler, the CLI,
 and a whole run reading a fake cgroup tree ($CGROUP_ROOT)."""
-import ast
 import csv
 import json
 import errno
@@ -17,10 +16,11 @@ import types
 import pytest
 
 from conftest import ROOT, read_cell, real_cgroups, run_script
-import cgroup_lib
-import psi_admission as pa
-import service
-import psi_bench
+from llm_psi import cgroups
+from llm_psi.control import psi as pa
+from llm_psi.service import telemetry
+from llm_psi.service import lifecycle as service
+from bench import psi as psi_bench
 
 CPU_SAMPLE = ("some avg10=1.26 avg60=0.43 avg300=0.52 total=3345418\n"
               "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
@@ -166,7 +166,7 @@ class SlowPsiFile:
 
 def test_stall_share_pairs_each_total_with_its_own_read_time(monkeypatch):
     """A slow read does not inflate the share: stamped before the read, these would give 200% and 90%."""
-    clock, sampler = FakeClock(), pa.TimelineSampler(os.devnull, 100, 1, dict, 0.0)
+    clock, sampler = FakeClock(), telemetry.TimelineSampler(os.devnull, 100, 1, dict, 0.0)
     monkeypatch.setattr(pa, "open", SlowPsiFile(clock, [0.0, 0.3, 0.0, 0.0, 0.4]), raising=False)
     pf = pa.PressureFile("/fake/cpu.pressure", clock=clock)
     share = pa.StallShare(pf.timed_total, 0.5, sleep=clock.sleep)
@@ -231,8 +231,8 @@ def test_gate_reads_the_fake_tree(fake_cgroupfs):
 def test_timeline_reads_the_fake_tree(fake_cgroupfs, monkeypatch):
     fake_cgroupfs.set_pressure("system", 12.5, total=1000)
     fake_cgroupfs.set_pressure("cgroup", 7.0, total=500)
-    monkeypatch.setenv(cgroup_lib.CELL_ENV, fake_cgroupfs.own.name)        # the fake cgroup is the cell's own
-    row = pa.TimelineSampler(os.devnull, 100, 1, dict, 0.0).row()
+    monkeypatch.setenv(cgroups.CELL_ENV, fake_cgroupfs.own.name)        # the fake cgroup is the cell's own
+    row = telemetry.TimelineSampler(os.devnull, 100, 1, dict, 0.0).row()
     assert row["sys_cpu_some_avg10"] == (7.0 if fake_cgroupfs.own == fake_cgroupfs.root else 12.5)
     assert row["cg_cpu_some_avg10"] == 7.0 and row["cg_cpu_some_total_us"] == 500
     assert (row["nr_periods"], row["nr_throttled"], row["throttled_usec"]) == (5, 1, 10)
@@ -293,14 +293,14 @@ def test_trigger_pollerr_falls_back_once(caplog):
 def test_timeline_sampler_rows(tmp_path):
     path = tmp_path / "cell_timeline.csv"
     for trial in (1, 2):
-        s = pa.TimelineSampler(str(path), 20, trial, lambda: {"in_flight": 1, "waiting": 2}, time.monotonic())
+        s = telemetry.TimelineSampler(str(path), 20, trial, lambda: {"in_flight": 1, "waiting": 2}, time.monotonic())
         s.start()
         time.sleep(0.1)
         s.stop()
     with open(path) as f:
         rows = list(csv.DictReader(f))
     with open(path) as f:
-        assert f.readline().strip().split(",") == pa.TIMELINE_COLUMNS    # one header, even when appending
+        assert f.readline().strip().split(",") == telemetry.TIMELINE_COLUMNS    # one header, even when appending
     assert {r["trial"] for r in rows} == {"1", "2"} and len(rows) >= 4
     assert all(r["in_flight"] == "1" and r["waiting"] == "2" and r["limit"] == "" for r in rows)
     if os.path.exists(SYSTEM_CPU):
@@ -341,7 +341,7 @@ def test_bench_cli_rejects_bad_numbers_in_one_line(monkeypatch, capsys, flag, va
     assert err.startswith(f"psi_bench.py: error: argument {flag}: ") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("error,status", [(cgroup_lib.CgroupError("no cgroups"), 1), (pa.PsiUnavailable("no psi"), 1),
+@pytest.mark.parametrize("error,status", [(cgroups.CgroupError("no cgroups"), 1), (pa.PsiUnavailable("no psi"), 1),
                                           (KeyboardInterrupt("SIGTERM"), 130)])
 def test_bench_cli_exit_status(monkeypatch, capsys, error, status):
     def fail(threshold, seconds):
@@ -362,47 +362,22 @@ def test_psi_admission_cli_is_show_only(capsys, argv):
     assert ("psi_bench.py" in err) == ("--bench" in argv)
 
 
-def _imports(module):
-    """{(imported module, enclosing top-level function or None)} of a module of this repository."""
-    with open(os.path.join(ROOT, f"{module}.py")) as f:
-        tree = ast.parse(f.read())
-    out = set()
-    for top in tree.body:
-        scope = top.name if isinstance(top, (ast.FunctionDef, ast.ClassDef)) else None
-        for node in ast.walk(top):
-            if isinstance(node, ast.Import):
-                out |= {(a.name, scope) for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                out.add((node.module, scope))
-    return out
-
-
-def test_no_import_cycles():
-    """cgroup_lib <- psi_admission <- adaptive_control, psi_bench: no way back (the whole repo: test_architecture)."""
-    ours = {"cgroup_lib", "psi_admission", "adaptive_control", "psi_bench"}
-    deps = {m: {(d, scope) for d, scope in _imports(m) if d in ours} for m in ours}
-    assert deps["cgroup_lib"] == set()
-    assert deps["psi_admission"] == {("cgroup_lib", None)}
-    assert {d for d, _ in deps["adaptive_control"]} == {"cgroup_lib", "psi_admission"}
-    assert {d for d, _ in deps["psi_bench"]} == {"cgroup_lib", "psi_admission"}
-
-
 @real_cgroups
 @pytest.mark.parametrize("how", ["exception", "SIGTERM"])
 def test_bench_removes_its_cgroup_and_burners_on_every_exit(monkeypatch, how):
     if not os.path.exists(SYSTEM_CPU):
         pytest.skip(f"{SYSTEM_CPU} missing: kernel without PSI (boot with psi=1)")
-    import cgroup_lib
-    import psi_bench
+    from llm_psi import cgroups
+    from bench import psi as psi_bench
     name, started, missed, burn = f"psi_bench_{os.getpid()}", [], [], psi_bench._burn
-    dirs = cgroup_lib._dirs(cgroup_lib._info(cgroup_lib.detect_mode("/sys/fs/cgroup"), "/sys/fs/cgroup",
+    dirs = cgroups.cgroup_dirs(cgroups.cgroup_info(cgroups.detect_mode("/sys/fs/cgroup"), "/sys/fs/cgroup",
                                              name, name, name))
 
     def burn_then_fail(procs, *args):           # mid-bench: the load runs inside the bench cgroup
         burn(procs, *args)
         started.extend(procs)
         deadline = time.monotonic() + 10
-        while not any(cgroup_lib._procs(d) for d in dirs) and time.monotonic() < deadline:
+        while not any(cgroups.procs(d) for d in dirs) and time.monotonic() < deadline:
             time.sleep(0.02)
         if how == "SIGTERM":
             os.kill(os.getpid(), signal.SIGTERM)

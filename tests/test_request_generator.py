@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, read_cell, run_script
-import metrics
-import request_generator as rg
+from llm_psi.analysis import metrics
+from llm_psi.load import generator as rg
 
 
 def intervals_overlap(df):

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-import psi_admission as pa
-from engine import Generation, Interrupted
-from service import Service, ServiceConfig
+from llm_psi.control import psi as pa
+from llm_psi.engine.loop import Generation, Interrupted
+from llm_psi.service.lifecycle import Service, ServiceConfig
 
 
 class FakeEngine:

@@ -9,7 +9,7 @@ import time
 
 from conftest import ROOT, real_cgroups
 
-import cgroup_lib
+from llm_psi import cgroups
 
 LIB = os.path.join(ROOT, "cgroup_lib.py")
 REAL = "/sys/fs/cgroup"
@@ -48,10 +48,10 @@ def test_sigkilled_driver_leaves_no_process_and_cleanup_leaves_no_cgroup(tmp_pat
             child = int(pidfile.read_text()) if pidfile.exists() and pidfile.read_text() else None
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and (
-                    (child and not _gone(child)) or any(cgroup_lib._procs(d) for d in _left_dirs())):
+                    (child and not _gone(child)) or any(cgroups.procs(d) for d in _left_dirs())):
                 time.sleep(0.05)
             assert child is None or _gone(child), f"iteration {i}: the cell's process {child} outlived its driver"
-            assert not [d for d in _left_dirs() if cgroup_lib._procs(d)], f"iteration {i}: processes left"
+            assert not [d for d in _left_dirs() if cgroups.procs(d)], f"iteration {i}: processes left"
             had_child += child is not None
             c = subprocess.run([sys.executable, LIB, "cleanup", "--name", NAME], capture_output=True,
                                text=True, timeout=30)
@@ -60,4 +60,4 @@ def test_sigkilled_driver_leaves_no_process_and_cleanup_leaves_no_cgroup(tmp_pat
         assert had_child, "the driver never got as far as starting its command"
     finally:
         if _left_dirs():
-            cgroup_lib.cleanup(NAME, root=REAL, log=print)
+            cgroups.cleanup(NAME, root=REAL, log=print)

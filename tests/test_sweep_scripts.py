@@ -16,7 +16,7 @@ import time
 import pandas as pd
 import pytest
 
-import cgroup_lib
+from llm_psi import cgroups
 from conftest import real_cgroups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,8 +70,8 @@ def calls(fake):
 
 
 def _dirs():
-    mode = cgroup_lib.detect_mode("/sys/fs/cgroup")
-    return cgroup_lib._dirs(cgroup_lib._info(mode, "/sys/fs/cgroup", NAME, NAME, NAME))
+    mode = cgroups.detect_mode("/sys/fs/cgroup")
+    return cgroups.cgroup_dirs(cgroups.cgroup_info(mode, "/sys/fs/cgroup", NAME, NAME, NAME))
 
 
 real = real_cgroups
@@ -90,7 +90,7 @@ def test_shellcheck_clean():
     shellcheck = os.path.join(ROOT, ".venv", "bin", "shellcheck")
     if not os.path.exists(shellcheck):
         shellcheck = shutil.which("shellcheck") or pytest.skip("shellcheck not installed")
-    p = subprocess.run([shellcheck, "-x", *SCRIPTS, "sweep_lib.sh"], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run([shellcheck, "-x", *SCRIPTS, "llm_psi/load/sweep_lib.sh"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout
     p = subprocess.run([shellcheck, *SCRIPTS], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout
@@ -219,10 +219,10 @@ def test_signal_mid_cgroups_cell_leaves_nothing(sig, fake, tmp_path, nothing_lef
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                          start_new_session=True)
     deadline = time.monotonic() + 20
-    while not any(cgroup_lib._procs(d) for d in _dirs() if os.path.isdir(d)):
+    while not any(cgroups.procs(d) for d in _dirs() if os.path.isdir(d)):
         assert time.monotonic() < deadline and p.poll() is None, "the cell never started"
         time.sleep(0.05)
-    victims = {pid for d in _dirs() for pid in cgroup_lib._procs(d)}
+    victims = {pid for d in _dirs() for pid in cgroups.procs(d)}
     if sig == signal.SIGINT:
         os.killpg(p.pid, sig)
     else:

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-import trial_stats as ts
+from llm_psi.analysis import stats as ts
 
 T975 = {1: 12.706204736, 2: 4.302652730}  # Student t quantiles, from printed tables
 

@@ -6,10 +6,11 @@ import subprocess
 import pytest
 
 from conftest import ROOT
-import cgroup_lib
-import llm_server
-import psi_bench
-import request_generator
+from llm_psi import cgroups
+from llm_psi.cgroups import command
+from llm_psi.service import server as llm_server
+from bench import psi as psi_bench
+from llm_psi.load import generator as request_generator
 
 BAD = ("nan", "inf", "-1")
 # option: also reject zero?
@@ -65,21 +66,21 @@ def test_sweep_scripts(script, opt, value, tmp_path):
 
 @pytest.mark.parametrize("opt, value", cases(CGROUP_RUN))
 def test_cgroup_lib_run(opt, value, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cgroup_lib, "create", lambda *a, **k: pytest.fail("a cgroup was about to be created"))
-    rc = exit_status(cgroup_lib.main, ["run", "--name", "validation_test", f"{opt}={value}", "--", "true"])
+    monkeypatch.setattr(cgroups.cell, "create", lambda *a, **k: pytest.fail("a cgroup was about to be created"))
+    rc = exit_status(command.main, ["run", "--name", "validation_test", f"{opt}={value}", "--", "true"])
     one_line_exit_2(rc, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("opt, value", cases(PSI_BENCH))
 def test_psi_bench(opt, value, capsys, monkeypatch):
-    monkeypatch.setattr(cgroup_lib, "create", lambda *a, **k: pytest.fail("a cgroup was about to be created"))
+    monkeypatch.setattr(cgroups, "create", lambda *a, **k: pytest.fail("a cgroup was about to be created"))
     rc = exit_status(psi_bench.main, [f"{opt}={value}"])
     one_line_exit_2(rc, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("opt, value", cases(SERVE))
 def test_llm_server_serve(opt, value, capsys, monkeypatch):
-    import http_api
+    from llm_psi.service import http_app as http_api
     monkeypatch.setattr(http_api, "serve", lambda *a, **k: pytest.fail("the server was about to start"))
     rc = exit_status(llm_server.main, ["serve", "--tiny", f"{opt}={value}"])
     one_line_exit_2(rc, capsys.readouterr().err)

@@ -6,7 +6,7 @@
 # before trial k+1 of any, so that drift over the sweep spreads over every configuration alike. As root,
 # every trial runs in a cgroup made for it by cgroup_lib.py: limited configs under the quota, baseline unlimited.
 
-SWEEP_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SWEEP_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)  # the repository root
 SWEEP_CHILD=""          # PID of the running trial's process, while one runs
 SWEEP_CHILD_CGROUP=0    # whether that trial runs in a cgroup made by cgroup_lib.py
 SWEEP_SERVER=""         # PID of the service (service mode), while one runs

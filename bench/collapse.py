@@ -26,9 +26,10 @@ import statistics
 import subprocess
 import sys
 
-import artifact
+from llm_psi.analysis import artifact
+from llm_psi import REPO
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = REPO  # the repository root: the root scripts, reference/, results/
 PROMPT = "Explain the theory of relativity."
 POLICIES = ("passive", "active")
 QUOTA = ["--cpu-quota", "50", "--cpu-period-us", "100000", "--memory-max", "4G"]
@@ -93,7 +94,7 @@ def words(cast=str, allowed=None):
 
 
 def build_parser():
-    from engine import ENGINES
+    from llm_psi.engine.loop import ENGINES
     p = _Parser(prog="bench_collapse.py", description=__doc__, formatter_class=_Help)
     grid = p.add_argument_group("grid (every combination is measured)")
     grid.add_argument("--threads", type=words(positive(int)), default="1 2 4 8", metavar="LIST",
@@ -123,8 +124,8 @@ def build_parser():
 
 def worker(args) -> int:
     """Time single requests in this process (its OpenMP variables already set); print one JSON line."""
-    import cgroup_lib
-    from engine import make_engine
+    from llm_psi import cgroups
+    from llm_psi.engine.loop import make_engine
     engine = make_engine(args.engines[0], tiny=args.tiny, seed=0, torch_threads=args.threads[0])
     engine.generate(PROMPT, min(args.max_new_tokens, 5), seed=0)  # warm-up, untimed
     times = []
@@ -137,14 +138,14 @@ def worker(args) -> int:
             break
     ident = engine.identity()
     print(json.dumps({"median_s": statistics.median(times), "service_s": times, "model": ident["source"],
-                      "torch_threads": ident["torch_threads"], "cpu_quota_cores": cgroup_lib.cpu_quota_cores()}))
+                      "torch_threads": ident["torch_threads"], "cpu_quota_cores": cgroups.cpu_quota_cores()}))
     return 0
 
 
 def run_child(cmd, env):
     """Run cmd to completion; return (status, stdout, stderr). Interrupted, the child is sent the same stop
     (cgroup_lib run then removes its cgroup), given time to end, then killed."""
-    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = child.communicate()
     except BaseException as e:
@@ -163,7 +164,7 @@ def measure(args, engine, policy, threads, condition, name) -> dict:
     """One worker for one combination; its CSV row."""
     n = str(threads)
     env = dict(os.environ, OMP_WAIT_POLICY=policy.upper(), OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--engines", engine, "--threads", n,
+    cmd = [sys.executable, "-m", "bench.collapse", "--worker", "--engines", engine, "--threads", n,
            "--reps", str(args.reps), "--slow-s", str(args.slow_s), "--max-new-tokens", str(args.max_new_tokens)]
     cmd += ["--tiny"] if args.tiny else []
     if condition == "quota":

@@ -17,8 +17,9 @@ import statistics
 import sys
 import threading
 import time
+from llm_psi import REPO
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = REPO  # the repository root: the root scripts, reference/, results/
 PROMPT = "Explain the theory of relativity."
 
 
@@ -42,7 +43,7 @@ def build_parser():
 
 def run_batch(engine, b: int, tokens: int) -> dict:
     """One batch of b simultaneous requests through a fresh BatchEngine; wall, CPU and service times."""
-    from batch_engine import BatchEngine
+    from llm_psi.engine.batch import BatchEngine
     be = BatchEngine(engine, max_batch=b)
     gens = [None] * b
     errors = []
@@ -78,14 +79,14 @@ def median_row(rows: list[dict]) -> dict:
 
 def quota_cores():
     try:
-        import cgroup_lib
-        return cgroup_lib.cpu_quota_cores()
+        from llm_psi import cgroups
+        return cgroups.cpu_quota_cores()
     except Exception:
         return None
 
 
 def measure(args) -> int:
-    from engine import Engine
+    from llm_psi.engine.loop import Engine
     engine = Engine(tiny=args.tiny, seed=0, torch_threads=args.threads)
     quota = quota_cores()
     run_batch(engine, max(args.batches), min(args.tokens, 5))  # warm-up, untimed
@@ -127,8 +128,8 @@ def main(argv=None) -> int:
         inner.append(arg)
     import subprocess
     cmd = [sys.executable, os.path.join(HERE, "cgroup_lib.py"), "run", "--name", "bench_batching",
-           "--cpu-quota", str(args.under_quota), "--", sys.executable, os.path.abspath(__file__), *inner]
-    return subprocess.call(cmd)
+           "--cpu-quota", str(args.under_quota), "--", sys.executable, "-m", "bench.batching", *inner]
+    return subprocess.call(cmd, cwd=REPO)
 
 
 if __name__ == "__main__":

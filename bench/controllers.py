@@ -19,8 +19,9 @@ import math
 import os
 import subprocess
 import sys
+from llm_psi import REPO
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = REPO  # the repository root: the root scripts, reference/, results/
 CONTROLLERS = ["cgroups", "psi", "cgroups_threads", "psi_threads", "limit1", "adaptive"]
 
 
@@ -36,7 +37,7 @@ def sweep(a) -> None:
 
 def table(results_dir: str, concurrency: int) -> tuple[list[str], str | None]:
     """Markdown lines of the controller table from the cells in results_dir, and the ideal's reference."""
-    import analyze_results as ar
+    from llm_psi.analysis import analyze as ar
     an = ar.analyze(results_dir)
     s = an.summary[(an.summary["trial"] == "all") & (an.summary["concurrency"] == concurrency)
                    & an.summary["limited"]].set_index("config")
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     for name in ("concurrency", "num_requests", "max_new_tokens", "trials"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    import analyze_results as ar
+    from llm_psi.analysis import analyze as ar
     try:
         if a.from_results is None:
             sweep(a)

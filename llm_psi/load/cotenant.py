@@ -4,10 +4,10 @@ A spec is "cpu:N" (N built-in burner processes; each does fixed units of pure-Py
 counts them in shared memory, so the co-tenant's throughput is measurable) or any other non-empty string, a
 shell command (e.g. "stress-ng --cpu 2"; its throughput is unknown: units() is None).
 
-The co-tenant runs in a sibling cgroup `name` that cgroup_lib.create makes next to the service's, under the
+The co-tenant runs in a sibling cgroup `name` that cgroups.create makes next to the service's, under the
 hierarchy root: one cgroup on v2; on hybrid hosts the v1 cpu and memory cgroups plus a unified (v2) one, so that
 it has its own cpu.pressure; v1 cpu and memory on v1. It is unlimited unless quota_pct (percent of one CPU).
-Every child joins it before it runs and gets PR_SET_PDEATHSIG(SIGKILL) (cgroup_lib._place). Where no cgroup can
+Every child joins it before it runs and gets PR_SET_PDEATHSIG(SIGKILL) (cgroups.place). Where no cgroup can
 be made (not root, no cgroupfs, the name held by a live co-tenant) it runs without one: one warning line, and
 describe() says why. With $CGROUP_ROOT (the tests' fake tree) the cgroup is made there.
 
@@ -32,13 +32,15 @@ import sys
 import threading
 import time
 
-import cgroup_lib
-from cgroup_lib import CgroupError, OneLineParser, finite_number
+from llm_psi import cgroups
+from llm_psi import cli
+from llm_psi.cgroups import CgroupError
+from llm_psi.cli import OneLineParser, finite_number
+from llm_psi import REPO
 
 UNIT_ITERS = 16000        # one unit of burner work: ~1 ms of pure-Python integer arithmetic
 MAX_BURNERS = 1024
 STOP_GRACE_S = 3.0        # a command's process group: SIGTERM, then SIGKILL after this
-HERE = os.path.abspath(__file__)
 SHELL_CHARS = set("|&;<>()$`\\\"'*?[]{}#~=%!\n")   # a command with none of these runs without a shell
 
 
@@ -90,7 +92,7 @@ class Cotenant:
         self.kind, arg = parse_spec(spec)
         self.spec, self.log = spec.strip(), log
         self.workers, self.command = (arg, None) if self.kind == "cpu" else (None, arg)
-        if not cgroup_lib.NAME_RE.match(name):
+        if not cgroups.NAME_RE.match(name):
             raise ValueError(f"bad cgroup name {name!r} (letters, digits, _ . - only)")
         if quota_pct is not None and not (math.isfinite(quota_pct) and quota_pct > 0):
             raise ValueError(f"quota_pct must be a finite number > 0 or None, got {quota_pct!r}")
@@ -109,7 +111,7 @@ class Cotenant:
         atexit.register(self.stop)
         try:
             self._make_cgroup()
-            place = cgroup_lib._place(self.dirs)     # death signal, then join every cgroup.procs, before exec
+            place = cgroups.place(self.dirs)     # death signal, then join every cgroup.procs, before exec
             common = dict(preexec_fn=place, process_group=0, stdin=subprocess.DEVNULL, stdout=2)
             if self.kind == "command":    # no shell where none is needed: the death signal reaches it
                 argv = ["/bin/sh", "-c", self.command] if SHELL_CHARS & set(self.command) else self.command.split()
@@ -121,7 +123,8 @@ class Cotenant:
                     self._counts = memoryview(mmap.mmap(fd, 8 * self.workers)).cast("Q")
                     for slot in range(self.workers):
                         self.procs.append(subprocess.Popen(
-                            [sys.executable, HERE, "--burner", str(fd), str(slot)], pass_fds=(fd,), **common))
+                            [sys.executable, "-m", "llm_psi.load.cotenant", "--burner", str(fd), str(slot)],
+                            pass_fds=(fd,), cwd=REPO, **common))
                 finally:
                     os.close(fd)
         except BaseException:
@@ -133,10 +136,10 @@ class Cotenant:
 
     def _make_cgroup(self):
         try:
-            self._lock = cgroup_lib._lock(self.name)        # held: a leftover of the name is a dead run's
-            self.info, self.dirs = cgroup_lib.create(self.name, self.quota_pct, self.period_us, None,
+            self._lock = cgroups.lock(self.name)        # held: a leftover of the name is a dead run's
+            self.info, self.dirs = cgroups.create(self.name, self.quota_pct, self.period_us, None,
                                                      log=self.log, stop_orphans=True)
-            self.limits = cgroup_lib.read_limits(self.info)
+            self.limits = cgroups.read_limits(self.info)
             self.pressure = self.info["pressure"] if os.path.exists(self.info["pressure"] or "") else None
         except (CgroupError, OSError) as e:
             self._unlock()
@@ -160,7 +163,7 @@ class Cotenant:
         """CPU seconds the co-tenant's cgroup used (cpu.stat / cpuacct), None where unknown."""
         if self.state == "stopped" or self.info is None:
             return self._final_cpu_s
-        usage = cgroup_lib.read_counters(self.info).get("usage_usec")
+        usage = cgroups.read_counters(self.info).get("usage_usec")
         return None if usage is None else usage / 1e6
 
     def stop(self):
@@ -203,7 +206,7 @@ class Cotenant:
         for d in reversed(self.dirs):
             try:
                 if _on_cgroupfs(d):
-                    cgroup_lib._remove([d], self.log)   # kills what escaped the group, then rmdir
+                    cgroups.remove([d], self.log)   # kills what escaped the group, then rmdir
                 else:
                     shutil.rmtree(d)                  # $CGROUP_ROOT fake tree: plain directories
             except (CgroupError, OSError) as e:
@@ -283,7 +286,7 @@ def main(argv=None):
         return 0
     p = OneLineParser(prog="cotenant.py", description="Run the co-tenant alone for --seconds and print its "
                       "reference throughput as one JSON line.")
-    p.add_argument("--antagonist", type=cgroup_lib.checked_by(parse_spec), default="cpu:1",
+    p.add_argument("--antagonist", type=cli.checked_by(parse_spec), default="cpu:1",
                    help="cpu:N (N built-in burner processes) or a shell command (default %(default)s)")
     p.add_argument("--seconds", type=finite_number(gt=0), default=10.0, help="run time (default %(default)s)")
     p.add_argument("--antagonist-quota", type=finite_number(gt=0), metavar="PCT",
@@ -293,7 +296,7 @@ def main(argv=None):
     p.add_argument("--name", default="llm_cotenant", help="the co-tenant's cgroup (default %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write the result to PATH (default: stdout only)")
     args = p.parse_args(argv)
-    if not cgroup_lib.NAME_RE.match(args.name):
+    if not cgroups.NAME_RE.match(args.name):
         p.error(f"--name: bad cgroup name {args.name!r} (letters, digits, _ . - only)")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json: no directory for {args.json!r}")

@@ -16,9 +16,10 @@ import signal
 import subprocess
 import sys
 
-from cgroup_lib import OneLineParser, finite_number
+from llm_psi.cli import OneLineParser, finite_number
+from llm_psi import REPO
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = REPO  # the repository root: the root scripts, reference/, results/
 COUNT = finite_number(int, ge=1)
 MODES = ("in-process", "service")
 
@@ -52,8 +53,8 @@ def run_trial(a, mode: str, trial: int) -> None:
 def figures(a) -> list[str]:
     import pandas as pd
 
-    import metrics
-    import trial_stats
+    from llm_psi.analysis import metrics
+    from llm_psi.analysis import stats as trial_stats
     p95 = {}
     for mode in MODES:
         df = pd.read_csv(_cell(a, mode))

@@ -41,8 +41,8 @@ def resolve_threads(value) -> int | None:
         return None
     if value == "auto":
         try:
-            import cgroup_lib
-            cores = cgroup_lib.cpu_quota_cores()
+            from llm_psi import cgroups
+            cores = cgroups.cpu_quota_cores()
         except Exception:  # no cgroup information: behave as unlimited
             cores = None
         return max(1, int(cores)) if cores else (os.cpu_count() or 1)

@@ -13,8 +13,8 @@ import math
 import os
 import threading
 
-import metrics
-from service import UsageError
+from llm_psi.analysis import metrics
+from llm_psi.cli import UsageError
 
 DEFAULT_OUTPUT = "runs/{config}_c{concurrency}.csv"  # git-ignored: committed results/ change only on purpose
 # Settings of one invocation, not of the cell: they may differ between the runs that fill one cell.

@@ -22,9 +22,10 @@ import math
 import threading
 import time
 
-import configs
-from cgroup_lib import finite_number
-from engine import Interrupted
+from llm_psi import config as configs
+from llm_psi.cli import UsageError, finite_number
+from llm_psi.control.psi import PsiUnavailable  # noqa: F401  (the service's API: a client catches it)
+from llm_psi.engine.loop import Interrupted  # noqa: F401  (likewise)
 
 log = logging.getLogger("service")
 
@@ -57,10 +58,6 @@ class ServiceConfig:
     max_waiting: int | None = None   # refuse a request that would wait while this many wait (None: never)
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line, exit status 2."""
-
-
 class OptionParser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
@@ -87,7 +84,7 @@ def add_config_option(group) -> None:
 
 def add_service_options(p, defaults=ServiceConfig) -> None:
     """The service's option groups (model and decoding, admission), shared by the generator and the server."""
-    import engine
+    from llm_psi.engine import loop as engine
     g = p.add_argument_group("model and decoding")
     g.add_argument("--model", default=None, help="pretrained weights: local path or hub id (default: the GPT-2 "
                                                  "124M architecture with weights from --seed)")
@@ -162,8 +159,8 @@ def check_limits(label: str) -> None:
     if not configs.is_limited(label):
         return
     try:
-        import cgroup_lib
-        cores = cgroup_lib.cpu_quota_cores()
+        from llm_psi import cgroups
+        cores = cgroups.cpu_quota_cores()
     except Exception:
         cores = None
     if cores is None:
@@ -181,13 +178,13 @@ def service_config(cfg) -> ServiceConfig:
 def build_admission(cfg: ServiceConfig, read=None):
     """The admission controller ``cfg`` asks for, or None; ``read`` injects the gate's signal (tests).
     Raises psi_admission.PsiUnavailable (with the fix) where the pressure file is unusable."""
-    import psi_admission as psi
+    from llm_psi.control import psi
     if cfg.admission == "none":
         return None
     if cfg.admission == "limit":
         return psi.Limit(cfg.concurrency_limit)
     if cfg.admission == "adaptive":
-        import adaptive_control
+        from llm_psi.control import adaptive as adaptive_control
         return adaptive_control.build(cfg, max_limit=cfg.max_batch if cfg.batching != "off" else cfg.adaptive_max)
     if cfg.admission != "gate":
         raise ValueError(f"unknown admission {cfg.admission!r}")
@@ -201,11 +198,11 @@ def build_admission(cfg: ServiceConfig, read=None):
 
 def load_engine(cfg: ServiceConfig):
     """The engine ``cfg`` names, wrapped in the batching scheduler when it batches."""
-    import engine as engines
+    from llm_psi.engine import loop as engines
     eng = engines.make_engine(cfg.engine, model=cfg.model, tiny=cfg.tiny, seed=cfg.seed,
                               torch_threads=cfg.torch_threads, temperature=cfg.temperature)
     if cfg.batching != "off":
-        import batch_engine
+        from llm_psi.engine import batch as batch_engine
         eng = batch_engine.wrap(eng, cfg)
     return eng
 

@@ -14,8 +14,7 @@ import time
 
 import httpx
 
-from engine import Interrupted
-from service import Outcome
+from llm_psi.service.lifecycle import Interrupted, Outcome
 
 
 class RemoteError(RuntimeError):

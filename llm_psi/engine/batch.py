@@ -42,7 +42,7 @@ import threading
 import time
 from collections import deque
 
-from engine import Generation, Interrupted
+from llm_psi.engine.loop import Generation, Interrupted
 
 
 def wrap(engine, cfg):

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-import metrics
+from llm_psi.analysis import metrics
 
 ARRIVALS = ("closed", "constant", "poisson", "gamma")
 

@@ -17,8 +17,9 @@ import subprocess
 import sys
 import time
 
-import cgroup_lib
-from psi_admission import (TRIGGER_WINDOW_S, Gate, PressureFile, StallShare, TriggerMonitor, TriggerUnavailable,
+from llm_psi import cgroups
+from llm_psi import cli
+from llm_psi.control.psi import (TRIGGER_WINDOW_S, Gate, PressureFile, StallShare, TriggerMonitor, TriggerUnavailable,
                            make_detector, run_cli)
 
 log = logging.getLogger("psi_bench")
@@ -73,8 +74,8 @@ def bench(threshold: float = 50.0, load_s: float = 40.0, burners: int = 3, calls
     first, reasons, peak, procs, monitors = {}, {}, collections.defaultdict(float), [], {}
     old = {s: signal.signal(s, _interrupt) for s in STOP_SIGNALS}
     try:
-        info, dirs = cgroup_lib.create(name, 50.0, memory_max_bytes=None, log=log.info)
-        files = {"system": PressureFile(cgroup_lib.system_pressure_path("cpu")),
+        info, dirs = cgroups.create(name, 50.0, memory_max_bytes=None, log=log.info)
+        files = {"system": PressureFile(cgroups.system_pressure_path("cpu")),
                  "cgroup": PressureFile(info["pressure"])}
         shares = {src: StallShare(pf.timed_total, 0.5) for src, pf in files.items()}
         baseline = {src: (pf.avg10(), round(shares[src](), 1)) for src, pf in files.items()}
@@ -111,7 +112,7 @@ def bench(threshold: float = 50.0, load_s: float = 40.0, burners: int = 3, calls
             _stop(procs)
             for m in monitors.values():
                 m.close()
-            cgroup_lib.cleanup(name, log=log.info)
+            cgroups.cleanup(name, log=log.info)
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
@@ -133,10 +134,10 @@ def bench(threshold: float = 50.0, load_s: float = 40.0, burners: int = 3, calls
 
 
 def main(argv=None) -> int:
-    p = cgroup_lib.OneLineParser(prog="psi_bench.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--threshold", type=cgroup_lib.finite_number(gt=0, le=100), default=50.0,
+    p = cli.OneLineParser(prog="psi_bench.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--threshold", type=cli.finite_number(gt=0, le=100), default=50.0,
                    help="percent in (0, 100], besides the paper's 95 (default 50)")
-    p.add_argument("--seconds", type=cgroup_lib.finite_number(gt=0, le=300), default=40.0,
+    p.add_argument("--seconds", type=cli.finite_number(gt=0, le=300), default=40.0,
                    help="longest step load, seconds in (0, 300] (default 40)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every decision and trigger event")
     a = p.parse_args(argv)

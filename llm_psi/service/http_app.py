@@ -40,8 +40,8 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-import psi_admission as psi
-from service import Service, ServiceConfig
+from llm_psi.control import psi
+from llm_psi.service.lifecycle import Service, ServiceConfig
 
 log = logging.getLogger("http_api")
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, math.inf)

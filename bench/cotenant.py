@@ -30,13 +30,15 @@ import subprocess
 import sys
 import time
 
-import arrivals
-import cgroup_lib
-import configs
-import cotenant
-import metrics
+from llm_psi.load import arrivals
+from llm_psi import cgroups
+from llm_psi import cli
+from llm_psi import config as configs
+from llm_psi.load import cotenant
+from llm_psi.analysis import metrics
+from llm_psi import REPO
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = REPO  # the repository root: the root scripts, reference/, results/
 PROG = "bench_cotenant.py"
 CONFIGS = ("cgroups", "cgroups_threads", "psi", "psi_cgroup", "adaptive", "batch_psi", "baseline", "psi_unlimited")
 CAPACITY_CONFIG = {"limited": "cgroups", "unlimited": "baseline"}
@@ -101,7 +103,7 @@ def generator_cmd(a, cell: dict, out: str) -> list:
 def call(cmd: list) -> int:
     """Run cmd in its own process group, dying with this process; a Ctrl-C here reaches it once (forwarded),
     and raises KeyboardInterrupt after it has stopped. A child stopped by a signal raises it too."""
-    proc = subprocess.Popen(cmd, process_group=0, preexec_fn=cgroup_lib._place([]))
+    proc = subprocess.Popen(cmd, process_group=0, preexec_fn=cgroups.place([]))
     try:
         rc = proc.wait()
     except KeyboardInterrupt:
@@ -164,7 +166,7 @@ def run_all(a, root: bool) -> list[str]:
         say(f"reference: {ref} exists; skipped (--resume)")
     else:
         say(f"reference: {a.antagonist} alone for {a.reference_seconds:g} s -> {ref}")
-        rc = call([sys.executable, os.path.join(HERE, "cotenant.py"), "--antagonist", a.antagonist,
+        rc = call([sys.executable, "-m", "llm_psi.load.cotenant", "--antagonist", a.antagonist,
                    "--seconds", str(a.reference_seconds), "--json", ref])
         if rc != 0 or not (_json(ref) or {}).get("units_per_s"):
             raise StepError(f"the reference run failed or measured no throughput ({ref})")
@@ -377,9 +379,9 @@ def _config_list(text):
 
 
 def parse_args(argv):
-    p = cgroup_lib.OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    p = cli.OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    num = cgroup_lib.finite_number
+    num = cli.finite_number
     p.add_argument("--results-dir", default=os.path.join("results", "cotenant"), help="where every file goes")
     p.add_argument("--report-only", action="store_true", help="table and figure from existing files; run nothing")
     g = p.add_mutually_exclusive_group()
@@ -388,9 +390,9 @@ def parse_args(argv):
     p.add_argument("--num-requests", type=num(int, ge=1), default=20, help="requests per open-loop cell")
     p.add_argument("--load", type=num(gt=0), default=0.7, help="open-loop rate as a fraction of capacity")
     p.add_argument("--seed", type=num(int, ge=0), default=0, help="run order, arrivals, weights and sampling")
-    p.add_argument("--slo", type=cgroup_lib.checked_by(arrivals.parse_slo), help=f"goodput SLO, metric:ms pairs (default: "
+    p.add_argument("--slo", type=cli.checked_by(arrivals.parse_slo), help=f"goodput SLO, metric:ms pairs (default: "
                    f"{DEFAULT_SLO}; with --report-only the SLO the cells ran with)", default=argparse.SUPPRESS)
-    p.add_argument("--antagonist", type=cgroup_lib.checked_by(cotenant.parse_spec), default="cpu:2",
+    p.add_argument("--antagonist", type=cli.checked_by(cotenant.parse_spec), default="cpu:2",
                    help="the co-tenant: cpu:N burners or a shell command")
     p.add_argument("--max-new-tokens", type=num(int, ge=1), default=50, help="tokens per request")
     p.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")

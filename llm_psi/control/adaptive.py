@@ -23,8 +23,8 @@ import statistics
 import threading
 import time
 
-import cgroup_lib
-import psi_admission as psi
+from llm_psi import cgroups
+from llm_psi.control import psi
 
 log = logging.getLogger("adaptive")
 
@@ -114,9 +114,9 @@ class AdaptiveLimit(psi.Limit):
 def build(cfg, max_limit: int) -> AdaptiveLimit:
     """The adaptive controller for a service config, its limit within 1..max_limit: the service cgroup's
     stall share where it has one."""
-    path = cgroup_lib.pressure_path("cpu")
+    path = cgroups.pressure_path("cpu")
     if path is None:
-        path = cgroup_lib.system_pressure_path("cpu")
+        path = cgroups.system_pressure_path("cpu")
         log.warning("no cgroup cpu.pressure for this process: adapting to the system's %s", path)
     source = psi.StallShare(psi.PressureFile(path).timed_total, psi.TRIGGER_WINDOW_S)
     return AdaptiveLimit(source, initial=1, max_limit=max_limit,

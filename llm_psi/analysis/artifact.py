@@ -13,9 +13,10 @@ import re
 import numpy as np
 import pandas as pd
 
-from report import md_table
+from llm_psi.analysis.report import md_table
+from llm_psi import REPO
 
-ARTIFACT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "artifact_results")
+ARTIFACT_DIR = os.path.join(REPO, "reference", "artifact_results")
 FILE_RE = re.compile(r"^(?P<config>[a-z_]+)_c(?P<concurrency>\d+)\.csv$")
 COLUMNS = ["timestamp", "latency_ms", "prompt_length"]
 COLLAPSE_COLUMNS = ["engine", "omp_wait_policy", "torch_threads", "condition", "reps", "median_service_s", "min_s",

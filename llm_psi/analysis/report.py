@@ -18,7 +18,7 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator
 
-import metrics
+from llm_psi.analysis import metrics
 
 DPI = 120
 PAGE, MARGIN = (11.69, 8.27), 0.6  # A4 landscape, inches

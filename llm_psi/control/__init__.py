@@ -1,0 +1,1 @@
+"""Control: pressure sources and triggers, the paper's gate, the concurrency limit, the adaptive limit."""

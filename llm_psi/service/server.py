@@ -1,0 +1,63 @@
+"""The LLM service's command: GPT-2 loaded in-process, run as a resident HTTP service or for one cell.
+
+    python llm_server.py serve --port 8000 --config psi           # the resident service (http_api.py)
+    python llm_server.py --config baseline --concurrency 4        # one cell, as the paper's README shows
+                                                                  # (= request_generator.py; -> runs/baseline_c4.csv)
+
+What runs where: ``engine.py`` holds the model and its decode loops, ``service.py`` the request lifecycle
+(admit, generate, release) and its controllers, ``http_api.py`` the HTTP routes; the load generator is a
+client of the Service, in-process or over HTTP (``request_generator.py --target``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+from llm_psi.service import lifecycle as service
+from llm_psi.service.lifecycle import ServiceConfig, UsageError
+
+PROG = "llm_server.py serve"
+
+
+def build_serve_parser():
+    p = service.OptionParser(prog=PROG, description="Serve GPT-2 over HTTP behind the configured admission "
+                             "controller (routes and overload behaviour: http_api.py). A --config label presets "
+                             "the service options it names; an explicit option wins.")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    g.add_argument("--port", type=service.finite_number(int, ge=0, le=65535), default=8000,
+                   help="TCP port (default: %(default)s)")
+    g.add_argument("--retry-after-s", type=service.finite_number(float, gt=0), default=1.0,
+                   help="Retry-After of a 503, seconds, rounded up (default: %(default)s)")
+    g.add_argument("--drain-timeout-s", type=service.finite_number(float, gt=0), default=None,
+                   help="after SIGTERM, stop waiting for requests in flight after this long (default: wait)")
+    g.add_argument("-v", "--verbose", action="store_true", help="log every admission decision")
+    service.add_config_option(g)
+    service.add_service_options(p, ServiceConfig)
+    return p
+
+
+def parse_serve(argv) -> tuple[ServiceConfig, dict]:
+    a = vars(build_serve_parser().parse_args(argv))
+    server = {k: a.pop(k) for k in ("host", "port", "retry_after_s", "drain_timeout_s", "verbose")}
+    service.resolve(a, ServiceConfig)
+    return ServiceConfig(**a), server
+
+
+def main(argv=None) -> int:
+    """`llm_server.py serve ARGS`: argv is ARGS, without the word serve."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, server = parse_serve(argv)
+        service.check_limits(cfg.config)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if server["verbose"] else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("service").info("serve config: %s (pid %d)", json.dumps(dataclasses.asdict(cfg)), os.getpid())
+    from llm_psi.service import http_app as http_api
+    return http_api.serve(cfg, server["host"], server["port"], server["retry_after_s"], server["drain_timeout_s"])
