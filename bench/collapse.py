@@ -94,7 +94,7 @@ def words(cast=str, allowed=None):
 
 
 def build_parser():
-    from llm_psi.engine.loop import ENGINES
+    from llm_psi.config import ENGINES
     p = _Parser(prog="bench_collapse.py", description=__doc__, formatter_class=_Help)
     grid = p.add_argument_group("grid (every combination is measured)")
     grid.add_argument("--threads", type=words(positive(int)), default="1 2 4 8", metavar="LIST",

@@ -1,7 +1,12 @@
 """The shared argparse helpers of every command: one-line errors with exit status 2, and checked numbers."""
+from __future__ import annotations
+
 import argparse
 import math
 import sys
+
+from llm_psi import config as configs
+from llm_psi.config import ServiceConfig
 
 
 class UsageError(Exception):
@@ -44,3 +49,97 @@ def checked_by(check):
         return text.strip()
     return parse
 
+
+class OptionParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+COUNT = finite_number(int, ge=1)
+PERCENT = finite_number(float, ge=0, le=100)
+DURATION_MS = finite_number(float, gt=0)
+
+
+def option(group, defaults, *flags, help="", **kw):
+    """An option whose default is None (= not given: the --config preset, then the dataclass ``defaults``
+    apply); its help shows the dataclass default."""
+    action = group.add_argument(*flags, default=None, help=help, **kw)
+    action.help = f"{help} (default: {getattr(defaults, action.dest, None)})".lstrip()
+    return action
+
+
+def add_config_option(group) -> None:
+    group.add_argument("--config", default=ServiceConfig.config,
+                       help=f"configuration label: {', '.join(configs.CONFIGS)}; it presets the options it names, "
+                            f"an explicit option wins (default: %(default)s)")
+
+
+def add_service_options(p, defaults=ServiceConfig) -> None:
+    """The service's option groups (model and decoding, admission), shared by the generator and the server."""
+    g = p.add_argument_group("model and decoding")
+    g.add_argument("--model", default=None, help="pretrained weights: local path or hub id (default: the GPT-2 "
+                                                 "124M architecture with weights from --seed)")
+    g.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
+    option(g, defaults, "--engine", choices=configs.ENGINES,
+           help="loop: our KV-cache decode loop; generate: Hugging Face generate(), as the artifact")
+    option(g, defaults, "--temperature", type=finite_number(float, gt=0))
+    option(g, defaults, "--seed", type=finite_number(int, ge=0), help="weight init and sampling seed")
+    g.add_argument("--torch-threads", default=None,
+                   help="N, 'auto' (= the cgroup's CPU quota, at least 1) or 'default' (torch's own)")
+    option(g, defaults, "--batching", choices=["off", "dynamic"],
+           help="dynamic: continuous batching (batch_engine.py)")
+    option(g, defaults, "--max-batch", type=COUNT)
+    g = p.add_argument_group(
+        "admission", "gate (the paper): before each request read the pressure; while it is over --psi-threshold "
+        "sleep --psi-interval-ms and read again, at most --psi-max-checks reads, then --on-timeout. limit: a "
+        "FIFO concurrency limit of --concurrency-limit. adaptive: AIMD on the limit (+1 below "
+        "--adaptive-low-pct pressure, halve at --adaptive-high-pct or when median service exceeds the minimum "
+        "by --adaptive-tolerance), floor 1, ceiling --adaptive-max. Overload: with --max-waiting N, a request "
+        "that would wait while N wait is refused at once (rejected, 'overloaded'; HTTP 503 + Retry-After).")
+    option(g, defaults, "--admission", choices=["none", "gate", "limit", "adaptive"])
+    g.add_argument("--psi-policy", choices=["gate", "adaptive"], default=None,
+                   help="the pressure-driven admission (= --admission)")
+    option(g, defaults, "--concurrency-limit", type=COUNT)
+    option(g, defaults, "--psi-threshold", type=PERCENT, help="percent")
+    option(g, defaults, "--psi-interval-ms", type=DURATION_MS)
+    option(g, defaults, "--psi-max-checks", type=COUNT)
+    option(g, defaults, "--on-timeout", choices=["admit", "reject"])
+    option(g, defaults, "--psi-source", choices=["system", "cgroup"],
+           help="/proc/pressure/cpu or the service cgroup's cpu.pressure")
+    option(g, defaults, "--psi-signal", choices=["avg10", "total"],
+           help="avg10, or the stall share over the last interval from total= deltas")
+    option(g, defaults, "--psi-mode", choices=["poll", "trigger"])
+    option(g, defaults, "--adaptive-low-pct", type=PERCENT)
+    option(g, defaults, "--adaptive-high-pct", type=PERCENT)
+    option(g, defaults, "--adaptive-tolerance", type=finite_number(float, gt=1))
+    g.add_argument("--adaptive-max", type=COUNT, default=None,
+                   help="the adaptive limit's ceiling (default: the generator's --concurrency, else "
+                        f"{ServiceConfig.adaptive_max}; --max-batch when batching)")
+    option(g, defaults, "--max-waiting", type=finite_number(int, ge=0),
+           help="refuse a request that would wait for admission while this many wait (None: never)")
+
+
+def resolve(a: dict, defaults=ServiceConfig, keep_none=()) -> None:
+    """Apply --psi-policy, the --config preset and the dataclass defaults to parsed options ``a`` (in place),
+    then check the service options. Precedence: an explicit option, the preset, the default."""
+    policy = a.pop("psi_policy", None)
+    if policy is not None and a.get("admission") is None:
+        a["admission"] = policy
+    if a["config"] not in configs.CONFIGS:
+        raise UsageError(f"unknown config {a['config']!r} (choose from {', '.join(configs.CONFIGS)})")
+    for key, value in configs.preset(a["config"]).items():
+        if a.get(key) is None:
+            a[key] = value
+    fallback = defaults()
+    for key, value in a.items():
+        if value is None and key not in keep_none:
+            a[key] = getattr(fallback, key)
+    if not a["adaptive_low_pct"] < a["adaptive_high_pct"]:
+        raise UsageError(f"need --adaptive-low-pct < --adaptive-high-pct, got "
+                         f"{a['adaptive_low_pct']} and {a['adaptive_high_pct']}")
+    if a["torch_threads"] not in (None, "auto", "default"):
+        if not str(a["torch_threads"]).isdigit() or int(a["torch_threads"]) < 1:
+            raise UsageError(f"--torch-threads must be a positive integer, 'auto' or 'default', "
+                             f"got {a['torch_threads']!r}")
+    if a["engine"] == "generate" and a["batching"] != "off":
+        raise UsageError("--engine generate cannot batch: the batching engine runs its own decode loop")

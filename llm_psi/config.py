@@ -1,12 +1,27 @@
-"""The configuration labels of the experiment grid and the settings each one presets.
+"""Every option of the suite and its default, in one place: the configuration labels of the experiment grid
+and what each presets, the service's options (ServiceConfig), a run's (RunConfig), and the cgroup limits.
 
-One small module that the service, the load generator and the analysis all import. A label's preset names
-service options (``service.ServiceConfig`` fields); ``limited`` says whether its cells must run under the CPU
-quota of the service cgroup (the sweeps put them there, and the generator refuses them elsewhere).
+Imports nothing of the project: the service, the load, the benchmarks and the analysis all read it. A label's
+preset names ServiceConfig fields; ``limited`` says whether its cells must run under the CPU quota of the
+service cgroup (the sweeps put them there, and the generator refuses them elsewhere). The argparse side of
+these options (help, checks, precedence of --config presets) is in ``llm_psi.cli``.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+
 PAPER = ("baseline", "cgroups", "psi")  # the paper's three configurations, in its order
+
+# The paper's static limits of a limited cell: cpu.max 50% of one CPU over a 100 ms period, memory.max 4 GiB.
+CPU_QUOTA_PCT = 50.0
+CPU_PERIOD_US = 100000
+MEMORY_MAX = "4G"
+MEMORY_MAX_BYTES = 4 << 30
+CGROUP_NAME = "llm_service"      # the service cgroup of a cell
+
+ENGINES = ("loop", "generate")   # our decode loop | Hugging Face generate() (engine.loop.make_engine kinds)
+ARRIVALS = ("closed", "constant", "poisson", "gamma")
 
 CONFIGS = {
     "baseline": dict(limited=False),
@@ -51,3 +66,71 @@ def is_limited(label: str) -> bool:
 def preset(label: str) -> dict:
     """The service options ``label`` sets (without ``limited``); KeyError for an unknown label."""
     return {k: v for k, v in CONFIGS[label].items() if k != "limited"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """The service's options; the load generator's RunConfig extends it with the load's."""
+    config: str = "baseline"         # the label this service runs as (configs.CONFIGS)
+    model: str | None = None
+    tiny: bool = False
+    seed: int = 0                    # weight init seed (and the base of per-request sampling seeds)
+    temperature: float = 0.7
+    torch_threads: str | None = None
+    engine: str = "loop"             # loop (our decode loop) | generate (Hugging Face generate(), as the artifact)
+    batching: str = "off"
+    max_batch: int = 8
+    admission: str = "none"          # none | gate | limit | adaptive
+    concurrency_limit: int = 1
+    psi_threshold: float = 95.0
+    psi_interval_ms: float = 500.0
+    psi_max_checks: int = 10
+    on_timeout: str = "admit"
+    psi_source: str = "system"
+    psi_signal: str = "avg10"
+    psi_mode: str = "poll"
+    adaptive_low_pct: float = 20.0   # adaptive limit: add one below this pressure (%)
+    adaptive_high_pct: float = 90.0  # halve at or above this pressure (%)
+    adaptive_tolerance: float = 1.5  # halve when median service exceeds the minimum by this factor
+    adaptive_max: int = 8            # adaptive limit's ceiling (the batch size when batching)
+    max_waiting: int | None = None   # refuse a request that would wait while this many wait (None: never)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(ServiceConfig):
+    """One run: the service's options (ServiceConfig, whose ``seed`` also seeds sampling and arrivals) and
+    the load's."""
+    concurrency: int = 1
+    num_requests: int = 20
+    spacing_ms: float = 100.0
+    max_new_tokens: int = 50
+    trials: int = 1
+    output: str = "runs/baseline_c1.csv"
+    prompts_file: str | None = None
+    warmup: bool = True
+    quiet: bool = False
+    verbose: bool = False
+    timeline_interval_ms: float = 250.0
+    arrival: str = "closed"          # closed (the paper) | constant | poisson | gamma (open loop)
+    rate: float | None = None        # open loop: requests per second
+    burstiness: float = 1.0          # gamma shape (1 = Poisson)
+    duration: float | None = None    # open loop: send for this many seconds instead of --num-requests
+    max_concurrency: int | None = None  # open loop: cap on requests in flight (None: none)
+    slo: str | None = None           # "ttft:MS,e2e:MS": goodput counts the ok requests meeting all
+    target: str | None = None        # URL of a running service (llm_server.py serve); None: in-process
+    wait_ready_s: float = 0.0        # with --target: wait this long for the service to become ready
+    antagonist: str | None = None    # co-tenant: cpu:N built-in burners or a command
+    antagonist_quota: float | None = None  # its CPU quota, percent of one CPU (None: unlimited)
+    trial: int | None = None         # run only this trial of the cell (sweeps interleave cells trial by trial)
+    run_index: int | None = None     # this run's position in its sweep, recorded with the trial
+    force: bool = False
+    resume: bool = False
+
+    @property
+    def stem(self) -> str:
+        return os.path.splitext(self.output)[0]
+
+
+def service_config(cfg) -> ServiceConfig:
+    """The ServiceConfig part of any config object carrying its fields (e.g. the generator's RunConfig)."""
+    return ServiceConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServiceConfig)})

@@ -13,7 +13,7 @@ DOORS = {"llm_server", "request_generator", "psi_admission", "analyze_results", 
 MAY_IMPORT = {
     "llm_psi": set(),
     "llm_psi.config": set(),
-    "llm_psi.cli": set(),
+    "llm_psi.cli": {"llm_psi.config"},
     "llm_psi.cgroups": {"llm_psi", "llm_psi.cli"},
     "llm_psi.analysis": {"llm_psi", "llm_psi.config", "llm_psi.cli"},
     "llm_psi.engine": {"llm_psi", "llm_psi.config", "llm_psi.cli", "llm_psi.cgroups"},

@@ -24,8 +24,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from llm_psi.config import ENGINES
+
 TINY_CONFIG = dict(n_layer=2, n_head=2, n_embd=64, n_positions=256)
-ENGINES = ("loop", "generate")
 
 
 def apply_thread_env(n: int) -> None:

@@ -18,8 +18,8 @@ import math
 import numpy as np
 
 from llm_psi.analysis import metrics
+from llm_psi.config import ARRIVALS
 
-ARRIVALS = ("closed", "constant", "poisson", "gamma")
 
 
 def _positive(name: str, value) -> float:

@@ -47,52 +47,16 @@ from llm_psi.load import cotenant
 from llm_psi.analysis import metrics
 from llm_psi.load.cell_files import COLUMNS, DEFAULT_OUTPUT, PER_RUN_KEYS, CellFiles, CsvSink, check_output, write_json  # noqa: F401
 from llm_psi.cgroups import CgroupProbe, counter_delta
-from llm_psi.cli import finite_number
-from llm_psi.config import CONFIGS, PROMPTS
-from llm_psi.service.lifecycle import Service, ServiceConfig, UsageError, option, service_config
+from llm_psi import cli
+from llm_psi.cli import UsageError, finite_number, option
+from llm_psi.config import ARRIVALS, CONFIGS, PROMPTS, RunConfig, ServiceConfig, service_config  # noqa: F401
+from llm_psi.service.lifecycle import Service
 from llm_psi.service import lifecycle as service
 from llm_psi import REPO
 
 HERE = REPO  # the repository root: the root scripts, reference/, results/
 
-ENGINES = ("loop", "generate")  # engine.make_engine kinds
-ARRIVALS = ("closed", "constant", "poisson", "gamma")
 
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig(ServiceConfig):
-    """One run: the service's options (ServiceConfig, whose ``seed`` also seeds sampling and arrivals) and
-    the load's."""
-    concurrency: int = 1
-    num_requests: int = 20
-    spacing_ms: float = 100.0
-    max_new_tokens: int = 50
-    trials: int = 1
-    output: str = "runs/baseline_c1.csv"
-    prompts_file: str | None = None
-    warmup: bool = True
-    quiet: bool = False
-    verbose: bool = False
-    timeline_interval_ms: float = 250.0
-    arrival: str = "closed"          # closed (the paper) | constant | poisson | gamma (open loop)
-    rate: float | None = None        # open loop: requests per second
-    burstiness: float = 1.0          # gamma shape (1 = Poisson)
-    duration: float | None = None    # open loop: send for this many seconds instead of --num-requests
-    max_concurrency: int | None = None  # open loop: cap on requests in flight (None: none)
-    slo: str | None = None           # "ttft:MS,e2e:MS": goodput counts the ok requests meeting all
-    target: str | None = None        # URL of a running service (llm_server.py serve); None: in-process
-    wait_ready_s: float = 0.0        # with --target: wait this long for the service to become ready
-    antagonist: str | None = None    # co-tenant: cpu:N built-in burners or a command
-    antagonist_quota: float | None = None  # its CPU quota, percent of one CPU (None: unlimited)
-    trial: int | None = None         # run only this trial of the cell (sweeps interleave cells trial by trial)
-    run_index: int | None = None     # this run's position in its sweep, recorded with the trial
-    force: bool = False
-    resume: bool = False
-
-    @property
-    def stem(self) -> str:
-        return os.path.splitext(self.output)[0]
 
 
 COUNT = finite_number(int, ge=1)              # a positive integer
@@ -105,12 +69,12 @@ def _opt(group, *flags, **kw):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = service.OptionParser(prog=os.path.basename(sys.argv[0]) or "request_generator.py",
+    p = cli.OptionParser(prog=os.path.basename(sys.argv[0]) or "request_generator.py",
                 description="Send concurrent prompts to the in-process GPT-2 engine; one CSV row per request. "
                             "Defaults are the paper's; a --config label presets the options it names "
                             "(--list-configs), and an explicit option wins over the preset.")
     g = p.add_argument_group("cell")
-    service.add_config_option(g)
+    cli.add_config_option(g)
     _opt(g, "--concurrency", type=COUNT, help="worker threads (closed loop); the cell's c")
     _opt(g, "--num-requests", type=COUNT, help="requests per trial")
     _opt(g, "--spacing-ms", type=finite_number(float, ge=0), help="closed loop: time between submissions")
@@ -156,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", dest="prompts_file", default=None, help="file with one prompt per line "
                                                                         "(default: 10 built-in prompts)")
     g.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up request")
-    service.add_service_options(p, RunConfig)
+    cli.add_service_options(p, RunConfig)
     return p
 
 
@@ -165,7 +129,7 @@ def parse_config(argv, default_output=DEFAULT_OUTPUT) -> RunConfig:
     Precedence: an explicit option, then the --config preset, then the RunConfig default."""
     a = vars(build_parser().parse_args(argv))
     a.pop("list_configs")
-    service.resolve(a, RunConfig, keep_none=("output", "trial", "run_index", "adaptive_max"))
+    cli.resolve(a, RunConfig, keep_none=("output", "trial", "run_index", "adaptive_max"))
     if a["trial"] is not None and a["trial"] > a["trials"]:
         raise UsageError(f"--trial {a['trial']} is beyond --trials {a['trials']}")
     if a["force"] and a["resume"]:

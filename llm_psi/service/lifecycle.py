@@ -23,135 +23,12 @@ import threading
 import time
 
 from llm_psi import config as configs
-from llm_psi.cli import UsageError, finite_number
+from llm_psi.cli import UsageError
+from llm_psi.config import ServiceConfig, service_config  # noqa: F401  (the service's API)
 from llm_psi.control.psi import PsiUnavailable  # noqa: F401  (the service's API: a client catches it)
 from llm_psi.engine.loop import Interrupted  # noqa: F401  (likewise)
 
 log = logging.getLogger("service")
-
-
-@dataclasses.dataclass(frozen=True)
-class ServiceConfig:
-    """The service's options; the load generator's RunConfig extends it with the load's."""
-    config: str = "baseline"         # the label this service runs as (configs.CONFIGS)
-    model: str | None = None
-    tiny: bool = False
-    seed: int = 0                    # weight init seed (and the base of per-request sampling seeds)
-    temperature: float = 0.7
-    torch_threads: str | None = None
-    engine: str = "loop"             # loop (our decode loop) | generate (Hugging Face generate(), as the artifact)
-    batching: str = "off"
-    max_batch: int = 8
-    admission: str = "none"          # none | gate | limit | adaptive
-    concurrency_limit: int = 1
-    psi_threshold: float = 95.0
-    psi_interval_ms: float = 500.0
-    psi_max_checks: int = 10
-    on_timeout: str = "admit"
-    psi_source: str = "system"
-    psi_signal: str = "avg10"
-    psi_mode: str = "poll"
-    adaptive_low_pct: float = 20.0   # adaptive limit: add one below this pressure (%)
-    adaptive_high_pct: float = 90.0  # halve at or above this pressure (%)
-    adaptive_tolerance: float = 1.5  # halve when median service exceeds the minimum by this factor
-    adaptive_max: int = 8            # adaptive limit's ceiling (the batch size when batching)
-    max_waiting: int | None = None   # refuse a request that would wait while this many wait (None: never)
-
-
-class OptionParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-COUNT = finite_number(int, ge=1)
-PERCENT = finite_number(float, ge=0, le=100)
-DURATION_MS = finite_number(float, gt=0)
-
-
-def option(group, defaults, *flags, help="", **kw):
-    """An option whose default is None (= not given: the --config preset, then the dataclass ``defaults``
-    apply); its help shows the dataclass default."""
-    action = group.add_argument(*flags, default=None, help=help, **kw)
-    action.help = f"{help} (default: {getattr(defaults, action.dest, None)})".lstrip()
-    return action
-
-
-def add_config_option(group) -> None:
-    group.add_argument("--config", default=ServiceConfig.config,
-                       help=f"configuration label: {', '.join(configs.CONFIGS)}; it presets the options it names, "
-                            f"an explicit option wins (default: %(default)s)")
-
-
-def add_service_options(p, defaults=ServiceConfig) -> None:
-    """The service's option groups (model and decoding, admission), shared by the generator and the server."""
-    from llm_psi.engine import loop as engine
-    g = p.add_argument_group("model and decoding")
-    g.add_argument("--model", default=None, help="pretrained weights: local path or hub id (default: the GPT-2 "
-                                                 "124M architecture with weights from --seed)")
-    g.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
-    option(g, defaults, "--engine", choices=engine.ENGINES,
-           help="loop: our KV-cache decode loop; generate: Hugging Face generate(), as the artifact")
-    option(g, defaults, "--temperature", type=finite_number(float, gt=0))
-    option(g, defaults, "--seed", type=finite_number(int, ge=0), help="weight init and sampling seed")
-    g.add_argument("--torch-threads", default=None,
-                   help="N, 'auto' (= the cgroup's CPU quota, at least 1) or 'default' (torch's own)")
-    option(g, defaults, "--batching", choices=["off", "dynamic"],
-           help="dynamic: continuous batching (batch_engine.py)")
-    option(g, defaults, "--max-batch", type=COUNT)
-    g = p.add_argument_group(
-        "admission", "gate (the paper): before each request read the pressure; while it is over --psi-threshold "
-        "sleep --psi-interval-ms and read again, at most --psi-max-checks reads, then --on-timeout. limit: a "
-        "FIFO concurrency limit of --concurrency-limit. adaptive: AIMD on the limit (+1 below "
-        "--adaptive-low-pct pressure, halve at --adaptive-high-pct or when median service exceeds the minimum "
-        "by --adaptive-tolerance), floor 1, ceiling --adaptive-max. Overload: with --max-waiting N, a request "
-        "that would wait while N wait is refused at once (rejected, 'overloaded'; HTTP 503 + Retry-After).")
-    option(g, defaults, "--admission", choices=["none", "gate", "limit", "adaptive"])
-    g.add_argument("--psi-policy", choices=["gate", "adaptive"], default=None,
-                   help="the pressure-driven admission (= --admission)")
-    option(g, defaults, "--concurrency-limit", type=COUNT)
-    option(g, defaults, "--psi-threshold", type=PERCENT, help="percent")
-    option(g, defaults, "--psi-interval-ms", type=DURATION_MS)
-    option(g, defaults, "--psi-max-checks", type=COUNT)
-    option(g, defaults, "--on-timeout", choices=["admit", "reject"])
-    option(g, defaults, "--psi-source", choices=["system", "cgroup"],
-           help="/proc/pressure/cpu or the service cgroup's cpu.pressure")
-    option(g, defaults, "--psi-signal", choices=["avg10", "total"],
-           help="avg10, or the stall share over the last interval from total= deltas")
-    option(g, defaults, "--psi-mode", choices=["poll", "trigger"])
-    option(g, defaults, "--adaptive-low-pct", type=PERCENT)
-    option(g, defaults, "--adaptive-high-pct", type=PERCENT)
-    option(g, defaults, "--adaptive-tolerance", type=finite_number(float, gt=1))
-    g.add_argument("--adaptive-max", type=COUNT, default=None,
-                   help="the adaptive limit's ceiling (default: the generator's --concurrency, else "
-                        f"{ServiceConfig.adaptive_max}; --max-batch when batching)")
-    option(g, defaults, "--max-waiting", type=finite_number(int, ge=0),
-           help="refuse a request that would wait for admission while this many wait (None: never)")
-
-
-def resolve(a: dict, defaults=ServiceConfig, keep_none=()) -> None:
-    """Apply --psi-policy, the --config preset and the dataclass defaults to parsed options ``a`` (in place),
-    then check the service options. Precedence: an explicit option, the preset, the default."""
-    policy = a.pop("psi_policy", None)
-    if policy is not None and a.get("admission") is None:
-        a["admission"] = policy
-    if a["config"] not in configs.CONFIGS:
-        raise UsageError(f"unknown config {a['config']!r} (choose from {', '.join(configs.CONFIGS)})")
-    for key, value in configs.preset(a["config"]).items():
-        if a.get(key) is None:
-            a[key] = value
-    fallback = defaults()
-    for key, value in a.items():
-        if value is None and key not in keep_none:
-            a[key] = getattr(fallback, key)
-    if not a["adaptive_low_pct"] < a["adaptive_high_pct"]:
-        raise UsageError(f"need --adaptive-low-pct < --adaptive-high-pct, got "
-                         f"{a['adaptive_low_pct']} and {a['adaptive_high_pct']}")
-    if a["torch_threads"] not in (None, "auto", "default"):
-        if not str(a["torch_threads"]).isdigit() or int(a["torch_threads"]) < 1:
-            raise UsageError(f"--torch-threads must be a positive integer, 'auto' or 'default', "
-                             f"got {a['torch_threads']!r}")
-    if a["engine"] == "generate" and a["batching"] != "off":
-        raise UsageError("--engine generate cannot batch: the batching engine runs its own decode loop")
 
 
 def check_limits(label: str) -> None:
@@ -168,11 +45,6 @@ def check_limits(label: str) -> None:
                          f"in a sweep (sudo bash run_experiments.sh --configs {label}) or as: sudo python "
                          f"cgroup_lib.py run --name llm_service -- python request_generator.py --config "
                          f"{label} ... (or ... -- python llm_server.py serve --config {label})")
-
-
-def service_config(cfg) -> ServiceConfig:
-    """The ServiceConfig part of any config object carrying its fields (e.g. the generator's RunConfig)."""
-    return ServiceConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServiceConfig)})
 
 
 def build_admission(cfg: ServiceConfig, read=None):

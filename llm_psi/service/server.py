@@ -16,34 +16,36 @@ import logging
 import os
 import sys
 
+from llm_psi import cli
+from llm_psi.cli import UsageError
+from llm_psi.config import ServiceConfig
 from llm_psi.service import lifecycle as service
-from llm_psi.service.lifecycle import ServiceConfig, UsageError
 
 PROG = "llm_server.py serve"
 
 
 def build_serve_parser():
-    p = service.OptionParser(prog=PROG, description="Serve GPT-2 over HTTP behind the configured admission "
+    p = cli.OptionParser(prog=PROG, description="Serve GPT-2 over HTTP behind the configured admission "
                              "controller (routes and overload behaviour: http_api.py). A --config label presets "
                              "the service options it names; an explicit option wins.")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    g.add_argument("--port", type=service.finite_number(int, ge=0, le=65535), default=8000,
+    g.add_argument("--port", type=cli.finite_number(int, ge=0, le=65535), default=8000,
                    help="TCP port (default: %(default)s)")
-    g.add_argument("--retry-after-s", type=service.finite_number(float, gt=0), default=1.0,
+    g.add_argument("--retry-after-s", type=cli.finite_number(float, gt=0), default=1.0,
                    help="Retry-After of a 503, seconds, rounded up (default: %(default)s)")
-    g.add_argument("--drain-timeout-s", type=service.finite_number(float, gt=0), default=None,
+    g.add_argument("--drain-timeout-s", type=cli.finite_number(float, gt=0), default=None,
                    help="after SIGTERM, stop waiting for requests in flight after this long (default: wait)")
     g.add_argument("-v", "--verbose", action="store_true", help="log every admission decision")
-    service.add_config_option(g)
-    service.add_service_options(p, ServiceConfig)
+    cli.add_config_option(g)
+    cli.add_service_options(p, ServiceConfig)
     return p
 
 
 def parse_serve(argv) -> tuple[ServiceConfig, dict]:
     a = vars(build_serve_parser().parse_args(argv))
     server = {k: a.pop(k) for k in ("host", "port", "retry_after_s", "drain_timeout_s", "verbose")}
-    service.resolve(a, ServiceConfig)
+    cli.resolve(a, ServiceConfig)
     return ServiceConfig(**a), server
 
 
