@@ -220,8 +220,8 @@ def group_stats(rows: pd.DataFrame, deltas: list, ideal_ms: float | None) -> dic
     decision = rows["gate_decision"].astype(str)
     gated = decision != "none"
     nan = float("nan")
-    deferred = ((rows["defer_ms"] > 0) & (rows["gate_checks"] > 1)) | (decision != "admitted")
-    s["gate_deferred_frac"] = float(deferred[gated].mean()) if gated.any() else nan
+    held = metrics.deferred(rows["gate_checks"], decision) | (decision != "admitted")  # or refused
+    s["gate_deferred_frac"] = float(held[gated].mean()) if gated.any() else nan
     s["gate_mean_checks"] = float(rows.loc[gated, "gate_checks"].mean()) if gated.any() else nan
     s["gate_timeouts"] = int((decision == "admitted_after_timeout").sum())
     for k in THROTTLE_KEYS:
