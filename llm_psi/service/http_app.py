@@ -40,7 +40,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from llm_psi.analysis import metrics
+from llm_psi.analysis.metrics import SERVER_SPANS, request_seed, request_spans
 from llm_psi.control import psi
 from llm_psi.service.lifecycle import Service, ServiceConfig
 
@@ -52,7 +52,7 @@ def timings(out) -> dict:
     """The server's view of one request: offsets from its arrival and the spans (s) derived from them."""
     rel = {f"{k}_s": (None if getattr(out, f"t_{k}") is None else getattr(out, f"t_{k}") - out.t_arrive)
            for k in ("admit", "start", "first_token", "end")}
-    spans = metrics.request_spans(out.t_arrive, out.t_admit, out.t_start, out.t_first_token, out.t_end)
+    spans = request_spans(out.t_arrive, out.t_admit, out.t_start, out.t_first_token, out.t_end)
     pressure = None if out.pressure is None or math.isnan(out.pressure) else out.pressure
     return {"admission": out.decision, "checks": out.checks, "pressure": pressure, **rel, **spans}
 
@@ -135,7 +135,7 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
     """The app; it loads the model in the background at start-up unless ``service`` is given."""
     registry = CollectorRegistry()
     hist = {name: Histogram(f"llm_request_{name[:-2]}_seconds", f"per-request {name[:-2]} time",
-                            buckets=BUCKETS, registry=registry) for name in metrics.SERVER_SPANS}
+                            buckets=BUCKETS, registry=registry) for name in SERVER_SPANS}
     pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="request")
     ids = itertools.count()
 
@@ -185,7 +185,7 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
         except (ValueError, json.JSONDecodeError) as e:
             return _error(400, str(e), "invalid_request_error")
         rid = next(ids)
-        seed = seed if seed is not None else metrics.request_seed(cfg.seed, 0, rid)
+        seed = seed if seed is not None else request_seed(cfg.seed, 0, rid)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
