@@ -209,7 +209,7 @@ def deferred(df) -> int:
     import pandas as pd
     checks = pd.to_numeric(df.get("gate_checks", pd.Series(dtype=float)), errors="coerce")
     decision = df.get("gate_decision", pd.Series(dtype=str)).astype(str)
-    return int(((checks > 1) | (decision == "admitted_after_timeout")).sum())
+    return int(metrics.deferred(checks, decision).sum())
 
 
 def cotenant_share(meta: dict, reference) -> float:

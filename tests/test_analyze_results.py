@@ -1,6 +1,7 @@
 """The analysis: exact percentiles and counts on synthetic cells, the ideal FIFO, the published table beside
 ours, missing, incomplete and mislabelled cells, bad input, byte-identical outputs, the figures and the PDF
 and where it goes."""
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import pytest
 
 from conftest import read_cell, run_script
 from llm_psi.analysis import analyze as ar
+from llm_psi.analysis import cells, summary, tables
 from llm_psi.analysis import metrics
 from llm_psi.load import generator as rg
 
@@ -90,10 +92,10 @@ def test_percentiles_exact_and_pooled_equals_numpy(tmp_path, capsys):
 def test_small_n_flag_and_bootstrap():
     assert metrics.min_samples_for(95) == 59
     v = np.arange(100.0)
-    assert ar.bootstrap_ci(v) == ar.bootstrap_ci(v)  # fixed seed
-    lo, hi = ar.bootstrap_ci(v)
+    assert summary.bootstrap_ci(v) == summary.bootstrap_ci(v)  # fixed seed
+    lo, hi = summary.bootstrap_ci(v)
     assert lo < np.percentile(v, 95) < hi
-    assert np.isnan(ar.bootstrap_ci([])[0])
+    assert np.isnan(summary.bootstrap_ci([])[0])
 
 
 def test_rejected_and_failed_counted_not_in_latency(tmp_path, capsys):
@@ -110,7 +112,7 @@ def test_rejected_and_failed_counted_not_in_latency(tmp_path, capsys):
     assert r.gate_mean_checks == pytest.approx((10 + 15 + 20 + 20 + 1) / 20)
     assert r.gate_timeouts == 2
     table = (tmp_path / "table.md").read_text()
-    assert ar.RULE in table and "(2 rejected, 1 failed)" in out.out
+    assert tables.RULE in table and "(2 rejected, 1 failed)" in out.out
 
 
 def test_published_beside_ours_and_missing_cells(tmp_path, capsys):
@@ -120,7 +122,7 @@ def test_published_beside_ours_and_missing_cells(tmp_path, capsys):
     assert rc == 0
     table = (tmp_path / "table.md").read_text()
     assert table == out.out
-    pub = pd.read_csv(os.path.join(ar.HERE, "reference", "paper_table1.csv"))
+    pub = pd.read_csv(os.path.join(cells.HERE, "reference", "paper_table1.csv"))
     for v in pub.drop(columns="concurrency").to_numpy().ravel():
         assert f"{v:.1f}" in table
     assert f"{19050 / 4605.4:.3g}" in table  # ours / published, baseline c=1
@@ -365,9 +367,9 @@ def test_artifact_beside_ours_and_collapse(tmp_path, capsys):
                           "min_s", "max_s"]).to_csv(tmp_path / "collapse.csv", index=False)
     analyze(tmp_path, capsys)
     assert "Largest slowdown: 3.5× (eager, PASSIVE, 1)." in (tmp_path / "table.md").read_text()
-    from llm_psi.analysis import report
+    from llm_psi.analysis import paper
     assert "largest single-request slowdown under the quota is 3.5× (eager, OMP_WAIT_POLICY PASSIVE, 1 threads)" \
-        in report.raw_file_findings(ar.analyze(str(tmp_path)))[-1]
+        in paper.raw_file_findings(ar.analyze(str(tmp_path)))[-1]
     capsys.readouterr()
     (tmp_path / "collapse.csv").write_text("engine\neager\n")
     rc, out = analyze(tmp_path, capsys)
@@ -375,28 +377,38 @@ def test_artifact_beside_ours_and_collapse(tmp_path, capsys):
 
 
 def test_findings_state_the_raw_files(tmp_path, capsys):
-    from llm_psi.analysis import report
+    from llm_psi.analysis import paper
     write_cell(tmp_path, "baseline", 1, E2E, service_s=np.full(20, 2.0))
     write_cell(tmp_path, "cgroups", 1, E2E * 3, service_s=np.full(20, 5.0))
     an = ar.analyze(str(tmp_path))
-    text = "\n".join(report.findings(an) + report.raw_file_findings(an) + report.differences(an)) + an.table_md
+    text = "\n".join(paper.findings(an) + paper.raw_file_findings(an) + paper.differences(an)) + an.table_md
     assert "mix" not in text.lower()
-    raw = report.raw_file_findings(an)
+    raw = paper.raw_file_findings(an)
     assert "in 12 of 12 cells" in raw[0] and "requests never overlapped" in raw[1]
     assert f"{5.0 / 2.0:.2f}×" in raw[2]
     assert [f for f in raw if "not forced by the data" in f][0].startswith("Guess")
     assert raw[-1].startswith("The single-request collapse bench") and "has not been run" in raw[-1]
 
 
+def test_analysis_is_built_once_and_read_only(tmp_path):
+    write_cell(tmp_path, "cgroups", 1, E2E, trials=2)
+    write_cell(tmp_path, "psi", 1, E2E, trials=2)
+    an = ar.analyze(str(tmp_path))
+    assert tables.RULE in an.table_md and an.modes is None
+    assert list(an.speedups.columns) == tables.SPEEDUP_COLUMNS and len(an.speedups) == 2  # psi/cgroups e2e, service
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        an.table_md = ""
+
+
 def test_report_goes_beside_the_results(tmp_path, capsys):
-    root = os.path.join(ar.HERE, "paper.pdf")
+    root = os.path.join(cells.HERE, "paper.pdf")
     before = open(root, "rb").read() if os.path.exists(root) else None
     write_cell(tmp_path, "baseline", 8, E2E)
     assert ar.main(["--results-dir", str(tmp_path)]) == 0
     assert (tmp_path / "paper.pdf").read_bytes().startswith(b"%PDF")
     assert (tmp_path / "artifact_timeline.png").read_bytes()[:4] == b"\x89PNG"
     assert (open(root, "rb").read() if os.path.exists(root) else None) == before
-    assert ar.default_paper(os.path.join(ar.HERE, "results")) == root
+    assert ar.default_paper(os.path.join(cells.HERE, "results")) == root
     assert ar.default_paper(str(tmp_path)) == str(tmp_path / "paper.pdf")
 
 

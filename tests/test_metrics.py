@@ -142,3 +142,42 @@ def test_summarize_with_slo_from_parse_slo():
     assert (s["n_ok"], s["n_rejected"], s["n_failed"]) == (3, 1, 1)
     assert s["slo_met"] == 1 and s["goodput_rps"] == pytest.approx(0.25)
     assert s["throughput_rps"] == pytest.approx(0.75)
+
+
+def test_request_seed_one_formula():
+    assert metrics.request_seed(0, 0, 7) == 7
+    assert metrics.request_seed(2, 3, 5) == 2 * 1_000_003 + 3 * 10_007 + 5  # 2_030_032
+    assert metrics.request_seed(2, 3, 5) == 2_030_032
+    assert metrics.schedule_seed(2, 3) == 2_000_009
+    seeds = {metrics.request_seed(1, t, r) for t in range(3) for r in range(100)}
+    assert len(seeds) == 300  # every request of a run its own seed
+
+
+def test_deferred_scalar_and_elementwise():
+    assert metrics.deferred(2, "admitted") and metrics.deferred(1, "admitted_after_timeout")
+    assert not metrics.deferred(1, "admitted") and not metrics.deferred(0, "none") and not metrics.deferred(1, "rejected")
+    checks = pd.Series([1, 3, 1, float("nan"), 2])
+    decision = pd.Series(["admitted", "admitted", "admitted_after_timeout", "none", "rejected"])
+    assert metrics.deferred(checks, decision).tolist() == [False, True, True, False, True]
+
+
+def test_request_spans_from_offsets():
+    s = metrics.request_spans(10.0, t_admit=10.5, t_start=11.0, t_first_token=11.25, t_end=13.0)
+    assert s == {"deferral_s": 0.5, "queue_s": 0.5, "ttft_s": 1.25, "service_s": 2.0, "e2e_s": 3.0}
+    rejected = metrics.request_spans(10.0, t_end=10.25)
+    assert rejected == {"deferral_s": None, "queue_s": None, "ttft_s": None, "service_s": None, "e2e_s": 0.25}
+
+
+def test_derive_row_matches_derive():
+    row = {"t_intended_s": 0.5, "t_submit_s": 1.0, "t_dequeue_s": 1.5, "t_admit_s": 2.0, "t_start_s": 2.25,
+           "t_first_token_s": 2.5, "t_end_s": 4.5, "output_tokens": 5, "status": "ok"}
+    d = metrics.derive_row(row)
+    assert d == {"queue_ms": 500.0, "defer_ms": 500.0, "sched_ms": 250.0, "service_ms": 2250.0, "ttft_ms": 1500.0,
+                 "e2e_ms": 3500.0, "tpot_ms": 500.0, "lateness_ms": 500.0}
+    frame = metrics.derive(pd.DataFrame([row])).iloc[0]
+    assert all(frame[k] == v for k, v in d.items())
+    rejected = metrics.derive_row({"t_submit_s": 1.0, "t_dequeue_s": 1.0, "t_end_s": 1.5, "output_tokens": None,
+                                   "t_intended_s": ""})
+    assert rejected["e2e_ms"] == 500.0 and rejected["queue_ms"] == 0.0
+    assert all(math.isnan(rejected[k]) for k in ("defer_ms", "service_ms", "ttft_ms", "tpot_ms", "lateness_ms"))
+    assert math.isnan(metrics.derive_row({**row, "output_tokens": 1})["tpot_ms"])  # one token: no decode step

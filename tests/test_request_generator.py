@@ -248,3 +248,24 @@ def test_list_configs():
     assert proc.returncode == 0
     rows = dict(line.split() for line in proc.stdout.splitlines())
     assert rows["baseline"] == "unlimited" and rows["cgroups"] == "limited" and rows["psi"] == "limited"
+
+
+def test_csv_sink_writes_derived_columns_without_pandas(tmp_path):
+    """CsvSink appends with the csv module: missing values (None, NaN) are empty fields, floats as Python
+    writes them, the derived columns from the row's timestamps; the header only once."""
+    from llm_psi.load.cell_files import COLUMNS, CsvSink
+    row = dict(trial=0, request_id=3, config="psi", concurrency=2, status="ok", output_tokens=3,
+               prompt_tokens=None, gate_pressure=float("nan"), t_submit_s=0.5, t_dequeue_s=0.75, t_admit_s=1.0,
+               t_start_s=1.5, t_first_token_s=2.0, t_end_s=3.0)
+    for _ in range(2):
+        sink = CsvSink(str(tmp_path / "c.csv"))
+        sink.write(row)
+        sink.close()
+    lines = (tmp_path / "c.csv").read_text().splitlines()
+    assert lines[0] == ",".join(COLUMNS) and len(lines) == 3 and lines[1] == lines[2]
+    f = dict(zip(COLUMNS, lines[1].split(",")))
+    assert f["prompt_tokens"] == f["gate_pressure"] == f["t_intended_s"] == f["lateness_ms"] == ""
+    assert (f["t_submit_s"], f["queue_ms"], f["service_ms"], f["tpot_ms"], f["e2e_ms"]) == ("0.5", "250.0", "1500.0",
+                                                                                          "500.0", "2500.0")
+    code = "import sys, llm_psi.load.cell_files; print('pandas' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout.strip() == "False"

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from llm_psi.analysis.report import md_table
+from llm_psi.analysis.markdown import md_table
 from llm_psi import REPO
 
 ARTIFACT_DIR = os.path.join(REPO, "reference", "artifact_results")

@@ -15,13 +15,19 @@ analysis both call these, so there is exactly one definition of each metric:
                                           versus its open-loop schedule (``arrivals.schedule``); NaN
                                           without the optional t_intended_s column (closed loop)
 
+The same spans of one request as plain numbers: ``derive_row`` (one CSV row, no pandas: the request
+generator writes each row while it is measured) and ``request_spans`` (the HTTP service's view, from its own
+clock, which starts when the request arrives at the server and has no dequeue step). ``deferred`` says
+whether the admission controller held a request, ``request_seed`` which seed a request samples with.
+
 Throughput (ok requests per second) and goodput (requests that met an SLO per second) are counts over one
 trial's span: the last t_end_s of any row minus the first t_submit_s of any row (``span_s``).
 """
-from __future__ import annotations
+from __future__ import annotations  # pandas is imported inside the functions over frames: the per-request path needs none
+
+import math
 
 import numpy as np
-import pandas as pd
 
 PERCENTILES = (50, 95, 99)
 TIME_COLUMNS = ["t_submit_s", "t_dequeue_s", "t_admit_s", "t_start_s", "t_first_token_s", "t_end_s"]
@@ -36,12 +42,63 @@ _SPANS = {  # metric: (later timestamp, earlier timestamp)
     "e2e_ms": ("t_end_s", "t_submit_s"),
 }
 STATUSES = ("ok", "rejected", "failed")
+SERVER_SPANS = {  # the server's view of one request (seconds): (later step, earlier step)
+    "deferral_s": ("t_admit", "t_arrive"), "queue_s": ("t_start", "t_admit"), "ttft_s": ("t_first_token", "t_arrive"),
+    "service_s": ("t_end", "t_start"), "e2e_s": ("t_end", "t_arrive")}
+_SEED_RUN, _SEED_TRIAL = 1_000_003, 10_007  # spread the run's seed, then the trial, apart from the request ids
+
+
+def request_seed(base_seed: int, trial: int, rid: int) -> int:
+    """The sampling seed of request ``rid`` of ``trial`` in a run seeded with ``base_seed`` (the HTTP service,
+    which has no trials, passes trial 0): distinct for every request of a run, repeatable between runs."""
+    return base_seed * _SEED_RUN + trial * _SEED_TRIAL + rid
+
+
+def schedule_seed(base_seed: int, trial: int) -> int:
+    """The seed of ``trial``'s open-loop arrival schedule in a run seeded with ``base_seed``."""
+    return base_seed * _SEED_RUN + trial
+
+
+def deferred(checks, decision):
+    """Whether the admission controller held a request: more than one check (the gate re-checked the
+    pressure), or admitted only after its last check timed out. Works on scalars (a bool) and elementwise on
+    arrays or Series of gate_checks and gate_decision (missing checks are not > 1)."""
+    return (checks > 1) | (decision == "admitted_after_timeout")
+
+
+def _num(v) -> float:
+    """A timestamp or count as a float; NaN when missing (None, empty) or not a number."""
+    try:
+        return float(v) if v is not None and v != "" else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def request_spans(t_arrive: float, t_admit=None, t_start=None, t_first_token=None, t_end=None) -> dict:
+    """The spans of ``SERVER_SPANS`` (seconds) of one request from its steps' times; None where a step
+    never happened (a rejected request is never admitted)."""
+    t = {"t_arrive": t_arrive, "t_admit": t_admit, "t_start": t_start, "t_first_token": t_first_token, "t_end": t_end}
+    return {name: (t[a] - t[b] if t[a] is not None and t[b] is not None else None)
+            for name, (a, b) in SERVER_SPANS.items()}
+
+
+def derive_row(row: dict) -> dict:
+    """The derived ``*_ms`` values of one row as ``derive`` computes them, with plain floats (NaN where a
+    timestamp is missing): the request generator's per-request path, which uses no pandas."""
+    t = {c: _num(row.get(c)) for c in TIME_COLUMNS}
+    out = {name: (t[late] - t[early]) * 1000.0 for name, (late, early) in _SPANS.items()}
+    decode_tokens = _num(row.get("output_tokens")) - 1
+    out["tpot_ms"] = ((t["t_end_s"] - t["t_first_token_s"]) * 1000.0 / decode_tokens if decode_tokens > 0
+                      else math.nan)
+    out["lateness_ms"] = (t["t_submit_s"] - _num(row.get(INTENDED))) * 1000.0
+    return out
 
 
 def derive(df: pd.DataFrame) -> pd.DataFrame:
     """Return a copy of ``df`` with the derived ``*_ms`` columns recomputed from the ``t_*_s`` columns.
     Missing timestamps (a rejected request never starts) give NaN, never 0, and so does ``lateness_ms``
     where the optional t_intended_s column is absent."""
+    import pandas as pd
     out = df.copy()
     t = {c: pd.to_numeric(out[c], errors="coerce") for c in TIME_COLUMNS}
     for name, (late, early) in _SPANS.items():
@@ -65,6 +122,7 @@ def span_s(df: pd.DataFrame) -> float:
     (any status) minus the smallest t_submit_s of any row, missing values ignored. NaN when either is
     missing, when the span is not > 0, and when ``df`` holds rows of more than one trial (a ``trial``
     column with several values: each trial's clock starts at its own 0)."""
+    import pandas as pd
     if "trial" in df and df["trial"].nunique() > 1:
         return float("nan")
     end = pd.to_numeric(df["t_end_s"], errors="coerce").max()
@@ -79,6 +137,7 @@ def goodput(df: pd.DataFrame, slo: dict) -> dict:
     metric is <= its bound; a missing metric (NaN) does not meet its bound. Returns ``slo_met`` (that count),
     ``goodput_rps`` = slo_met / ``span_s`` and ``throughput_rps`` = ok requests / ``span_s`` (both NaN where the
     span is). An empty ``slo`` is met by every ok request. ValueError for a metric not in ``METRICS``."""
+    import pandas as pd
     bad = [k for k in slo if k not in METRICS]
     if bad:
         raise ValueError(f"SLO metrics {bad} are not among {METRICS}")
@@ -98,6 +157,7 @@ def summarize(df: pd.DataFrame, slo: dict | None = None) -> dict:
     has a t_intended_s value, ``p50_lateness_ms``, ``p95_lateness_ms`` and ``max_lateness_ms`` over every
     row (every sent request, whatever its status); with an ``slo``, ``slo_met`` and ``goodput_rps`` as
     ``goodput`` defines them."""
+    import pandas as pd
     d = derive(df)
     status = d["status"].astype(str)
     res = {f"n_{s}": int((status == s).sum()) for s in STATUSES}

@@ -41,6 +41,11 @@ def check_output(path: str) -> None:
 
 
 
+def _field(v):
+    """One CSV field: empty for a missing value (None, NaN), else the value (floats as Python writes them)."""
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
 class CsvSink:
     """Appends one row per finished request and flushes, so an interrupted run keeps every finished row.
     The header is written only to a new (or empty) file."""
@@ -55,11 +60,8 @@ class CsvSink:
         self._lock = threading.Lock()
 
     def write(self, row: dict) -> None:
-        import pandas as pd
-        derived = metrics.derive(pd.DataFrame([row]).reindex(columns=COLUMNS)).iloc[0].to_dict()
-        clean = {k: ("" if derived.get(k) is None or (isinstance(derived.get(k), float)
-                                                     and math.isnan(derived[k])) else derived[k])
-                 for k in COLUMNS}
+        full = {**row, **metrics.derive_row(row)}
+        clean = {k: _field(full.get(k)) for k in COLUMNS}
         with self._lock:
             self._w.writerow(clean)
             self._f.flush()

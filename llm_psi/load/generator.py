@@ -283,7 +283,7 @@ class Trial:
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
-            seed = cfg.seed * 1_000_003 + self.trial * 10_007 + rid
+            seed = metrics.request_seed(cfg.seed, self.trial, rid)
             out, srv = self.client.send(prompt, cfg.max_new_tokens, seed, self.stop)
         except Exception as e:
             if isinstance(e, service.Interrupted) or self.stop.is_set():
@@ -334,7 +334,7 @@ def send_times(cfg: RunConfig, trial: int) -> list[float]:
     from llm_psi.load import arrivals
     n = None if cfg.duration is not None else cfg.num_requests
     return list(arrivals.schedule(cfg.arrival, cfg.rate, n=n, duration=cfg.duration, burstiness=cfg.burstiness,
-                                  seed=cfg.seed * 1_000_003 + trial))
+                                  seed=metrics.schedule_seed(cfg.seed, trial)))
 
 
 def _summary_line(cfg: RunConfig, trial: int, rows_path: str, wall_s: float, peak: int) -> str:

@@ -40,22 +40,19 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from llm_psi.analysis.metrics import SERVER_SPANS, request_seed, request_spans
 from llm_psi.control import psi
 from llm_psi.service.lifecycle import Service, ServiceConfig
 
 log = logging.getLogger("http_api")
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, math.inf)
-SPANS = {  # name: (later step, earlier step) of an Outcome, seconds
-    "deferral_s": ("t_admit", "t_arrive"), "queue_s": ("t_start", "t_admit"), "ttft_s": ("t_first_token", "t_arrive"),
-    "service_s": ("t_end", "t_start"), "e2e_s": ("t_end", "t_arrive")}
 
 
 def timings(out) -> dict:
     """The server's view of one request: offsets from its arrival and the spans (s) derived from them."""
     rel = {f"{k}_s": (None if getattr(out, f"t_{k}") is None else getattr(out, f"t_{k}") - out.t_arrive)
            for k in ("admit", "start", "first_token", "end")}
-    spans = {name: (getattr(out, a) - getattr(out, b) if getattr(out, a) is not None and getattr(out, b) is not None
-                    else None) for name, (a, b) in SPANS.items()}
+    spans = request_spans(out.t_arrive, out.t_admit, out.t_start, out.t_first_token, out.t_end)
     pressure = None if out.pressure is None or math.isnan(out.pressure) else out.pressure
     return {"admission": out.decision, "checks": out.checks, "pressure": pressure, **rel, **spans}
 
@@ -138,7 +135,7 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
     """The app; it loads the model in the background at start-up unless ``service`` is given."""
     registry = CollectorRegistry()
     hist = {name: Histogram(f"llm_request_{name[:-2]}_seconds", f"per-request {name[:-2]} time",
-                            buckets=BUCKETS, registry=registry) for name in SPANS}
+                            buckets=BUCKETS, registry=registry) for name in SERVER_SPANS}
     pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="request")
     ids = itertools.count()
 
@@ -188,7 +185,7 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
         except (ValueError, json.JSONDecodeError) as e:
             return _error(400, str(e), "invalid_request_error")
         rid = next(ids)
-        seed = seed if seed is not None else cfg.seed * 1_000_003 + rid
+        seed = seed if seed is not None else request_seed(cfg.seed, 0, rid)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()

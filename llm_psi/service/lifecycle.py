@@ -23,6 +23,7 @@ import threading
 import time
 
 from llm_psi import config as configs
+from llm_psi.analysis import metrics
 from llm_psi.cli import UsageError
 from llm_psi.config import ServiceConfig, service_config  # noqa: F401  (the service's API)
 from llm_psi.control.psi import PsiUnavailable  # noqa: F401  (the service's API: a client catches it)
@@ -99,7 +100,7 @@ class Outcome:
     @property
     def deferred(self) -> bool:
         """Held by the controller for at least one re-check (the gate) or a queue wait counted as one."""
-        return self.checks > 1 or self.decision == "admitted_after_timeout"
+        return bool(metrics.deferred(self.checks, self.decision))
 
 
 class Service:
