@@ -103,7 +103,7 @@ def generator_cmd(a, cell: dict, out: str) -> list:
 def call(cmd: list) -> int:
     """Run cmd in its own process group, dying with this process; a Ctrl-C here reaches it once (forwarded),
     and raises KeyboardInterrupt after it has stopped. A child stopped by a signal raises it too."""
-    proc = subprocess.Popen(cmd, process_group=0, preexec_fn=cgroups.place([]))
+    proc = subprocess.Popen(cgroups.place([], cmd), process_group=0)
     try:
         rc = proc.wait()
     except KeyboardInterrupt:

@@ -7,13 +7,15 @@ lock, so no live run owns it) stops those processes (cgroup.kill where the kerne
 The child's environment has CGROUP_LIB_CELL=<name>; own_cell_cgroup() tells a program it runs in it.
 It never touches cgroups it did not create.
 """
-import ctypes
+import errno
 import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -32,7 +34,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 
-PR_SET_PDEATHSIG = 1
+ENTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "enter.py")  # the exec wrapper of place()
 
 
 
@@ -170,20 +172,16 @@ def create(name, cpu_quota_pct=50.0, cpu_period_us=100000, memory_max_bytes=4 <<
 
 
 
-def place(directories):
-    """preexec_fn: the child asks for SIGKILL when its parent (thread) dies, exits at once if the parent
-    is already gone, and writes its own PID to each cgroup.procs before exec."""
-    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
-
-    def enter():
-        if prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL)) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent:
-            os._exit(1)
-        for d in directories:
-            with open(os.path.join(d, "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
-    return enter
+def place(directories, cmd):
+    """The argv that runs cmd inside each of the cgroup directories (possibly none), safe from a threaded
+    parent: the exec wrapper enter.py asks for SIGKILL when its parent (the thread that starts it) dies,
+    exits at once if that parent is already gone, writes its own PID to each cgroup.procs and execs cmd.
+    Raises FileNotFoundError, as Popen would, if cmd[0] cannot be found."""
+    if not cmd:
+        raise ValueError("place: empty command")
+    if shutil.which(cmd[0]) is None:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", cmd[0])
+    return [sys.executable, ENTER, "--parent", str(os.getpid()), *directories, "--", *cmd]
 
 
 
@@ -240,7 +238,7 @@ def run(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, cmd, meta=None, lo
             before, t0 = read_counters(info), time.monotonic()
             if not received:
                 try:
-                    child = subprocess.Popen(cmd, preexec_fn=place(created), process_group=0,
+                    child = subprocess.Popen(place(created, cmd), process_group=0,
                                              env={**os.environ, CELL_ENV: name})
                 except (OSError, subprocess.SubprocessError) as e:
                     raise CgroupError(f"cannot start {cmd[0]} in the cgroup: {e}") from e
