@@ -45,7 +45,7 @@ def _median_admit_us(detector, calls: int) -> float:
 def _burn(procs: list, dirs: list[str], burners: int, limit_s: float) -> None:
     """Start burners that join the cgroup dirs, each added to procs as soon as it exists."""
     for _ in range(burners):
-        procs.append(subprocess.Popen(cgroups.place(dirs, [sys.executable, "-c", BURNER.format(limit=limit_s)])))
+        procs.append(cgroups.spawn(dirs, [sys.executable, "-c", BURNER.format(limit=limit_s)]))
 
 
 def _stop(procs: list) -> None:

@@ -7,12 +7,10 @@ lock, so no live run owns it) stops those processes (cgroup.kill where the kerne
 The child's environment has CGROUP_LIB_CELL=<name>; own_cell_cgroup() tells a program it runs in it.
 It never touches cgroups it did not create.
 """
-import errno
 import fcntl
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -172,16 +170,35 @@ def create(name, cpu_quota_pct=50.0, cpu_period_us=100000, memory_max_bytes=4 <<
 
 
 
-def place(directories, cmd):
+def place(directories, cmd, ready_fd=None):
     """The argv that runs cmd inside each of the cgroup directories (possibly none), safe from a threaded
     parent: the exec wrapper enter.py asks for SIGKILL when its parent (the thread that starts it) dies,
-    exits at once if that parent is already gone, writes its own PID to each cgroup.procs and execs cmd.
-    Raises FileNotFoundError, as Popen would, if cmd[0] cannot be found."""
+    exits at once if that parent is already gone, writes its own PID to each cgroup.procs and execs cmd
+    (ready_fd: see enter.py; spawn() uses it)."""
     if not cmd:
         raise ValueError("place: empty command")
-    if shutil.which(cmd[0]) is None:
-        raise FileNotFoundError(errno.ENOENT, "No such file or directory", cmd[0])
-    return [sys.executable, ENTER, "--parent", str(os.getpid()), *directories, "--", *cmd]
+    ready = [] if ready_fd is None else ["--ready", str(ready_fd)]
+    return [sys.executable, ENTER, "--parent", str(os.getpid()), *ready, *directories, "--", *cmd]
+
+
+def spawn(directories, cmd, pass_fds=(), **popen):
+    """Popen of cmd inside the cgroup directories (see place), returned once cmd runs there; raises OSError,
+    as Popen does, if cmd cannot be started or a cgroup not joined (the wrapper is then reaped)."""
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen(place(directories, cmd, w), pass_fds=(w, *pass_fds), **popen)
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    with os.fdopen(r, "rb") as ready:
+        failure = ready.read()
+    if failure:
+        proc.wait()
+        err, _, msg = failure.decode(errors="replace").partition(" ")
+        raise OSError(int(err) if err.isdigit() else 0, msg)
+    return proc
 
 
 
@@ -238,8 +255,7 @@ def run(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, cmd, meta=None, lo
             before, t0 = read_counters(info), time.monotonic()
             if not received:
                 try:
-                    child = subprocess.Popen(place(created, cmd), process_group=0,
-                                             env={**os.environ, CELL_ENV: name})
+                    child = spawn(created, cmd, process_group=0, env={**os.environ, CELL_ENV: name})
                 except (OSError, subprocess.SubprocessError) as e:
                     raise CgroupError(f"cannot start {cmd[0]} in the cgroup: {e}") from e
                 if received:  # a signal that came while Popen ran found no child to forward to

@@ -81,12 +81,17 @@ def wrap(cmd, limited, *, name=config.CGROUP_NAME, meta=None, quota=config.CPU_Q
     if isinstance(limited, str):
         limited = config.is_limited(limited)
     root = os.geteuid() == 0 if root is None else root
-    cg = [python or sys.executable, os.path.join(REPO, "cgroup_lib.py"), "run", "--name", name]
-    cg += ["--meta", meta] if meta else []
-    if limited:
-        return cg + ["--cpu-quota", f"{quota:g}" if isinstance(quota, float) else str(quota),
-                     "--cpu-period-us", str(period_us), "--memory-max", str(memory_max), "--"] + list(cmd)
-    return cg + ["--unlimited", "--"] + list(cmd) if root else list(cmd)
+    if not limited and not root:
+        return list(cmd)
+    limits = (["--cpu-quota", _number(quota), "--cpu-period-us", str(period_us), "--memory-max", str(memory_max)]
+              if limited else ["--unlimited"])
+    return [python or sys.executable, os.path.join(REPO, "cgroup_lib.py"), "run", "--name", name, *limits,
+            *(["--meta", meta] if meta else []), "--", *cmd]
+
+
+def _number(value):
+    """50.0 -> '50', 12.5 -> '12.5', '25' -> '25'."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def plan(cells, trials, seed):
