@@ -183,7 +183,8 @@ def place(directories, cmd, ready_fd=None):
 
 def spawn(directories, cmd, pass_fds=(), **popen):
     """Popen of cmd inside the cgroup directories (see place), returned once cmd runs there; raises OSError,
-    as Popen does, if cmd cannot be started or a cgroup not joined (the wrapper is then reaped)."""
+    as Popen does, if cmd cannot be started or a cgroup not joined (the wrapper is then reaped). An exception
+    while it waits (a stop signal's) kills the process before it propagates."""
     r, w = os.pipe()
     try:
         proc = subprocess.Popen(place(directories, cmd, w), pass_fds=(w, *pass_fds), **popen)
@@ -192,8 +193,13 @@ def spawn(directories, cmd, pass_fds=(), **popen):
         raise
     finally:
         os.close(w)
-    with os.fdopen(r, "rb") as ready:
-        failure = ready.read()
+    try:
+        with os.fdopen(r, "rb") as ready:
+            failure = ready.read()
+    except BaseException:                 # e.g. a stop signal raised meanwhile: no untracked process left
+        proc.kill()
+        proc.wait()
+        raise
     if failure:
         proc.wait()
         err, _, msg = failure.decode(errors="replace").partition(" ")
