@@ -20,7 +20,6 @@ import time
 from llm_psi import REPO
 from llm_psi.load import runner
 
-HERE = REPO  # the repository root: the root scripts, reference/, results/
 PROMPT = "Explain the theory of relativity."
 
 

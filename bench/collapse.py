@@ -30,7 +30,6 @@ from llm_psi.analysis import artifact
 from llm_psi import REPO
 from llm_psi.load import runner
 
-HERE = REPO  # the repository root: the root scripts, reference/, results/
 PROMPT = "Explain the theory of relativity."
 POLICIES = ("passive", "active")
 # The artifact's single-request medians, from its raw files (reference/artifact_results): baseline_c1 and

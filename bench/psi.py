@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import time
 
