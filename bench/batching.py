@@ -18,8 +18,8 @@ import sys
 import threading
 import time
 from llm_psi import REPO
+from llm_psi.load import runner
 
-HERE = REPO  # the repository root: the root scripts, reference/, results/
 PROMPT = "Explain the theory of relativity."
 
 
@@ -127,8 +127,8 @@ def main(argv=None) -> int:
             continue
         inner.append(arg)
     import subprocess
-    cmd = [sys.executable, os.path.join(HERE, "cgroup_lib.py"), "run", "--name", "bench_batching",
-           "--cpu-quota", str(args.under_quota), "--", sys.executable, "-m", "bench.batching", *inner]
+    cmd = runner.wrap([sys.executable, "-m", "bench.batching", *inner], True, name="bench_batching",
+                      quota=args.under_quota)
     return subprocess.call(cmd, cwd=REPO)
 
 

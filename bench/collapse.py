@@ -28,11 +28,10 @@ import sys
 
 from llm_psi.analysis import artifact
 from llm_psi import REPO
+from llm_psi.load import runner
 
-HERE = REPO  # the repository root: the root scripts, reference/, results/
 PROMPT = "Explain the theory of relativity."
 POLICIES = ("passive", "active")
-QUOTA = ["--cpu-quota", "50", "--cpu-period-us", "100000", "--memory-max", "4G"]
 # The artifact's single-request medians, from its raw files (reference/artifact_results): baseline_c1 and
 # cgroups_c1 (50% of one CPU on a 4-core VM).
 _ART = artifact.load()
@@ -168,7 +167,7 @@ def measure(args, engine, policy, threads, condition, name) -> dict:
            "--reps", str(args.reps), "--slow-s", str(args.slow_s), "--max-new-tokens", str(args.max_new_tokens)]
     cmd += ["--tiny"] if args.tiny else []
     if condition == "quota":
-        cmd = [sys.executable, os.path.join(HERE, "cgroup_lib.py"), "run", "--name", name, *QUOTA, "--", *cmd]
+        cmd = runner.wrap(cmd, True, name=name)
     status, out, err = run_child(cmd, env)
     lines = out.strip().splitlines()
     if status != 0 or not lines:

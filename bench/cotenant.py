@@ -26,7 +26,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 
@@ -34,7 +33,7 @@ from llm_psi.load import arrivals
 from llm_psi import cgroups
 from llm_psi import cli
 from llm_psi import config as configs
-from llm_psi.load import cotenant
+from llm_psi.load import cotenant, runner
 from llm_psi.analysis import metrics
 from llm_psi import REPO
 
@@ -44,7 +43,7 @@ CONFIGS = ("cgroups", "cgroups_threads", "psi", "psi_cgroup", "adaptive", "batch
 CAPACITY_CONFIG = {"limited": "cgroups", "unlimited": "baseline"}
 ADAPTIVE = ("adaptive", "batch_psi")     # configurations whose admission limit moves
 THRESHOLD = 95.0                         # the paper's gate threshold (some avg10, percent)
-CONCURRENCY, CAPACITY_REQUESTS, CPU_QUOTA = 4, 12, 50
+CONCURRENCY, CAPACITY_REQUESTS, CPU_QUOTA = 4, 12, configs.CPU_QUOTA_PCT
 DEFAULT_SLO = "ttft:5000,e2e:15000"
 
 
@@ -81,10 +80,7 @@ def plan(config_list, antagonist, capacity: dict, load: float, seed: int) -> lis
 
 def wrap(config: str, meta: str, cmd: list, root: bool) -> list:
     """cmd inside the service cgroup: limited under the quota; unlimited in a cgroup of its own when root."""
-    cg = [sys.executable, os.path.join(HERE, "cgroup_lib.py"), "run", "--name", "llm_service"]
-    if configs.is_limited(config):
-        return cg + ["--cpu-quota", str(CPU_QUOTA), "--meta", meta, "--"] + cmd
-    return cg + ["--unlimited", "--meta", meta, "--"] + cmd if root else cmd
+    return runner.wrap(cmd, config, meta=meta, quota=CPU_QUOTA, root=root)
 
 
 def generator_cmd(a, cell: dict, out: str) -> list:
@@ -103,7 +99,7 @@ def generator_cmd(a, cell: dict, out: str) -> list:
 def call(cmd: list) -> int:
     """Run cmd in its own process group, dying with this process; a Ctrl-C here reaches it once (forwarded),
     and raises KeyboardInterrupt after it has stopped. A child stopped by a signal raises it too."""
-    proc = subprocess.Popen(cmd, process_group=0, preexec_fn=cgroups.place([]))
+    proc = cgroups.spawn([], cmd, process_group=0)
     try:
         rc = proc.wait()
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ import sys
 
 from llm_psi.cli import OneLineParser, finite_number
 from llm_psi import REPO
+from llm_psi.load import runner
 
 HERE = REPO  # the repository root: the root scripts, reference/, results/
 COUNT = finite_number(int, ge=1)
@@ -31,18 +32,18 @@ def _cell(a, mode) -> str:
 def run_trial(a, mode: str, trial: int) -> None:
     py = sys.executable
     out = _cell(a, mode)
-    cg = [py, os.path.join(HERE, "cgroup_lib.py"), "run", "--name", "llm_service", "--cpu-quota", str(a.cpu_quota),
-          "--meta", out[:-4] + ".json", "--"]
+    def in_cell(cmd):
+        return runner.wrap(cmd, True, meta=out[:-4] + ".json", quota=a.cpu_quota)
     gen = [py, os.path.join(HERE, "request_generator.py"), "--config", a.config, "--concurrency", str(a.concurrency),
            "--num-requests", str(a.num_requests), "--max-new-tokens", str(a.max_new_tokens), "--trials",
            str(a.trials), "--trial", str(trial), "--output", out, "--quiet",
            "--force" if trial == 1 else "--resume"] + ["--tiny"] * a.tiny
     print(f"trial {trial}/{a.trials}: {mode} -> {out}", file=sys.stderr, flush=True)
     if mode == "in-process":
-        subprocess.run(cg + gen, check=True)
+        subprocess.run(in_cell(gen), check=True)
         return
-    server = subprocess.Popen(cg + [py, os.path.join(HERE, "llm_server.py"), "serve", "--config", a.config,
-                                    "--port", str(a.port)] + ["--tiny"] * a.tiny)
+    server = subprocess.Popen(in_cell([py, os.path.join(HERE, "llm_server.py"), "serve", "--config", a.config,
+                                       "--port", str(a.port)] + ["--tiny"] * a.tiny))
     try:
         subprocess.run(gen + ["--target", f"http://127.0.0.1:{a.port}", "--wait-ready-s", "600"], check=True)
     finally:

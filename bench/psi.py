@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import time
 
@@ -26,7 +25,6 @@ log = logging.getLogger("psi_bench")
 
 BURNER = ("import os, time\np, end = os.getppid(), time.monotonic() + {limit}\n"
           "while os.getppid() == p and time.monotonic() < end:\n    for _ in range(100000): pass\n")
-PLACE = 'code=$1; shift; for d; do echo $$ > "$d/cgroup.procs" || exit; done; exec "$0" -c "$code"'  # join, burn
 DETECTORS = {"poll-avg10": ("avg10", "poll"), "poll-total": ("total", "poll"), "trigger": ("avg10", "trigger")}
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -46,7 +44,7 @@ def _median_admit_us(detector, calls: int) -> float:
 def _burn(procs: list, dirs: list[str], burners: int, limit_s: float) -> None:
     """Start burners that join the cgroup dirs, each added to procs as soon as it exists."""
     for _ in range(burners):
-        procs.append(subprocess.Popen(["sh", "-c", PLACE, sys.executable, BURNER.format(limit=limit_s), *dirs]))
+        procs.append(cgroups.spawn(dirs, [sys.executable, "-c", BURNER.format(limit=limit_s)]))
 
 
 def _stop(procs: list) -> None:

@@ -193,7 +193,8 @@ def test_commands(tmp_path):
     cap = bc.generator_cmd(a, dict(config="cgroups", antagonist=None), "c.csv")
     assert "--arrival" not in cap and "--antagonist" not in cap and "--num-requests 12 --spacing-ms 0" in " ".join(cap)
     limited = bc.wrap("psi_cgroup", "x.json", ["gen"], root=True)
-    assert limited[2:] == ["run", "--name", "llm_service", "--cpu-quota", "50", "--meta", "x.json", "--", "gen"]
+    assert limited[2:] == ["run", "--name", "llm_service", "--cpu-quota", "50", "--cpu-period-us", "100000",
+                           "--memory-max", "4G", "--meta", "x.json", "--", "gen"]
     assert bc.wrap("baseline", "x.json", ["gen"], root=True)[5:] == ["--unlimited", "--meta", "x.json", "--", "gen"]
     assert bc.wrap("psi_unlimited", "x.json", ["gen"], root=False) == ["gen"]
 

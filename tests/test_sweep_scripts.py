@@ -90,7 +90,7 @@ def test_shellcheck_clean():
     shellcheck = os.path.join(ROOT, ".venv", "bin", "shellcheck")
     if not os.path.exists(shellcheck):
         shellcheck = shutil.which("shellcheck") or pytest.skip("shellcheck not installed")
-    p = subprocess.run([shellcheck, "-x", *SCRIPTS, "llm_psi/load/sweep_lib.sh"], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run([shellcheck, "-x", *SCRIPTS], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout
     p = subprocess.run([shellcheck, *SCRIPTS], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout

@@ -5,14 +5,14 @@ Pure v2, hybrid (v1 cpu and memory, v2 at <root>/unified) and pure v1 are suppor
 cgroup that it did not create.
 """
 from llm_psi.cgroups.cell import (LOCK_DIR, NAME_RE, STOP_GRACE_S, cleanup, create, lock, merge_meta, place,
-                                  remove, run)
+                                  remove, run, spawn)
 from llm_psi.cgroups.fs import (CELL_ENV, UNLIMITED_BYTES, CgroupError, CgroupProbe, cgroup_dirs, cgroup_info,
                                 counter_delta, cpu_quota_cores, describe_mode, detect_mode, own_cell_cgroup,
                                 own_cgroup, own_paths, parse_bytes, pressure_path, procs, read_counters,
                                 read_limits, system_pressure_path)
 
 __all__ = ["LOCK_DIR", "NAME_RE", "STOP_GRACE_S", "cleanup", "create", "lock", "merge_meta", "place", "remove",
-           "run", "CELL_ENV", "UNLIMITED_BYTES", "CgroupError", "CgroupProbe", "cgroup_dirs", "cgroup_info",
+           "run", "spawn", "CELL_ENV", "UNLIMITED_BYTES", "CgroupError", "CgroupProbe", "cgroup_dirs", "cgroup_info",
            "counter_delta", "cpu_quota_cores", "describe_mode", "detect_mode", "own_cell_cgroup", "own_cgroup",
            "own_paths", "parse_bytes", "pressure_path", "procs", "read_counters", "read_limits",
            "system_pressure_path"]

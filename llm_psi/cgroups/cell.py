@@ -7,13 +7,13 @@ lock, so no live run owns it) stops those processes (cgroup.kill where the kerne
 The child's environment has CGROUP_LIB_CELL=<name>; own_cell_cgroup() tells a program it runs in it.
 It never touches cgroups it did not create.
 """
-import ctypes
 import fcntl
 import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -32,7 +32,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 
-PR_SET_PDEATHSIG = 1
+ENTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "enter.py")  # the exec wrapper of place()
 
 
 
@@ -170,20 +170,41 @@ def create(name, cpu_quota_pct=50.0, cpu_period_us=100000, memory_max_bytes=4 <<
 
 
 
-def place(directories):
-    """preexec_fn: the child asks for SIGKILL when its parent (thread) dies, exits at once if the parent
-    is already gone, and writes its own PID to each cgroup.procs before exec."""
-    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+def place(directories, cmd, ready_fd=None):
+    """The argv that runs cmd inside each of the cgroup directories (possibly none), safe from a threaded
+    parent: the exec wrapper enter.py asks for SIGKILL when its parent (the thread that starts it) dies,
+    exits at once if that parent is already gone, writes its own PID to each cgroup.procs and execs cmd
+    (ready_fd: see enter.py; spawn() uses it)."""
+    if not cmd:
+        raise ValueError("place: empty command")
+    ready = [] if ready_fd is None else ["--ready", str(ready_fd)]
+    return [sys.executable, ENTER, "--parent", str(os.getpid()), *ready, *directories, "--", *cmd]
 
-    def enter():
-        if prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL)) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent:
-            os._exit(1)
-        for d in directories:
-            with open(os.path.join(d, "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
-    return enter
+
+def spawn(directories, cmd, pass_fds=(), **popen):
+    """Popen of cmd inside the cgroup directories (see place), returned once cmd runs there; raises OSError,
+    as Popen does, if cmd cannot be started or a cgroup not joined (the wrapper is then reaped). An exception
+    while it waits (a stop signal's) kills the process before it propagates."""
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen(place(directories, cmd, w), pass_fds=(w, *pass_fds), **popen)
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    try:
+        with os.fdopen(r, "rb") as ready:
+            failure = ready.read()
+    except BaseException:                 # e.g. a stop signal raised meanwhile: no untracked process left
+        proc.kill()
+        proc.wait()
+        raise
+    if failure:
+        proc.wait()
+        err, _, msg = failure.decode(errors="replace").partition(" ")
+        raise OSError(int(err) if err.isdigit() else 0, msg)
+    return proc
 
 
 
@@ -240,8 +261,7 @@ def run(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, cmd, meta=None, lo
             before, t0 = read_counters(info), time.monotonic()
             if not received:
                 try:
-                    child = subprocess.Popen(cmd, preexec_fn=place(created), process_group=0,
-                                             env={**os.environ, CELL_ENV: name})
+                    child = spawn(created, cmd, process_group=0, env={**os.environ, CELL_ENV: name})
                 except (OSError, subprocess.SubprocessError) as e:
                     raise CgroupError(f"cannot start {cmd[0]} in the cgroup: {e}") from e
                 if received:  # a signal that came while Popen ran found no child to forward to

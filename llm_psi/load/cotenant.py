@@ -111,19 +111,19 @@ class Cotenant:
         atexit.register(self.stop)
         try:
             self._make_cgroup()
-            place = cgroups.place(self.dirs)     # death signal, then join every cgroup.procs, before exec
-            common = dict(preexec_fn=place, process_group=0, stdin=subprocess.DEVNULL, stdout=2)
+            common = dict(process_group=0, stdin=subprocess.DEVNULL, stdout=2)  # spawn: death signal, joined
+
             if self.kind == "command":    # no shell where none is needed: the death signal reaches it
                 argv = ["/bin/sh", "-c", self.command] if SHELL_CHARS & set(self.command) else self.command.split()
-                self.procs.append(subprocess.Popen(argv, **common))
+                self.procs.append(cgroups.spawn(self.dirs, argv, **common))
             else:
                 fd = os.memfd_create("cotenant_units")
                 try:
                     os.ftruncate(fd, 8 * self.workers)
                     self._counts = memoryview(mmap.mmap(fd, 8 * self.workers)).cast("Q")
                     for slot in range(self.workers):
-                        self.procs.append(subprocess.Popen(
-                            [sys.executable, "-m", "llm_psi.load.cotenant", "--burner", str(fd), str(slot)],
+                        self.procs.append(cgroups.spawn(
+                            self.dirs, [sys.executable, "-m", "llm_psi.load.cotenant", "--burner", str(fd), str(slot)],
                             pass_fds=(fd,), cwd=REPO, **common))
                 finally:
                     os.close(fd)
