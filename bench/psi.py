@@ -18,8 +18,10 @@ import time
 
 from llm_psi import cgroups
 from llm_psi import cli
-from llm_psi.control.psi import (TRIGGER_WINDOW_S, Gate, PressureFile, StallShare, TriggerMonitor, TriggerUnavailable,
-                           make_detector, run_cli)
+from llm_psi.control.gate import Gate
+from llm_psi.control.pressure import (TRIGGER_WINDOW_S, PressureFile, StallShare, TriggerMonitor, TriggerUnavailable,
+                                      make_detector)
+from llm_psi.control.psi import run_cli
 
 log = logging.getLogger("psi_bench")
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from bench import cotenant as bc
+from bench import cotenant_report as rep
 from llm_psi import config as configs
 from llm_psi.service import telemetry
 from llm_psi.load.cell_files import COLUMNS
@@ -134,30 +135,30 @@ def test_report_slo_option_and_cells_slo(results, capsys):
 
 
 def test_figure_panels(results):
-    summary = bc.summary_frame(str(results), {"e2e_ms": 15000.0})
-    e2e = bc.e2e_panel(summary)
+    summary = rep.summary_frame(str(results), {"e2e_ms": 15000.0})
+    e2e = rep.e2e_panel(summary)
     assert list(e2e.index) == ["psi", "adaptive", "baseline"] and list(e2e.columns) == ["none", "cpu:2"]
     assert e2e.loc["psi", "none"] == pytest.approx(14.65) and math.isnan(e2e.loc["adaptive", "none"])
-    share = bc.share_panel(summary)
+    share = rep.share_panel(summary)
     assert share.to_dict() == {"psi": 0.25, "adaptive": 0.75}
 
 
 def test_crossing_deferred_share_units():
     tl = pd.DataFrame(TIMELINE)
-    assert bc.crossing(tl, "sys_cpu_some_avg10") == (0.5, 0.25)
-    frac, first = bc.crossing(tl, "cg_cpu_some_avg10")
+    assert rep.crossing(tl, "sys_cpu_some_avg10") == (0.5, 0.25)
+    frac, first = rep.crossing(tl, "cg_cpu_some_avg10")
     assert frac == 0.0 and math.isnan(first)
-    assert all(math.isnan(x) for x in bc.crossing(tl.assign(cg_cpu_some_avg10=np.nan), "cg_cpu_some_avg10"))
-    assert all(math.isnan(x) for x in bc.crossing(None, "sys_cpu_some_avg10"))
+    assert all(math.isnan(x) for x in rep.crossing(tl.assign(cg_cpu_some_avg10=np.nan), "cg_cpu_some_avg10"))
+    assert all(math.isnan(x) for x in rep.crossing(None, "sys_cpu_some_avg10"))
     df = pd.DataFrame({"gate_checks": [1, 2, np.nan, 1], "gate_decision": ["admitted", "admitted", np.nan,
                                                                           "admitted_after_timeout"]})
-    assert bc.deferred(df) == 2
+    assert rep.deferred(df) == 2
     meta = {"config": {"antagonist": "cpu:2"}, "trials": [{"cotenant": {"mean_units_per_s": 400.0}},
                                                           {"cotenant": {"mean_units_per_s": 800.0}}]}
-    assert bc.cotenant_share(meta, REFERENCE) == pytest.approx(0.3)
-    assert math.isnan(bc.cotenant_share(meta, {**REFERENCE, "antagonist": "cpu:4"}))   # another co-tenant
-    assert math.isnan(bc.cotenant_share({"config": {"antagonist": None}, "trials": []}, REFERENCE))
-    assert math.isnan(bc.cotenant_share(meta, None))
+    assert rep.cotenant_share(meta, REFERENCE) == pytest.approx(0.3)
+    assert math.isnan(rep.cotenant_share(meta, {**REFERENCE, "antagonist": "cpu:4"}))   # another co-tenant
+    assert math.isnan(rep.cotenant_share({"config": {"antagonist": None}, "trials": []}, REFERENCE))
+    assert math.isnan(rep.cotenant_share(meta, None))
 
 
 CAPACITY = {("limited", "none"): 2.0, ("limited", "cpu2"): 1.0, ("unlimited", "none"): 10.0,
@@ -256,7 +257,7 @@ def test_interrupt_keeps_finished_cells(tmp_path, monkeypatch, capsys):
     d = tmp_path / "res"
     assert bc.main(["--results-dir", str(d)]) == 130
     assert "interrupted" in capsys.readouterr().err
-    assert len(bc.cells_in(str(d))) == 2 and len(bc.cells_in(str(d / "capacity"))) == 4
+    assert len(rep.cells_in(str(d))) == 2 and len(rep.cells_in(str(d / "capacity"))) == 4
 
 
 def test_refusals_before_anything_runs(tmp_path, monkeypatch, capsys):

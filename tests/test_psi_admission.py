@@ -17,7 +17,8 @@ import pytest
 
 from conftest import ROOT, read_cell, real_cgroups, run_script
 from llm_psi import cgroups
-from llm_psi.control import psi as pa
+from llm_psi import control as pa
+from llm_psi.control import pressure, psi as psi_cli
 from llm_psi.service import telemetry
 from llm_psi.service import lifecycle as service
 from bench import psi as psi_bench
@@ -59,7 +60,7 @@ def test_missing_file_names_the_fix(tmp_path):
 def test_psi_disabled_at_boot_names_the_fix(monkeypatch):
     def no_psi(*_a, **_k):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
-    monkeypatch.setattr(pa, "open", no_psi, raising=False)
+    monkeypatch.setattr(pressure, "open", no_psi, raising=False)
     with pytest.raises(pa.PsiUnavailable, match="disabled at boot.*psi=1"):
         pa.PressureFile(SYSTEM_CPU).read()
 
@@ -167,7 +168,7 @@ class SlowPsiFile:
 def test_stall_share_pairs_each_total_with_its_own_read_time(monkeypatch):
     """A slow read does not inflate the share: stamped before the read, these would give 200% and 90%."""
     clock, sampler = FakeClock(), telemetry.TimelineSampler(os.devnull, 100, 1, dict, 0.0)
-    monkeypatch.setattr(pa, "open", SlowPsiFile(clock, [0.0, 0.3, 0.0, 0.0, 0.4]), raising=False)
+    monkeypatch.setattr(pressure, "open", SlowPsiFile(clock, [0.0, 0.3, 0.0, 0.0, 0.4]), raising=False)
     pf = pa.PressureFile("/fake/cpu.pressure", clock=clock)
     share = pa.StallShare(pf.timed_total, 0.5, sleep=clock.sleep)
     assert share() == pytest.approx(50.0)      # 0.1 s fresh delta whose second read takes 0.3 s
@@ -256,7 +257,7 @@ def test_trigger_refused_falls_back_to_polling_once(monkeypatch, caplog, tmp_pat
 
     def busy(*_a):
         raise OSError(errno.EBUSY, "Device or resource busy")
-    monkeypatch.setattr(pa.os, "write", busy)
+    monkeypatch.setattr(pressure.os, "write", busy)
     with caplog.at_level(logging.WARNING, logger="psi_admission"):
         det = pa.make_detector("system", "avg10", "trigger", 95.0, 0.5, path=str(path))
     assert det.monitor is None and det.check() == (False, 1.26)
@@ -268,7 +269,7 @@ def test_trigger_write_carries_its_trailing_nul(monkeypatch, tmp_path, threshold
     path = tmp_path / "cpu.pressure"
     path.write_text(CPU_SAMPLE)
     written = []
-    monkeypatch.setattr(pa.os, "write", lambda fd, data: written.append(data) or len(data))
+    monkeypatch.setattr(pressure.os, "write", lambda fd, data: written.append(data) or len(data))
     monitor = pa.TriggerMonitor(str(path), threshold)
     monitor.close()
     assert written == [payload] and written[0].endswith(b"\0")
@@ -356,7 +357,7 @@ def test_bench_cli_exit_status(monkeypatch, capsys, error, status):
 @pytest.mark.parametrize("argv", [[], ["--bench"], ["--bench", "--bench-threshold", "50"], ["--show", "-x"]])
 def test_psi_admission_cli_is_show_only(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
-        pa.main(argv)
+        psi_cli.main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("psi_admission.py: error: ") and err.count("\n") == 1
     assert ("psi_bench.py" in err) == ("--bench" in argv)
@@ -399,7 +400,7 @@ def test_bench_removes_its_cgroup_and_burners_on_every_exit(monkeypatch, how):
 
 
 def test_generator_records_rejected_rows(tmp_path, fake_cgroupfs):
-    if not os.path.exists(os.path.join(os.path.dirname(pa.__file__), "request_generator.py")):
+    if not os.path.exists(os.path.join(ROOT, "request_generator.py")):
         pytest.skip("request_generator.py missing")
     fake_cgroupfs.set_pressure("system", 99.0)            # $CGROUP_ROOT: the run reads the fake tree
     for on_timeout, decision, status in (("reject", "rejected", "rejected"),

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from llm_psi.control import psi as pa
+from llm_psi import control as pa
 from llm_psi.engine.loop import Generation, Interrupted
 from llm_psi.service.lifecycle import Service, ServiceConfig
 

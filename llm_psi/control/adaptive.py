@@ -24,17 +24,18 @@ import threading
 import time
 
 from llm_psi import cgroups
-from llm_psi.control import psi
+from llm_psi.control.gate import Decision, Limit
+from llm_psi.control.pressure import TRIGGER_WINDOW_S, PressureFile, PsiUnavailable, StallShare
 
 log = logging.getLogger("adaptive")
 
 
-class AdaptiveLimit(psi.Limit):
-    """A FIFO concurrency limit (psi_admission.Limit) whose limit a background control loop adjusts."""
+class AdaptiveLimit(Limit):
+    """A FIFO concurrency limit (control.gate.Limit) whose limit a background control loop adjusts."""
 
     def __init__(self, pressure, *, initial: int = 1, max_limit: int = 8, low_pct: float = 20.0,
                  high_pct: float = 90.0, tolerance: float = 1.5, interval_s: float = 0.5,
-                 settle_s: float = 2 * psi.TRIGGER_WINDOW_S, clock=time.monotonic, start: bool = True):
+                 settle_s: float = 2 * TRIGGER_WINDOW_S, clock=time.monotonic, start: bool = True):
         if not 1 <= initial <= max_limit:
             raise ValueError(f"need 1 <= initial ({initial}) <= max limit ({max_limit})")
         if not 0 <= low_pct < high_pct:
@@ -53,9 +54,9 @@ class AdaptiveLimit(psi.Limit):
         if start:
             self._thread.start()
 
-    def admit(self) -> psi.Decision:
+    def admit(self) -> Decision:
         super().admit()
-        return psi.Decision("admitted", 1, self.last_pressure)
+        return Decision("admitted", 1, self.last_pressure)
 
     def release(self, service_s: float | None = None) -> None:
         super().release(service_s)
@@ -101,7 +102,7 @@ class AdaptiveLimit(psi.Limit):
             if settled:
                 try:
                     self.step()
-                except psi.PsiUnavailable as e:
+                except PsiUnavailable as e:
                     log.error("adaptive limit frozen at %d: %s", self.limit, e)
                     return
 
@@ -118,7 +119,7 @@ def build(cfg, max_limit: int) -> AdaptiveLimit:
     if path is None:
         path = cgroups.system_pressure_path("cpu")
         log.warning("no cgroup cpu.pressure for this process: adapting to the system's %s", path)
-    source = psi.StallShare(psi.PressureFile(path).timed_total, psi.TRIGGER_WINDOW_S)
+    source = StallShare(PressureFile(path).timed_total, TRIGGER_WINDOW_S)
     return AdaptiveLimit(source, initial=1, max_limit=max_limit,
                          low_pct=cfg.adaptive_low_pct, high_pct=cfg.adaptive_high_pct,
                          tolerance=cfg.adaptive_tolerance, interval_s=cfg.psi_interval_ms / 1000.0)

@@ -40,8 +40,8 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from llm_psi import control as psi
 from llm_psi.analysis.metrics import SERVER_SPANS, request_seed, request_spans
-from llm_psi.control import psi
 from llm_psi.service.lifecycle import Service, ServiceConfig
 
 log = logging.getLogger("http_api")

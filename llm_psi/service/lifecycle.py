@@ -26,7 +26,7 @@ from llm_psi import config as configs
 from llm_psi.analysis import metrics
 from llm_psi.cli import UsageError
 from llm_psi.config import ServiceConfig, service_config  # noqa: F401  (the service's API)
-from llm_psi.control.psi import PsiUnavailable  # noqa: F401  (the service's API: a client catches it)
+from llm_psi.control.pressure import PsiUnavailable  # noqa: F401  (the service's API: a client catches it)
 from llm_psi.engine.loop import Interrupted  # noqa: F401  (likewise)
 
 log = logging.getLogger("service")
@@ -51,7 +51,7 @@ def check_limits(label: str) -> None:
 def build_admission(cfg: ServiceConfig, read=None):
     """The admission controller ``cfg`` asks for, or None; ``read`` injects the gate's signal (tests).
     Raises psi_admission.PsiUnavailable (with the fix) where the pressure file is unusable."""
-    from llm_psi.control import psi
+    from llm_psi import control as psi
     if cfg.admission == "none":
         return None
     if cfg.admission == "limit":

@@ -6,7 +6,7 @@ import os
 import threading
 import time
 
-from llm_psi.control.psi import PressureProbe
+from llm_psi.control.pressure import PressureProbe
 
 log = logging.getLogger("timeline")
 

@@ -1,0 +1,58 @@
+"""The environment of a cell: the git state of the code and the host and software facts a reader needs to
+interpret the numbers (recorded in the cell's metadata JSON)."""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+
+from llm_psi import REPO
+
+HERE = REPO  # the repository root: the root scripts, reference/, results/
+
+
+def _git(*args) -> str | None:
+    try:
+        return subprocess.run(["git", "-C", HERE, *args], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def environment(identity: dict) -> dict:
+    """Facts about the host and software that a reader needs to interpret the numbers."""
+    import numpy
+    import torch
+    import transformers
+    cpu_model = next((line.split(":", 1)[1].strip() for line in (_read("/proc/cpuinfo") or "").splitlines()
+                      if line.startswith("model name")), platform.processor() or None)
+    mem = next((int(line.split()[1]) * 1024 for line in (_read("/proc/meminfo") or "").splitlines()
+                if line.startswith("MemTotal:")), None)
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        # the code, not the data: a sweep into results/ changes tracked cells while it runs
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                               ":(exclude)results", ":(exclude)paper.pdf")),
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "numpy": numpy.__version__},
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "thread_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")},
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "mem_total_bytes": mem,
+        "kernel": platform.release(),
+        "proc_self_cgroup": (_read("/proc/self/cgroup") or "").splitlines(),
+        "model": identity,
+    }
