@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 from llm_psi import config as configs
 from llm_psi.config import ServiceConfig

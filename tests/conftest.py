@@ -58,7 +58,11 @@ def real_cgroups_reason():
     return None
 
 
-real_cgroups = pytest.mark.skipif(real_cgroups_reason() is not None, reason=str(real_cgroups_reason()))
+def real_cgroups(test):
+    """For a test that needs root and this host's real cgroups: marked ``root``, and skipped with the reason
+    where they cannot be used."""
+    reason = real_cgroups_reason()
+    return pytest.mark.root(pytest.mark.skipif(reason is not None, reason=str(reason))(test))
 
 
 PRESSURE = "some avg10={avg10:.2f} avg60={avg10:.2f} avg300={avg10:.2f} total={total}\n"

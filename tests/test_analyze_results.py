@@ -216,6 +216,7 @@ def test_bad_csv_exits_2_naming_the_file(tmp_path, capsys, content, problem):
     assert out.err.startswith(f"error: {stem}.csv: ") and problem in out.err and len(out.err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_no_cells_or_no_directory_exits_2(tmp_path):
     proc = run_script("analyze_results.py", "--results-dir", tmp_path, "--no-figures")
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "no cell files" in proc.stderr
@@ -223,6 +224,7 @@ def test_no_cells_or_no_directory_exits_2(tmp_path):
     assert rc == 2
 
 
+@pytest.mark.slow
 def test_real_cell_from_the_request_generator(generate, tmp_path, capsys):
     _, csv_path = generate("--config", "baseline", "--concurrency", "2", "--num-requests", "4",
                            "--max-new-tokens", "3", "--trials", "2", name="baseline_c2.csv")
@@ -233,6 +235,7 @@ def test_real_cell_from_the_request_generator(generate, tmp_path, capsys):
     assert r.p95_e2e_ms == np.percentile(metrics.derive(df).e2e_ms[df.status == "ok"], 95)
 
 
+@pytest.mark.slow
 def test_figures_and_paper(tmp_path, capsys):
     write_cell(tmp_path, "baseline", 1, E2E / 10)
     write_cell(tmp_path, "cgroups_threads", 1, E2E / 5)
@@ -400,6 +403,7 @@ def test_analysis_is_built_once_and_read_only(tmp_path):
         an.table_md = ""
 
 
+@pytest.mark.slow
 def test_report_goes_beside_the_results(tmp_path, capsys):
     root = os.path.join(cells.HERE, "paper.pdf")
     before = open(root, "rb").read() if os.path.exists(root) else None

@@ -67,6 +67,7 @@ def wait_for_tokens(be, n, timeout=10):
     raise AssertionError("no request reached %d tokens" % n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch"])
 def test_batched_logits_match_unbatched(engine, onednn):
     """Sequences of different lengths, joining at different steps and leaving early, get the same prefill and
@@ -222,6 +223,7 @@ def test_decode_step_failure_fails_that_step_only(engine, batched, monkeypatch):
     assert batched.generate(PROMPTS[1], 6, seed=2).output_tokens == 6
 
 
+@pytest.mark.slow
 def test_close_drains_then_refuses(engine):
     be = BatchEngine(engine, max_batch=2)
     threads = [start(be, p, 150, seed=i) for i, p in enumerate(PROMPTS)]

@@ -8,6 +8,7 @@ from bench import collapse as bench_collapse
 from conftest import run_script
 
 
+@pytest.mark.slow
 def test_tiny_grid_without_quota(tmp_path):
     csv_path, md_path = tmp_path / "c.csv", tmp_path / "c.md"
     proc = run_script("bench.collapse", "--tiny", "--threads", "1", "--policies", "passive", "--engines",

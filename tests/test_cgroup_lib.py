@@ -304,6 +304,7 @@ def test_lock_refuses_a_second_holder():
     os.close(cgroups.lock("svc"))
 
 
+@pytest.mark.root
 def test_non_root_is_refused(tmp_path):
     if not shutil.which("setpriv") or os.geteuid() != 0:
         pytest.skip("needs root and setpriv to run as nobody")
@@ -408,6 +409,7 @@ def test_real_signal_mid_cell_tears_down(sig, tmp_path, real_cleanup):
     assert not os.path.exists(f"/proc/{child[0]}")
 
 
+@pytest.mark.slow
 @real
 def test_real_child_ignoring_signals_is_killed(real_cleanup):
     code = ("import signal, time\nfor s in (signal.SIGINT, signal.SIGTERM):\n"

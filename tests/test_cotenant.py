@@ -175,6 +175,7 @@ def test_killed_parent_leaves_no_burner(sig, fake_quota, locks):
         assert not os.path.exists(desc["cgroup_dirs"][0])
 
 
+@pytest.mark.slow
 def test_cli_prints_json(fake_quota, tmp_path):
     out = tmp_path / "ref.json"
     p = run_script("llm_psi.load.cotenant", "--antagonist", "cpu:1", "--seconds", "1.5", "--name", CLI_NAME, "--json", out,

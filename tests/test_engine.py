@@ -110,6 +110,8 @@ def test_bad_arguments(engines):
         make_engine("beam", tiny=True)
 
 
+@pytest.mark.slow
+@pytest.mark.model
 def test_124m_architecture():
     e = Engine(seed=0)
     ident = e.identity()

@@ -66,6 +66,7 @@ def server():
         s.stop()
 
 
+@pytest.mark.slow
 def test_completion_stream_health_and_metrics(server):
     s = server()
     assert s.first_health in (None, 503, 200)
@@ -94,12 +95,14 @@ def test_completion_stream_health_and_metrics(server):
     ({"prompt": "Hi", "temperature": 1.3}, "samples at temperature 0.7"),
     ({"prompt": "Hi", "seed": -1}, "seed must be an integer >= 0"),
 ])
+@pytest.mark.slow
 def test_bad_requests_get_400(server, body, message):
     s = server()
     r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=30)
     assert r.status_code == 400 and message in r.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_overload_is_503_with_retry_after_and_sigterm_drains(server, fake_quota):
     s = server("--config", "limit1", "--max-waiting", 0, env=fake_quota)
     results = []
@@ -120,6 +123,7 @@ def test_overload_is_503_with_retry_after_and_sigterm_drains(server, fake_quota)
     assert s.proc.wait(timeout=10) == 0
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_request_in_flight(server):
     s = server()
     box = {}
@@ -135,6 +139,7 @@ def test_sigterm_finishes_the_request_in_flight(server):
     assert s.proc.wait(timeout=10) == 0
 
 
+@pytest.mark.slow
 def test_disconnected_client_frees_its_slot(server, fake_quota):
     s = server("--config", "limit1", env=fake_quota)
     with httpx.stream("POST", f"{s.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 250, "stream": True},
@@ -146,6 +151,7 @@ def test_disconnected_client_frees_its_slot(server, fake_quota):
     assert "llm_requests_running 0.0" in text
 
 
+@pytest.mark.slow
 def test_generator_as_client_writes_rows(server, tmp_path):
     s = server()
     out = tmp_path / "cell.csv"
@@ -158,6 +164,7 @@ def test_generator_as_client_writes_rows(server, tmp_path):
     assert meta["mode"] == "service" and meta["service"]["config"]["config"] == "baseline"
 
 
+@pytest.mark.slow
 def test_generator_refuses_a_service_of_another_config(server, tmp_path):
     s = server()
     proc = run_script("request_generator.py", "--target", s.url, "--config", "psi", "--num-requests", 1,

@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, read_cell, run_script
 
 
+@pytest.mark.slow
 def test_poisson_schedule_rows(generate):
     args = ("--config", "baseline", "--arrival", "poisson", "--rate", 4, "--num-requests", 12, "--seed", 3,
             "--max-new-tokens", 4)
@@ -28,6 +29,7 @@ def test_poisson_schedule_rows(generate):
     assert meta["config"]["arrival"] == "poisson" and meta["trials"][0]["requests"] == 12
 
 
+@pytest.mark.slow
 def test_open_loop_does_not_wait_for_a_worker(generate):
     """A burst of 6 at a very high rate overlaps though --concurrency is 1 (it labels the cell only)."""
     _, out = generate("--arrival", "constant", "--rate", 1000, "--num-requests", 6, "--max-new-tokens", 30)
@@ -35,6 +37,7 @@ def test_open_loop_does_not_wait_for_a_worker(generate):
     assert meta["peak_in_flight"] >= 2
 
 
+@pytest.mark.slow
 def test_max_concurrency_caps_in_flight(generate):
     _, out = generate("--arrival", "constant", "--rate", 1000, "--num-requests", 5, "--max-new-tokens", 20,
                       "--max-concurrency", 1)
@@ -42,6 +45,7 @@ def test_max_concurrency_caps_in_flight(generate):
     assert meta["peak_in_flight"] == 1 and (df.queue_ms > 0).any()
 
 
+@pytest.mark.slow
 def test_duration_and_slo_goodput(generate):
     proc, out = generate("--arrival", "gamma", "--burstiness", 0.5, "--rate", 5, "--duration", 1.0,
                          "--max-new-tokens", 3, "--slo", "e2e:60000,ttft:60000")
@@ -71,6 +75,7 @@ def _alive(pids):
     return [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
 
 
+@pytest.mark.slow
 def test_cotenant_throughput_recorded_and_stopped(generate):
     _, out = generate("--antagonist", "cpu:1", "--num-requests", 4, "--max-new-tokens", 40, "--spacing-ms", 400,
                       "--timeline-interval-ms", 100)
@@ -85,6 +90,7 @@ def test_cotenant_throughput_recorded_and_stopped(generate):
     assert _alive(tenant["pids"]) == []
 
 
+@pytest.mark.slow
 def test_cotenant_stopped_after_ctrl_c(tmp_path):
     out = tmp_path / "c.csv"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "request_generator.py"), "--tiny", "--quiet",

@@ -31,6 +31,7 @@ def cell_c4(tmp_path_factory):
     return df, meta, proc
 
 
+@pytest.mark.slow
 def test_schema_and_counts(cell_c4):
     df, meta, _ = cell_c4
     assert list(df.columns) == rg.COLUMNS
@@ -81,6 +82,7 @@ def test_metadata(cell_c4):
     assert "p95 e2e" in proc.stderr  # the per-trial summary line
 
 
+@pytest.mark.slow
 def test_no_overlap_at_concurrency_1(generate):
     _, out = generate("--concurrency", 1, "--num-requests", 4, "--max-new-tokens", 6, "--spacing-ms", 0)
     df, meta = read_cell(out)
@@ -88,6 +90,8 @@ def test_no_overlap_at_concurrency_1(generate):
     assert meta["peak_in_flight"] == 1
 
 
+@pytest.mark.model
+@pytest.mark.slow
 def test_124m_architecture_overlaps_at_default_spacing(generate):
     """The issue's acceptance command: 8 ok rows, at least two of them overlapping in time."""
     _, out = generate("--config", "baseline", "--concurrency", 4, "--num-requests", 8, "--max-new-tokens", 8,
@@ -128,6 +132,7 @@ def test_bad_input_is_one_line_exit_2_and_no_files(tmp_path, args, message):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_sigint_keeps_finished_rows(tmp_path):
     out = tmp_path / "cell.csv"
     cmd = [sys.executable, os.path.join(ROOT, "request_generator.py"), "--tiny", "--quiet", "--concurrency", "2",
@@ -149,6 +154,7 @@ def test_sigint_keeps_finished_rows(tmp_path):
     assert meta["complete"] is False and meta["trials"][0]["complete"] is False
 
 
+@pytest.mark.slow
 def test_llm_server_runs_one_cell_into_runs_and_never_overwrites(tmp_path):
     args = ["--config", "baseline", "--concurrency", 2, "--num-requests", 2, "--max-new-tokens", 2, "--tiny",
             "--quiet"]
@@ -171,6 +177,7 @@ def test_llm_server_runs_one_cell_into_runs_and_never_overwrites(tmp_path):
     assert read_cell(cell)[1]["config"]["seed"] == 1 and len(read_cell(cell)[0]) == 2
 
 
+@pytest.mark.slow
 def test_trials_added_one_at_a_time_form_one_cell(generate):
     common = ["--concurrency", 1, "--num-requests", 2, "--max-new-tokens", 2, "--spacing-ms", 0, "--trials", 2,
               "--no-warmup"]
@@ -191,6 +198,7 @@ def test_trials_added_one_at_a_time_form_one_cell(generate):
     assert len(meta["resumed"]) == 1
 
 
+@pytest.mark.slow
 def test_resume_drops_the_rows_of_an_unfinished_trial(generate):
     _, out = generate("--num-requests", 2, "--max-new-tokens", 2, "--trials", 2, "--no-warmup")
     df, meta = read_cell(out)
@@ -208,6 +216,7 @@ def test_resume_drops_the_rows_of_an_unfinished_trial(generate):
     assert meta["complete"] is True
 
 
+@pytest.mark.slow
 def test_limited_config_runs_under_a_quota(generate, fake_quota):
     _, out = generate("--config", "cgroups", "--num-requests", 1, "--max-new-tokens", 2, "--no-warmup")
     _, meta = read_cell(out)
@@ -219,6 +228,7 @@ def test_limited_config_runs_under_a_quota(generate, fake_quota):
     assert len(timeline) >= 2 and timeline["nr_periods"].isna().all()  # another cgroup's counters: none
 
 
+@pytest.mark.slow
 def test_generate_engine_writes_exact_tokens(generate):
     _, out = generate("--engine", "generate", "--concurrency", 2, "--num-requests", 2, "--max-new-tokens", 5)
     df, meta = read_cell(out)

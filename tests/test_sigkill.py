@@ -1,5 +1,6 @@
 """A SIGKILLed `cgroup_lib.py run` loses nothing to orphans: its cell's process dies with it (PDEATHSIG),
 and `cleanup` removes the cgroup it left from every hierarchy. Real cgroups only (root)."""
+import pytest
 import os
 import random
 import signal
@@ -33,6 +34,7 @@ def _left_dirs():
     return [os.path.join(t, NAME) for t in tops if os.path.isdir(os.path.join(t, NAME))]
 
 
+@pytest.mark.slow
 @real_cgroups
 def test_sigkilled_driver_leaves_no_process_and_cleanup_leaves_no_cgroup(tmp_path):
     rng, had_child = random.Random(20240607), 0

@@ -119,6 +119,7 @@ def test_interpreter_choice(fake, tmp_path):
     assert f"python: {sys.executable} ($PYTHON)" in p.stdout
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_non_root_is_refused_and_nothing_is_created(script, fake):
     if os.geteuid() != 0 or not shutil.which("setpriv"):
@@ -142,6 +143,7 @@ def test_non_root_is_refused_and_nothing_is_created(script, fake):
         shutil.rmtree(tmp)
 
 
+@pytest.mark.slow
 @real
 def test_quick_sweep_runs_every_cell_in_a_cgroup_of_its_own(fake, tmp_path, nothing_left):
     p = _sh("run_experiments.sh", "--quick", "--results-dir", str(tmp_path / "r"), "--cgroup-name", NAME,
@@ -165,6 +167,7 @@ def test_quick_sweep_runs_every_cell_in_a_cgroup_of_its_own(fake, tmp_path, noth
     assert p.stderr.count("p95 e2e") == 4
 
 
+@pytest.mark.slow
 def test_trials_interleave_in_a_seeded_order_and_cells_are_never_overwritten(fake, tmp_path):
     args = ["--configs", "baseline", "--concurrency", "1 2 4", "--cells", "baseline:8", "--trials", "3",
             "--results-dir", str(tmp_path / "r"), "--cgroup-name", NAME]
@@ -234,10 +237,9 @@ def test_signal_mid_cgroups_cell_leaves_nothing(sig, fake, tmp_path, nothing_lef
     assert not any(os.path.exists(f"/proc/{pid}") for pid in victims)
 
 
+@pytest.mark.slow
 @real
 def test_real_generator_cell(tmp_path, nothing_left):
-    if not os.path.exists(os.path.join(ROOT, "request_generator.py")):
-        pytest.skip("request_generator.py not present")
     p = _sh("run_experiments.sh", "--configs", "cgroups", "--concurrency", "1", "--num-requests", "2",
             "--max-new-tokens", "2", "--tiny", "--results-dir", str(tmp_path), "--cgroup-name", NAME)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -253,6 +255,7 @@ def test_real_generator_cell(tmp_path, nothing_left):
     assert periods and all(periods)  # the cell's own cgroup: its throttling counters in every sample
 
 
+@pytest.mark.slow
 @real
 def test_service_mode_puts_only_the_service_in_the_cgroup(tmp_path, nothing_left):
     """--mode service: llm_server.py serve runs in the cell's cgroup, the generator outside it sends HTTP."""

@@ -8,7 +8,6 @@ figures), so a whole run, PSI included, can point at a fake tree; without it, /p
 """
 import os
 import re
-import time
 
 CELL_ENV = "CGROUP_LIB_CELL"     # set for the child of `run`: the name of the cell cgroup made for it
 

@@ -15,7 +15,6 @@ With no admission controller nothing waits for admission, so ``max_waiting`` nev
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -25,7 +24,7 @@ import time
 from llm_psi import config as configs
 from llm_psi.analysis import metrics
 from llm_psi.cli import UsageError
-from llm_psi.config import ServiceConfig, service_config  # noqa: F401  (the service's API)
+from llm_psi.config import ServiceConfig
 from llm_psi.control.pressure import PsiUnavailable  # noqa: F401  (the service's API: a client catches it)
 from llm_psi.engine.loop import Interrupted  # noqa: F401  (likewise)
 
