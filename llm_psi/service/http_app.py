@@ -39,12 +39,12 @@ from anyio import to_thread
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llm_psi.config import DRAIN_TIMEOUT_S, MAX_BODY_BYTES
 from llm_psi.control import psi
+from llm_psi.service import http_errors
 from llm_psi.service import openai_api as oa
 from llm_psi.service import security
 from llm_psi.service.lifecycle import Service, ServiceConfig
@@ -108,10 +108,6 @@ class ServiceCollector:
                 g = CounterMetricFamily(f"llm_cgroup_{key}", f"the service cgroup's cpu.stat {key}")
                 g.add_metric([], value)
             yield g
-
-
-def _unavailable(message: str, kind: str, retry_after: float, **extra) -> ApiError:
-    return ApiError(503, message, kind, headers={"Retry-After": str(max(1, math.ceil(retry_after)))}, **extra)
 
 
 def _sse(obj) -> str:
@@ -221,7 +217,7 @@ class Api:
         st = self.app.state
         if st.service is None or st.draining:
             why = "draining" if st.draining else "the model is loading"
-            raise _unavailable(f"service unavailable: {why}", "unavailable", self.retry_after_s)
+            raise http_errors.unavailable(f"service unavailable: {why}", "unavailable", self.retry_after_s)
         return st.service
 
     async def _tokens(self, svc: Service, prompt) -> list[int]:
@@ -260,7 +256,7 @@ class Api:
             log.exception("request %d: the service raised", rid)
             raise ApiError(500, f"internal server error (request {rid}; see the server's log)", "server_error")
         if out.status == "rejected":
-            raise _unavailable(f"request refused ({out.decision}): {out.error or 'pressure over the threshold'}",
+            raise http_errors.unavailable(f"request refused ({out.decision}): {out.error or 'pressure over the threshold'}",
                                "overloaded", self.retry_after_s, admission=out.decision, timings=timings(out))
         if out.status == "failed":
             log.error("request %d: generation failed: %s", rid, out.error)
@@ -306,7 +302,8 @@ class Api:
         finally:
             run.stop.set()  # a client gone mid-stream: abandon the request at its next token
             if not finished:
-                log.info("request %d: client disconnected after %d tokens; abandoned", rid, tokens)
+                why = "the drain deadline passed" if self.app.state.draining else "client disconnected"
+                log.info("request %d: %s after %d tokens; abandoned", rid, why, tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
@@ -319,24 +316,6 @@ class Api:
         self.pool.shutdown(wait=False)
 
 
-async def _api_error(request, exc: ApiError):
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-async def _http_error(request, exc: HTTPException):
-    """Starlette's own errors (404 no route, 405 wrong method, ...) in OpenAI's shape."""
-    codes = {404: ("unknown_url", f"no route {request.method} {request.url.path}"),
-             405: ("method_not_allowed", f"{request.method} is not allowed on {request.url.path}")}
-    code, message = codes.get(exc.status_code, (None, exc.detail))
-    return JSONResponse(ApiError(exc.status_code, message, code=code).body(), status_code=exc.status_code,
-                        headers=exc.headers)
-
-
-async def _server_error(request, exc: Exception):
-    """A fault of the server's own: 500, never its text (the traceback goes to the log)."""
-    return JSONResponse(ApiError(500, "internal server error", "server_error").body(), status_code=500)
-
-
 def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s: float = 1.0, workers: int = 64,
               max_body_bytes: int = MAX_BODY_BYTES, api_key: str | None = None,
               hosts: frozenset[str] | None = None) -> Starlette:
@@ -347,8 +326,7 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
               Route("/v1/chat/completions", api.chat, methods=["POST"]),
               Route("/v1/models", api.models, methods=["GET"]), Route("/health", api.health, methods=["GET"]),
               Route("/metrics", api.metrics, methods=["GET"])]
-    app = api.app = Starlette(routes=routes, lifespan=api.lifespan, exception_handlers={
-        ApiError: _api_error, HTTPException: _http_error, Exception: _server_error})
+    app = api.app = Starlette(routes=routes, lifespan=api.lifespan, exception_handlers=http_errors.HANDLERS)
     app.add_middleware(security.Guard, api_key=api_key, hosts=hosts)
     app.state.service, app.state.draining, app.state.load_error = None, False, None
     app.state.probe = psi.PressureProbe()
@@ -357,32 +335,6 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
     if service is not None:
         api.attach(service)
     return app
-
-
-class DrainDeadline:
-    """ASGI wrapper: a request that uvicorn cancels at the drain deadline ends with 503 (if its response has
-    not started) and one INFO line, not a 500 and an ERROR traceback."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        started = False
-
-        async def watch(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-        try:
-            await self.app(scope, receive, watch)
-        except asyncio.CancelledError:
-            if scope["type"] != "http" or not self.app.state.draining:
-                raise
-            log.info("%s %s: cancelled at the drain deadline%s", scope["method"], scope["path"],
-                     " mid-response" if started else "; answered 503")
-            if not started:
-                err = _unavailable("the service stopped: its drain deadline passed", "unavailable", 1)
-                await JSONResponse(err.body(), err.status, headers={"Connection": "close"})(scope, receive, send)
 
 
 def serve(cfg: ServiceConfig, host: str, port: int, retry_after_s: float, drain_timeout_s: float = DRAIN_TIMEOUT_S,
@@ -406,7 +358,7 @@ def serve(cfg: ServiceConfig, host: str, port: int, retry_after_s: float, drain_
             log.info("signal %d: draining for at most %g s (a second signal exits at once)", sig, drain_timeout_s)
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(DrainDeadline(app), host=host, port=port, log_config=None, log_level="info", access_log=False,
+    config = uvicorn.Config(http_errors.DrainDeadline(app), host=host, port=port, log_config=None, log_level="info", access_log=False,
                             timeout_graceful_shutdown=drain_timeout_s, lifespan="on")
     # uvicorn re-raises a handled signal once it has shut down, into the handler it found at start: make
     # that a no-op, so that a drained service exits 0
