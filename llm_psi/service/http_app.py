@@ -114,6 +114,17 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def _ready_tokens(events: asyncio.Queue, token: int) -> tuple[list[int], tuple | None]:
+    """``token`` and the tokens already queued after it; the first other event, if one came (else None)."""
+    batch = [token]
+    while not events.empty():
+        event = events.get_nowait()
+        if event[0] != "token":
+            return batch, event
+        batch.append(event[1])
+    return batch, None
+
+
 class Run:
     """One request's generation on a worker thread; its tokens (when streamed) and its end reach the loop
     as events."""
@@ -256,8 +267,9 @@ class Api:
             log.exception("request %d: the service raised", rid)
             raise ApiError(500, f"internal server error (request {rid}; see the server's log)", "server_error")
         if out.status == "rejected":
-            raise http_errors.unavailable(f"request refused ({out.decision}): {out.error or 'pressure over the threshold'}",
-                               "overloaded", self.retry_after_s, admission=out.decision, timings=timings(out))
+            why = out.error or "pressure over the threshold"
+            raise http_errors.unavailable(f"request refused ({out.decision}): {why}", "overloaded", self.retry_after_s,
+                                          admission=out.decision, timings=timings(out))
         if out.status == "failed":
             log.error("request %d: generation failed: %s", rid, out.error)
             raise ApiError(500, f"generation failed (request {rid}; see the server's log)", "server_error",
@@ -283,11 +295,14 @@ class Api:
                 yield _sse(oa.role_chunk(job, rid, self.names[0]))
             event = first
             while event[0] == "token":
-                tokens += 1
-                text = stops.feed(head + await to_thread.run_sync(detok.add, [event[1]]))
-                head = ""
-                yield _sse(oa.completion_body(job, rid, self.names[0], text, None))
-                event = await run.events.get()
+                batch, event = _ready_tokens(run.events, event[1])
+                # one thread hop for the tokens that are ready; still one chunk per token
+                for delta in await to_thread.run_sync(lambda: [detok.add([t]) for t in batch]):
+                    tokens += 1
+                    yield _sse(oa.completion_body(job, rid, self.names[0], head + stops.feed(delta), None))
+                    head = ""
+                if event is None:
+                    event = await run.events.get()
             try:
                 out = self._outcome(run, rid)
             except ApiError as e:
