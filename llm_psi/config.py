@@ -20,6 +20,11 @@ MEMORY_MAX = "4G"
 MEMORY_MAX_BYTES = 4 << 30
 CGROUP_NAME = "llm_service"      # the service cgroup of a cell
 
+# the HTTP server's defaults (llm_server.py serve)
+MAX_BODY_BYTES = 1 << 20         # the largest request body (413 past it)
+DRAIN_TIMEOUT_S = 30.0           # after SIGTERM/SIGINT: wait this long for requests in flight
+API_KEY_ENV = "LLM_PSI_API_KEY"  # the environment variable that sets --api-key
+
 ENGINES = ("loop", "generate")   # our decode loop | Hugging Face generate() (engine.loop.make_engine kinds)
 ARRIVALS = ("closed", "constant", "poisson", "gamma")
 

@@ -136,7 +136,10 @@ class Engine:
             "torch_interop_threads": torch.get_num_interop_threads(),
         }
 
-    def encode(self, prompt: str):
+    def encode(self, prompt):
+        """The prompt's ids [1, L]: a string is tokenized; a sequence of token ids is taken as is."""
+        if not isinstance(prompt, str):
+            return self.torch.tensor([list(prompt)], dtype=self.torch.long)
         with self._lock:
             return self.tokenizer(prompt, return_tensors="pt").input_ids
 

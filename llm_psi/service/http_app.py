@@ -1,24 +1,24 @@
-"""The resident service over HTTP: an OpenAI-style completions API in front of ``service.Service``.
+"""The resident service over HTTP: an OpenAI-compatible API in front of ``lifecycle.Service``.
 
     python llm_server.py serve --port 8000 --config psi          # see --help for every option
 
-Routes (Starlette, served by uvicorn):
-  POST /v1/completions  {model, prompt, max_tokens, temperature, seed, stream}: the OpenAI completion shape
-                        (choices[].text, finish_reason, usage) plus ``timings``: the server's offsets of each
-                        step from the request's arrival (admit_s, start_s, first_token_s, end_s) and the spans
-                        derived from them (deferral_s, queue_s, ttft_s, service_s, e2e_s), as vLLM reports
-                        per-request metrics. ``stream: true`` answers with server-sent events, one ``data:``
-                        chunk per token, the last with usage and timings, then ``data: [DONE]``.
-  GET  /health          503 while the model loads, 200 when ready, 503 while draining; the JSON has the
-                        service's identity, its requests running and waiting, and its cgroup's pressure and
-                        throttling counters (``state``).
-  GET  /metrics         Prometheus text: requests running/waiting, admitted/deferred/rejected counters,
-                        histograms (s) of deferral, queue, TTFT, service and end-to-end time, the PSI signals
-                        the controllers read and the service cgroup's throttling counters.
+Routes (Starlette, served by uvicorn); docs/SERVICE.md has the API, its errors and security defaults:
+  POST /v1/completions       OpenAI's completion shape (choices[].text, finish_reason, usage) plus ``timings``:
+                             the server's offsets of each step from the request's arrival (admit_s, start_s,
+                             first_token_s, end_s) and the spans derived from them (deferral_s, queue_s, ttft_s,
+                             service_s, e2e_s). ``stream: true`` answers with server-sent events, one ``data:``
+                             chunk per token, the last with usage and timings, then ``data: [DONE]``.
+  POST /v1/chat/completions  the same behind a plain-text chat template (openai_api.chat_prompt).
+  GET  /v1/models            the served model and its aliases.
+  GET  /health               503 while the model loads, 200 when ready, 503 while draining, with the service's
+                             identity, its requests running and waiting, and its cgroup's pressure (``state``).
+  GET  /metrics              Prometheus text (ServiceCollector and the per-request histograms).
 
-Overload is never a silent drop: a request the service refuses (``--max-waiting``, ``--on-timeout
-reject``, draining, loading) gets 503 with Retry-After. A client that disconnects abandons its request at
-the next token, which frees its slot. SIGTERM drains: new requests get 503, those in flight finish, exit 0.
+The event loop never runs the model or the tokenizer: tokenization and detokenization run in threads, and
+generation on a pool of worker threads. A request is checked whole before any generation: its size, type,
+parameters and the prompt's length in tokens against the context. Overload is never a silent drop: a
+request the service refuses (``--max-waiting``, ``--on-timeout reject``, draining, loading) gets 503 with
+Retry-After. A client that disconnects abandons its request at the next token (one INFO line).
 """
 from __future__ import annotations
 
@@ -30,10 +30,12 @@ import itertools
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
 
+from anyio import to_thread
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
@@ -42,12 +44,15 @@ from starlette.routing import Route
 
 from llm_psi import control as psi
 from llm_psi.analysis.metrics import SERVER_SPANS, request_seed, request_spans
+from llm_psi.config import DRAIN_TIMEOUT_S, MAX_BODY_BYTES
+from llm_psi.service import http_errors
+from llm_psi.service import openai_api as oa
+from llm_psi.service import security
 from llm_psi.service.lifecycle import Service, ServiceConfig
+from llm_psi.service.openai_api import ApiError
 
 log = logging.getLogger("http_api")
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, math.inf)
-
-
 def timings(out) -> dict:
     """The server's view of one request: offsets from its arrival and the spans (s) derived from them."""
     rel = {f"{k}_s": (None if getattr(out, f"t_{k}") is None else getattr(out, f"t_{k}") - out.t_arrive)
@@ -100,69 +105,99 @@ class ServiceCollector:
             yield g
 
 
-def _error(status: int, message: str, kind: str, retry_after: float | None = None, **extra) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
-    return JSONResponse({"error": {"message": message, "type": kind, **extra}}, status_code=status, headers=headers)
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
 
 
-def _parse(body, cfg: ServiceConfig) -> tuple[str, int, int | None, bool]:
-    """(prompt, max_tokens, seed, stream) of a completion request; ValueError with the reason."""
-    if not isinstance(body, dict):
-        raise ValueError("the body must be a JSON object")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise ValueError("prompt must be a non-empty string")
-    max_tokens = body.get("max_tokens", 16)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError("max_tokens must be an integer >= 1")
-    temperature = body.get("temperature")
-    if temperature is not None and temperature != cfg.temperature:
-        raise ValueError(f"this service samples at temperature {cfg.temperature} (llm_server.py serve "
-                         f"--temperature); got {temperature}")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError("seed must be an integer >= 0")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ValueError("stream must be true or false")
-    return prompt, max_tokens, seed, stream
+def _ready_tokens(events: asyncio.Queue, token: int) -> tuple[list[int], tuple | None]:
+    """``token`` and the tokens already queued after it; the first other event, if one came (else None)."""
+    batch = [token]
+    while not events.empty():
+        event = events.get_nowait()
+        if event[0] != "token":
+            return batch, event
+        batch.append(event[1])
+    return batch, None
 
 
-def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s: float = 1.0,
-              workers: int = 64) -> Starlette:
-    """The app; it loads the model in the background at start-up unless ``service`` is given."""
-    registry = CollectorRegistry()
-    hist = {name: Histogram(f"llm_request_{name[:-2]}_seconds", f"per-request {name[:-2]} time",
-                            buckets=BUCKETS, registry=registry) for name in SERVER_SPANS}
-    pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="request")
-    ids = itertools.count()
+class Run:
+    """One request's generation on a worker thread; its tokens (when streamed) and its end reach the loop
+    as events."""
 
-    def observe(out):
+    def __init__(self, svc: Service, pool, ids: list[int], max_tokens: int, seed: int, stream: bool):
+        loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.stop = threading.Event()
+
+        def on_token(token, t):
+            loop.call_soon_threadsafe(self.events.put_nowait, ("token", token))
+
+        self.fut = loop.run_in_executor(pool, lambda: svc.submit(
+            ids, max_tokens, seed=seed, stop=self.stop, on_token=on_token if stream else None))
+        self.fut.add_done_callback(self._ended)
+
+    def _ended(self, fut) -> None:
+        if not fut.cancelled():
+            fut.exception()   # retrieved here: an abandoned request's Interrupted is no error to log
+        self.events.put_nowait(("done", None))
+
+    async def first_event(self, request):
+        """The first event (a token, or the end), or None if the client disconnects first."""
+        try:
+            while True:
+                try:
+                    return await asyncio.wait_for(self.events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        self.stop.set()
+                        return None
+        except asyncio.CancelledError:   # the drain deadline passed: abandon the request
+            self.stop.set()
+            raise
+
+
+class Api:
+    """The routes of one app, and what they share: the service, the worker pool, the metrics."""
+
+    def __init__(self, cfg: ServiceConfig, retry_after_s: float, workers: int, max_body_bytes: int):
+        self.app = None   # the Starlette app, once built
+        self.cfg, self.retry_after_s, self.max_body_bytes = cfg, retry_after_s, max_body_bytes
+        self.registry = CollectorRegistry()
+        self.hist = {name: Histogram(f"llm_request_{name[:-2]}_seconds", f"per-request {name[:-2]} time",
+                                     buckets=BUCKETS, registry=self.registry) for name in SERVER_SPANS}
+        self.pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="request")
+        self.ids = itertools.count()
+        self.names, self.context, self.vocab, self.created = [], 0, 0, int(time.time())
+
+    def observe(self, out) -> None:
         if out.status != "ok":
             return
         for name, value in timings(out).items():
-            if name in hist and value is not None:
-                hist[name].observe(value)
+            if name in self.hist and value is not None:
+                self.hist[name].observe(value)
 
-    def attach(svc):
-        svc.observers.append(observe)
+    def attach(self, svc: Service) -> None:
+        st = self.app.state
+        svc.observers.append(self.observe)
         # what /health says of the service that does not change: built once, not on every poll
-        app.state.about = {"service": svc.identity(), "config": dataclasses.asdict(cfg),
-                           "cgroup": app.state.probe.cgroup.describe()}
-        app.state.service = svc
-        log.info("ready: %s", json.dumps(app.state.about["service"]))
+        st.about = {"service": svc.identity(), "config": dataclasses.asdict(self.cfg), "cgroup": st.probe.cgroup.describe()}
+        mc = svc.engine.model.config
+        source = st.about["service"]["model"]["source"]
+        self.names = [source] + [a for a in ("gpt2",) if mc.model_type == "gpt2" and a != source]
+        self.context = getattr(mc, "n_positions", None) or mc.max_position_embeddings
+        self.vocab = mc.vocab_size
+        st.service = svc
+        log.info("ready: %s", json.dumps(st.about["service"]))
 
-    def load():
+    def load(self) -> None:
         try:
-            attach(Service.start(cfg))
+            self.attach(Service.start(self.cfg))
         except BaseException as e:  # the server stays up and says why in /health
-            app.state.load_error = f"{type(e).__name__}: {e}"
-            log.error("model load failed: %s", app.state.load_error)
+            self.app.state.load_error = f"{type(e).__name__}: {e}"
+            log.error("model load failed: %s", self.app.state.load_error)
 
-    async def health(request):
-        st = app.state
+    async def health(self, request):
+        st = self.app.state
         if st.load_error:
             return JSONResponse({"status": "failed", "error": st.load_error}, status_code=503)
         if st.service is None:
@@ -171,132 +206,169 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
                 "state": {**st.service.state(), **st.probe.read()}}
         return JSONResponse(body, status_code=503 if st.draining else 200)
 
-    async def metrics(request):
-        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(self, request):
+        return Response(generate_latest(self.registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def completions(request):
-        st = app.state
-        svc = st.service
-        if svc is None or st.draining:
+    async def models(self, request):
+        self._service()
+        return JSONResponse(oa.models_body(self.names, self.created))
+
+    async def completions(self, request):
+        return await self._handle(request, oa.parse_completion)
+
+    async def chat(self, request):
+        return await self._handle(request, oa.parse_chat)
+
+    def _service(self) -> Service:
+        st = self.app.state
+        if st.service is None or st.draining:
             why = "draining" if st.draining else "the model is loading"
-            return _error(503, f"service unavailable: {why}", "unavailable", retry_after_s)
-        try:
-            prompt, max_tokens, seed, stream = _parse(await request.json(), cfg)
-        except (ValueError, json.JSONDecodeError) as e:
-            return _error(400, str(e), "invalid_request_error")
-        rid = next(ids)
-        seed = seed if seed is not None else request_seed(cfg.seed, 0, rid)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
+            raise http_errors.unavailable(f"service unavailable: {why}", "unavailable", self.retry_after_s)
+        return st.service
 
-        def on_token(token, t):
-            loop.call_soon_threadsafe(events.put_nowait, ("token", token))
+    async def _tokens(self, svc: Service, prompt) -> list[int]:
+        if isinstance(prompt, list):
+            oa.check_token_ids(prompt, self.vocab)
+            return prompt
+        return (await to_thread.run_sync(svc.engine.encode, prompt))[0].tolist()
 
-        def work():
-            return svc.submit(prompt, max_tokens, seed=seed, stop=stop, on_token=on_token if stream else None)
-
-        fut = loop.run_in_executor(pool, work)
-        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, ("done", None)))
-        try:
-            first = await _first_event(request, events, stop)
-        except asyncio.CancelledError:
-            stop.set()
-            raise
-        if first is None:  # the client went away before its first token: the request is abandoned
+    async def _handle(self, request, parse):
+        """Check the request whole (size, type, parameters, model, context), then generate."""
+        svc = self._service()
+        job = parse(oa.parse_body(await security.read_json_body(request, self.max_body_bytes)), self.cfg.temperature)
+        oa.check_model(job, self.names)
+        oa.check_context(0, job.max_tokens, self.context)
+        ids = await self._tokens(svc, job.prompt)
+        oa.check_context(len(ids), job.max_tokens, self.context)
+        head = ""
+        if job.echo:
+            head = job.prompt if isinstance(job.prompt, str) else await to_thread.run_sync(svc.engine.decode, ids)
+        rid = next(self.ids)
+        seed = job.seed if job.seed is not None else request_seed(self.cfg.seed, 0, rid)
+        run = Run(svc, self.pool, ids, job.max_tokens, seed, job.stream)
+        first = await run.first_event(request)
+        if first is None:
+            log.info("request %d: client disconnected before its first token; abandoned", rid)
             return Response(status_code=499)
         if first[0] == "done":
-            return _final(fut, svc, rid, prompt, retry_after_s)
-        return StreamingResponse(_sse(first, events, fut, svc, rid, stop), media_type="text/event-stream")
+            return self._final(job, run, rid, head)
+        return StreamingResponse(self._stream(job, run, rid, first, head), media_type="text/event-stream")
 
-    def _final(fut, svc, rid, prompt, retry):
+    def _outcome(self, run: Run, rid: int):
+        """The Outcome of a finished run; a refusal as 503, a failure as 500 (its reason goes to the log)."""
         try:
-            out = fut.result()
-        except Exception as e:
-            return _error(500, f"{type(e).__name__}: {e}", "server_error")
+            out = run.fut.result()
+        except Exception:
+            log.exception("request %d: the service raised", rid)
+            raise ApiError(500, f"internal server error (request {rid}; see the server's log)", "server_error")
         if out.status == "rejected":
-            return _error(503, f"request refused ({out.decision}): {out.error or 'pressure over the threshold'}",
-                          "overloaded", retry, admission=out.decision, timings=timings(out))
+            why = out.error or "pressure over the threshold"
+            raise http_errors.unavailable(f"request refused ({out.decision}): {why}", "overloaded", self.retry_after_s,
+                                          admission=out.decision, timings=timings(out))
         if out.status == "failed":
-            return _error(500, out.error, "server_error", timings=timings(out))
-        return JSONResponse(_body(svc, rid, out.text, out, final=True))
+            log.error("request %d: generation failed: %s", rid, out.error)
+            raise ApiError(500, f"generation failed (request {rid}; see the server's log)", "server_error",
+                           timings=timings(out))
+        return out
 
-    async def _sse(first, events, fut, svc, rid, stop):
+    def _usage(self, out) -> dict:
+        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.output_tokens,
+                "total_tokens": (out.prompt_tokens or 0) + out.output_tokens}
+
+    def _final(self, job, run: Run, rid: int, head: str):
+        out = self._outcome(run, rid)
+        stops = oa.StopText(job.stop)
+        text = stops.feed(out.text) + stops.flush()
+        return JSONResponse(oa.completion_body(job, rid, self.names[0], head + text, "stop" if stops.hit else "length",
+                                               self._usage(out), {"timings": timings(out)}))
+
+    async def _stream(self, job, run: Run, rid: int, first, head: str):
+        detok, stops = oa.Detokenizer(self.app.state.service.engine.decode), oa.StopText(job.stop)
+        tokens, finished = 0, False
         try:
+            if job.chat:
+                yield _sse(oa.role_chunk(job, rid, self.names[0]))
             event = first
             while event[0] == "token":
-                yield _chunk(_body(svc, rid, svc.engine.decode([event[1]]), None, final=False))
-                event = await events.get()
+                batch, event = _ready_tokens(run.events, event[1])
+                # one thread hop for the tokens that are ready; still one chunk per token
+                for delta in await to_thread.run_sync(lambda: [detok.add([t]) for t in batch]):
+                    tokens += 1
+                    yield _sse(oa.completion_body(job, rid, self.names[0], head + stops.feed(delta), None))
+                    head = ""
+                if event is None:
+                    event = await run.events.get()
             try:
-                out = fut.result()
-            except Exception as e:
-                yield _chunk({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}})
+                out = self._outcome(run, rid)
+            except ApiError as e:
+                yield _sse(e.body())
             else:
-                yield _chunk(_body(svc, rid, "", out, final=True))
+                text = stops.feed(await to_thread.run_sync(detok.flush)) + stops.flush()
+                yield _sse(oa.completion_body(job, rid, self.names[0], text, "stop" if stops.hit else "length",
+                                              self._usage(out) if job.include_usage else None,
+                                              {"timings": timings(out)}))
             yield "data: [DONE]\n\n"
+            finished = True
         finally:
-            stop.set()  # a client gone mid-stream: abandon the request at its next token
-
-    def _body(svc, rid, text, out, final):
-        body = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
-                "model": svc.engine.identity()["source"],
-                "choices": [{"index": 0, "text": text, "logprobs": None,
-                             "finish_reason": ("length" if out.status == "ok" else "error") if final else None}]}
-        if final and out is not None:
-            body["usage"] = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.output_tokens,
-                             "total_tokens": (out.prompt_tokens or 0) + out.output_tokens}
-            body["timings"] = timings(out)
-        return body
+            run.stop.set()  # a client gone mid-stream: abandon the request at its next token
+            if not finished:
+                why = "the drain deadline passed" if self.app.state.draining else "client disconnected"
+                log.info("request %d: %s after %d tokens; abandoned", rid, why, tokens)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
+    async def lifespan(self, app):
         if app.state.service is None:
-            threading.Thread(target=load, name="model-load", daemon=True).start()
+            threading.Thread(target=self.load, name="model-load", daemon=True).start()
         yield
         app.state.draining = True
         if app.state.service is not None:
             await asyncio.get_running_loop().run_in_executor(None, app.state.service.close)
-        pool.shutdown(wait=False)
+        self.pool.shutdown(wait=False)
 
-    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
-                            Route("/health", health), Route("/metrics", metrics)], lifespan=lifespan)
+
+def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s: float = 1.0, workers: int = 64,
+              max_body_bytes: int = MAX_BODY_BYTES, api_key: str | None = None,
+              hosts: frozenset[str] | None = None) -> Starlette:
+    """The app; it loads the model in the background at start-up unless ``service`` is given. ``hosts``: the
+    Host names allowed (None: any); ``api_key``: the key /v1/ routes require (None: none)."""
+    api = Api(cfg, retry_after_s, workers, max_body_bytes)
+    routes = [Route("/v1/completions", api.completions, methods=["POST"]),
+              Route("/v1/chat/completions", api.chat, methods=["POST"]),
+              Route("/v1/models", api.models, methods=["GET"]), Route("/health", api.health, methods=["GET"]),
+              Route("/metrics", api.metrics, methods=["GET"])]
+    app = api.app = Starlette(routes=routes, lifespan=api.lifespan, exception_handlers=http_errors.HANDLERS)
+    app.add_middleware(security.Guard, api_key=api_key, hosts=hosts)
     app.state.service, app.state.draining, app.state.load_error = None, False, None
     app.state.probe = psi.PressureProbe()
-    registry.register(ServiceCollector(app.state))
+    app.state.api = api
+    api.registry.register(ServiceCollector(app.state))
     if service is not None:
-        attach(service)
+        api.attach(service)
     return app
 
 
-def _chunk(obj) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
-
-
-async def _first_event(request, events, stop):
-    """The first event of a request (its first token, or its end), or None if the client disconnects first."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), timeout=0.25)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                stop.set()
-                return None
-
-
-def serve(cfg: ServiceConfig, host: str, port: int, retry_after_s: float, drain_timeout_s: float | None) -> int:
-    """Run the service until SIGINT/SIGTERM; then drain (503 to new requests, finish those in flight)."""
+def serve(cfg: ServiceConfig, host: str, port: int, retry_after_s: float, drain_timeout_s: float = DRAIN_TIMEOUT_S,
+          api_key: str | None = None, allowed_hosts: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> int:
+    """Run the service until SIGINT/SIGTERM; then drain (the listener closes, requests in flight finish
+    within ``drain_timeout_s``); a second signal exits at once."""
     import uvicorn
-    app = build_app(cfg, retry_after_s=retry_after_s)
+    security.check_exposure(host, api_key)
+    app = build_app(cfg, retry_after_s=retry_after_s, max_body_bytes=max_body_bytes, api_key=api_key,
+                    hosts=security.allowed_hosts(host, allowed_hosts))
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
+            if app.state.draining:
+                log.warning("signal %d again: exiting now, without draining", sig)
+                logging.shutdown()
+                os._exit(128 + sig)
             app.state.draining = True
             if app.state.service is not None:
                 app.state.service.closed = True
-            log.info("signal %d: draining", sig)
+            log.info("signal %d: draining for at most %g s (a second signal exits at once)", sig, drain_timeout_s)
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
+    config = uvicorn.Config(http_errors.DrainDeadline(app), host=host, port=port, log_config=None, log_level="info", access_log=False,
                             timeout_graceful_shutdown=drain_timeout_s, lifespan="on")
     # uvicorn re-raises a handled signal once it has shut down, into the handler it found at start: make
     # that a no-op, so that a drained service exits 0

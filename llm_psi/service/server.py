@@ -18,7 +18,7 @@ import sys
 
 from llm_psi import cli
 from llm_psi.cli import UsageError
-from llm_psi.config import ServiceConfig
+from llm_psi.config import API_KEY_ENV, DRAIN_TIMEOUT_S, MAX_BODY_BYTES, ServiceConfig
 from llm_psi.service import lifecycle as service
 
 PROG = "llm_server.py serve"
@@ -34,8 +34,17 @@ def build_serve_parser():
                    help="TCP port (default: %(default)s)")
     g.add_argument("--retry-after-s", type=cli.finite_number(float, gt=0), default=1.0,
                    help="Retry-After of a 503, seconds, rounded up (default: %(default)s)")
-    g.add_argument("--drain-timeout-s", type=cli.finite_number(float, gt=0), default=None,
-                   help="after SIGTERM, stop waiting for requests in flight after this long (default: wait)")
+    g.add_argument("--drain-timeout-s", type=cli.finite_number(float, gt=0), default=DRAIN_TIMEOUT_S,
+                   help="after SIGTERM/SIGINT, wait this long for requests in flight, then cancel them and exit; "
+                        "a second signal exits at once (default: %(default)s)")
+    g.add_argument("--max-body-bytes", type=cli.finite_number(int, ge=1), default=MAX_BODY_BYTES,
+                   help="largest request body, bytes; a larger one gets 413 (default: %(default)s)")
+    g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                   help=f"require Authorization: Bearer KEY on the /v1/ routes (/health and /metrics stay open) "
+                        f"(default: ${API_KEY_ENV}, else none)")
+    g.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header names to accept, * for any (default: the loopback names and "
+                        "the bound address when bound to loopback, else any)")
     g.add_argument("-v", "--verbose", action="store_true", help="log every admission decision")
     cli.add_config_option(g)
     cli.add_service_options(p, ServiceConfig)
@@ -44,7 +53,8 @@ def build_serve_parser():
 
 def parse_serve(argv) -> tuple[ServiceConfig, dict]:
     a = vars(build_serve_parser().parse_args(argv))
-    server = {k: a.pop(k) for k in ("host", "port", "retry_after_s", "drain_timeout_s", "verbose")}
+    server = {k: a.pop(k) for k in ("host", "port", "retry_after_s", "drain_timeout_s", "verbose", "api_key",
+                                    "allowed_hosts", "max_body_bytes")}
     cli.resolve(a, ServiceConfig)
     return ServiceConfig(**a), server
 
@@ -62,4 +72,11 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("service").info("serve config: %s (pid %d)", json.dumps(dataclasses.asdict(cfg)), os.getpid())
     from llm_psi.service import http_app as http_api
-    return http_api.serve(cfg, server["host"], server["port"], server["retry_after_s"], server["drain_timeout_s"])
+    server.pop("verbose")
+    rc = http_api.serve(cfg, **server)
+    # drained: exit now, without the interpreter's teardown of torch and the model (seconds on a loaded host),
+    # which would eat into the drain deadline that a supervisor enforces
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
