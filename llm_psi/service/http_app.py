@@ -216,7 +216,8 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
             return _error(500, f"{type(e).__name__}: {e}", "server_error")
         if out.status == "rejected":
             return _error(503, f"request refused ({out.decision}): {out.error or 'pressure over the threshold'}",
-                          "overloaded", retry, admission=out.decision, timings=timings(out))
+                          "overloaded", retry if out.retry_after_s is None else out.retry_after_s,
+                          admission=out.decision, timings=timings(out))
         if out.status == "failed":
             return _error(500, out.error, "server_error", timings=timings(out))
         return JSONResponse(_body(svc, rid, out.text, out, final=True))
