@@ -34,8 +34,6 @@ import signal
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -43,9 +41,9 @@ from starlette.routing import Route
 from llm_psi import control as psi
 from llm_psi.analysis.metrics import SERVER_SPANS, request_seed, request_spans
 from llm_psi.service.lifecycle import Service, ServiceConfig
+from llm_psi.service.prometheus import Exporter
 
 log = logging.getLogger("http_api")
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, math.inf)
 
 
 def timings(out) -> dict:
@@ -55,49 +53,6 @@ def timings(out) -> dict:
     spans = request_spans(out.t_arrive, out.t_admit, out.t_start, out.t_first_token, out.t_end)
     pressure = None if out.pressure is None or math.isnan(out.pressure) else out.pressure
     return {"admission": out.decision, "checks": out.checks, "pressure": pressure, **rel, **spans}
-
-
-class ServiceCollector:
-    """Prometheus families read from the service at scrape time (no second copy of its counters)."""
-
-    def __init__(self, app_state):
-        self.state = app_state
-
-    def collect(self):
-        svc = self.state.service
-        counts = svc.counts if svc else {}
-        for name, key, doc in (("llm_requests_admitted", "admitted", "requests admitted to generation"),
-                               ("llm_requests_deferred", "deferred", "requests the controller held at least once"),
-                               ("llm_requests_rejected", "rejected", "requests the controller rejected"),
-                               ("llm_requests_overloaded", "overloaded", "requests refused at arrival (503)"),
-                               ("llm_requests_failed", "failed", "requests whose generation failed")):
-            c = CounterMetricFamily(name, doc)
-            c.add_metric([], counts.get(key, 0))
-            yield c
-        for name, value, doc in (("llm_requests_running", svc.running if svc else 0, "requests generating"),
-                                 ("llm_requests_waiting", svc.waiting if svc else 0, "requests waiting for admission")):
-            g = GaugeMetricFamily(name, doc)
-            g.add_metric([], value)
-            yield g
-        if svc and svc.admission is not None:
-            for key, value in svc.admission.state().items():
-                if isinstance(value, (int, float)) and key != "waiting":
-                    g = GaugeMetricFamily(f"llm_admission_{key}", f"admission controller state: {key}")
-                    g.add_metric([], value)
-                    yield g
-        reading = self.state.probe.read()
-        for key, value in reading.items():
-            if value is None or key.endswith("_pct"):
-                continue
-            source, rest = key.split("_", 1)
-            if source in ("sys", "cg"):
-                g = GaugeMetricFamily(f"llm_psi_{rest}", f"PSI {rest} of the {'system' if source == 'sys' else 'service cgroup'}",
-                                      labels=["source"])
-                g.add_metric(["system" if source == "sys" else "cgroup"], value)
-            else:
-                g = CounterMetricFamily(f"llm_cgroup_{key}", f"the service cgroup's cpu.stat {key}")
-                g.add_metric([], value)
-            yield g
 
 
 def _error(status: int, message: str, kind: str, retry_after: float | None = None, **extra) -> JSONResponse:
@@ -133,18 +88,12 @@ def _parse(body, cfg: ServiceConfig) -> tuple[str, int, int | None, bool]:
 def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s: float = 1.0,
               workers: int = 64) -> Starlette:
     """The app; it loads the model in the background at start-up unless ``service`` is given."""
-    registry = CollectorRegistry()
-    hist = {name: Histogram(f"llm_request_{name[:-2]}_seconds", f"per-request {name[:-2]} time",
-                            buckets=BUCKETS, registry=registry) for name in SERVER_SPANS}
     pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="request")
     ids = itertools.count()
 
     def observe(out):
-        if out.status != "ok":
-            return
-        for name, value in timings(out).items():
-            if name in hist and value is not None:
-                hist[name].observe(value)
+        if out.status == "ok":
+            app.state.exporter.observe(timings(out))
 
     def attach(svc):
         svc.observers.append(observe)
@@ -172,7 +121,8 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
         return JSONResponse(body, status_code=503 if st.draining else 200)
 
     async def metrics(request):
-        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+        body, media_type = app.state.exporter.render()
+        return Response(body, media_type=media_type)
 
     async def completions(request):
         st = app.state
@@ -263,7 +213,7 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
                             Route("/health", health), Route("/metrics", metrics)], lifespan=lifespan)
     app.state.service, app.state.draining, app.state.load_error = None, False, None
     app.state.probe = psi.PressureProbe()
-    registry.register(ServiceCollector(app.state))
+    app.state.exporter = Exporter(app.state, SERVER_SPANS)
     if service is not None:
         attach(service)
     return app
