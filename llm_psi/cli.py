@@ -122,7 +122,8 @@ def add_service_options(p, defaults=ServiceConfig) -> None:
     option(g, defaults, "--max-queue-delay-ms", type=DURATION_MS,
            help="T: refuse (503, overloaded) a request whose wait for its first token would exceed T ms. "
                 "Predicted: wait = (requests queued ahead, not yet at their first token) x (time between "
-                "departures while busy, an EWMA with weight 0.2 to the newest); refused at arrival when wait > "
+                "departures while busy, an EWMA with weight 0.2 to the newest; the first departure, the warm-up, is "
+                "not counted); refused at arrival when wait > "
                 "T, Retry-After = wait - T. Observed: a request still waiting for admission after T ms is "
                 "refused then. One log line when shedding starts, one when it stops (None: never)")
 

@@ -30,16 +30,19 @@ def serve_one(shed, clock, service_s):
     shed.leave(started=True)
 
 
-def test_nothing_is_predicted_before_the_first_departure():
-    shed = DelayShedder(0.5, clock=Clock())
+def test_nothing_is_predicted_before_a_departure_after_the_warm_up():
+    clock = Clock()
+    shed = DelayShedder(0.5, clock=clock)
+    serve_one(shed, clock, 30.0)  # the cold first request: no sample
     for _ in range(10):
         assert shed.arrive() is None
-    assert shed.predicted_wait() == 0.0 and shed.queued == 10
+    assert shed.gap_s is None and shed.predicted_wait() == 0.0 and shed.queued == 10
 
 
 def test_predicted_wait_is_the_queue_times_the_gap_between_departures():
     clock = Clock()
     shed = DelayShedder(2.5, clock=clock, alpha=1.0)
+    serve_one(shed, clock, 30.0)
     serve_one(shed, clock, 1.0)
     assert shed.gap_s == pytest.approx(1.0)
     for _ in range(3):  # 0, 1 and 2 queued ahead: waits 0, 1 and 2 s, all within 2.5 s
@@ -52,6 +55,7 @@ def test_predicted_wait_is_the_queue_times_the_gap_between_departures():
 def test_idle_time_is_not_counted_between_departures():
     clock = Clock()
     shed = DelayShedder(1.0, clock=clock, alpha=1.0)
+    serve_one(shed, clock, 30.0)
     serve_one(shed, clock, 0.2)
     clock.t += 100.0  # idle
     serve_one(shed, clock, 0.3)
@@ -61,6 +65,7 @@ def test_idle_time_is_not_counted_between_departures():
 def test_the_gap_is_an_ewma():
     clock = Clock()
     shed = DelayShedder(1.0, clock=clock, alpha=0.5)
+    serve_one(shed, clock, 30.0)
     serve_one(shed, clock, 1.0)
     serve_one(shed, clock, 3.0)
     assert shed.gap_s == pytest.approx(2.0)
@@ -69,16 +74,21 @@ def test_the_gap_is_an_ewma():
 def test_one_log_line_per_state_change(caplog):
     clock = Clock()
     shed = DelayShedder(0.5, clock=clock, alpha=1.0)
+    serve_one(shed, clock, 30.0)
     serve_one(shed, clock, 1.0)
     with caplog.at_level(logging.INFO, logger="overload"):
         assert shed.arrive() is None  # wait 0
         assert [shed.arrive() for _ in range(5)] == [pytest.approx(0.5)] * 5  # wait 1 s each: refused
         shed.started()
+        clock.t += 0.5
+        shed.leave(started=True)  # nothing queued, but a refusal 0.5 s ago: still shedding
+        assert shed.arrive() is None and shed.shedding
+        shed.leave(started=False)
         clock.t += 1.0
-        shed.leave(started=True)  # nothing queued: admitting again
-        assert shed.arrive() is None
+        assert shed.arrive() is None and not shed.shedding
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and lines[0].startswith("shedding") and lines[1].startswith("admitting")
+    assert "5 refused while shedding" in lines[1]
 
 
 def test_bad_limit_is_refused():
@@ -99,6 +109,7 @@ def test_service_refuses_a_predicted_wait_with_its_retry_after():
     clock = Clock()
     svc = Service(ServiceConfig(max_queue_delay_ms=500), FakeEngine())
     svc.overload = DelayShedder(0.5, clock=clock, alpha=1.0)
+    serve_one(svc.overload, clock, 30.0)
     serve_one(svc.overload, clock, 1.0)
     svc.overload.arrive()  # one queued ahead (1 s): a request arriving now would wait 1 s
     out = svc.submit("a b", 3)
@@ -126,7 +137,7 @@ def test_service_refuses_a_request_that_waited_past_the_limit():
 
 def test_service_with_the_limit_serves_and_measures_departures():
     svc = Service(ServiceConfig(max_queue_delay_ms=1000), FakeEngine())
-    for _ in range(3):
+    for _ in range(3):  # the first is the warm-up: the next two are samples
         assert svc.submit("a b", 2).status == "ok"
     assert svc.overload.gap_s is not None and svc.overload.queued == 0 and svc.overload.in_system == 0
     assert set(svc.state()) >= {"queue_delay_predicted_s", "queue_delay_shedding"}

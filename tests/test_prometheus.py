@@ -1,6 +1,7 @@
 """The Prometheus export: each family once with conventional names (the collector on a fake probe), Prometheus'
 own `promtool check metrics` on a live /metrics, and a real Prometheus scraping the service (deploy/)."""
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -12,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT
+from llm_psi.service.http_app import SPANS
 from llm_psi.service.prometheus import Exporter
 from test_http_service import free_port, server  # noqa: F401  (the fixture)
 
@@ -28,7 +30,7 @@ class Probe:
 
 def exposition(service=None) -> str:
     state = types.SimpleNamespace(service=service, probe=Probe())
-    exp = Exporter(state, ["ttft_s", "e2e_s"])
+    exp = Exporter(state, SPANS)
     exp.observe({"ttft_s": 0.2, "e2e_s": 1.5, "other_s": 3.0})
     body, media_type = exp.render()
     assert media_type.startswith("text/plain")
@@ -61,6 +63,20 @@ def test_promtool_accepts_the_live_metrics(server):  # noqa: F811
     assert "llm_overload_predicted_wait_seconds" in text and "llm_admission_limit" in text
     check = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def doc_examples() -> list[str]:
+    """The PromQL lines of docs/SERVICE.md's ```promql block."""
+    text = open(os.path.join(ROOT, "docs", "SERVICE.md")).read()
+    block = text.split("```promql\n", 1)[1].split("```", 1)[0]
+    return [ln for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def test_the_docs_promql_examples_name_exported_families():
+    families = {ln.split()[2] for ln in exposition().splitlines() if ln.startswith("# HELP")}
+    families |= {f"{f}_{x}" for f in families for x in ("bucket", "sum", "count")}
+    names = {w for ln in doc_examples() for w in re.findall(r"\bllm_\w+", ln)}
+    assert len(doc_examples()) >= 8 and names and names <= families, names - families
 
 
 def _query(url: str, promql: str) -> list:
@@ -114,6 +130,8 @@ def test_prometheus_scrapes_the_service_with_the_shipped_config(server, tmp_path
         assert rate[0]["metric"]["job"] == "llm-service"
         p99 = _query(url, "histogram_quantile(0.99, sum by (le) (rate(llm_request_e2e_seconds_bucket[10s])))")
         assert p99 and float(p99[0]["value"][1]) > 0
+        for promql in doc_examples():  # the docs' examples are valid PromQL over families that exist
+            _query(url, promql)
     finally:
         stop.set()
         sender.join()

@@ -4,7 +4,9 @@ The control law, as ``--help`` states it:
 
     queued   requests that passed this check and have not yet had their first token
     gap      the measured service rate, as the time between two departures while the service is busy
-             (idle time excluded): an EWMA, weight ALPHA to the newest departure
+             (idle time excluded): an EWMA, weight ALPHA to the newest departure. The first departure is
+             not a sample: it carries the model's warm-up (a cold first request would hold the estimate
+             high, and refuse requests at low load, for many departures)
     wait     = queued x gap: what a request arriving now would wait before its first token
 
     predicted: a request arriving while wait > T is refused at once (503, overloaded), with
@@ -12,10 +14,10 @@ The control law, as ``--help`` states it:
     observed:  a request still waiting for admission T after its arrival is refused then (the FIFO limits
                give up at T; any other wait is checked once admission returns).
 
-Until the first departure no rate is known and nothing is predicted (the observed check still holds). The
+Until the second departure no rate is known and nothing is predicted (the observed check still holds). The
 estimate needs no knowledge of the concurrency: one-at-a-time service, a batch or processor sharing all show
-up as the time between departures. The controller logs one line when it starts refusing and one when it
-admits again, never one per request.
+up as the time between departures. The controller logs one line when it starts refusing, and one when it
+admits again with no refusal in the last HOLD_S seconds (or T, if longer), never one per request.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import time
 
 log = logging.getLogger("overload")
 ALPHA = 0.2
+HOLD_S = 1.0
 
 
 class DelayShedder:
@@ -42,6 +45,9 @@ class DelayShedder:
         self._busy_since = 0.0
         self.shedding = False
         self.refused = 0
+        self.departures = 0
+        self._last_refusal = -float("inf")
+        self._refused_at_start = 0
 
     def _wait(self) -> float:
         return 0.0 if self.gap_s is None else self.queued * self.gap_s
@@ -55,23 +61,25 @@ class DelayShedder:
         """None: the request may go on (it now counts as queued); else the Retry-After (s) of its refusal."""
         with self._lock:
             wait = self._wait()
-            refuse = wait > self.max_delay_s
-            if refuse:
-                self.refused += 1
-            else:
-                if self.in_system == 0:
-                    self._busy_since = self.clock()
-                self.queued += 1
-                self.in_system += 1
-            self._set_state(refuse, f"predicted wait {wait * 1000:.0f} ms")
-        return wait - self.max_delay_s if refuse else None
+            if wait > self.max_delay_s:
+                self._refuse(f"predicted wait {wait * 1000:.0f} ms")
+                return wait - self.max_delay_s
+            now = self.clock()
+            if self.in_system == 0:
+                self._busy_since = now
+            self.queued += 1
+            self.in_system += 1
+            if self.shedding and now - self._last_refusal >= max(HOLD_S, self.max_delay_s):
+                self.shedding = False
+                log.info("admitting: predicted wait %.0f ms, limit %.0f ms (%d refused while shedding)",
+                         wait * 1000, self.max_delay_s * 1000, self.refused - self._refused_at_start)
+        return None
 
     def expired(self, waited_s: float) -> float:
         """A request has waited ``waited_s`` > T: it is refused (the caller then calls ``leave``); the
         Retry-After (s) is the predicted wait's excess over T, at least what this one overran."""
         with self._lock:
-            self.refused += 1
-            self._set_state(True, f"a request waited {waited_s * 1000:.0f} ms")
+            self._refuse(f"a request waited {waited_s * 1000:.0f} ms")
             return max(self._wait(), waited_s) - self.max_delay_s
 
     def started(self) -> None:
@@ -89,16 +97,18 @@ class DelayShedder:
             self.in_system -= 1
             if started:
                 gap = now - max(self._last_departure, self._busy_since)
-                self.gap_s = gap if self.gap_s is None else (1 - self.alpha) * self.gap_s + self.alpha * gap
+                self.departures += 1
+                if self.departures > 1:
+                    self.gap_s = gap if self.gap_s is None else (1 - self.alpha) * self.gap_s + self.alpha * gap
                 self._last_departure = now
-            if self.shedding and self._wait() <= self.max_delay_s:
-                self._set_state(False, f"predicted wait {self._wait() * 1000:.0f} ms")
 
-    def _set_state(self, shedding: bool, why: str) -> None:
-        if shedding != self.shedding:
-            self.shedding = shedding
-            log.info("%s: %s, limit %.0f ms (%d queued, %s between departures)",
-                     "shedding" if shedding else "admitting", why, self.max_delay_s * 1000, self.queued,
+    def _refuse(self, why: str) -> None:
+        self.refused += 1
+        self._last_refusal = self.clock()
+        if not self.shedding:
+            self.shedding, self._refused_at_start = True, self.refused - 1
+            log.info("shedding: %s, limit %.0f ms (%d queued, %s between departures)", why,
+                     self.max_delay_s * 1000, self.queued,
                      "unknown" if self.gap_s is None else f"{self.gap_s * 1000:.0f} ms")
 
     def state(self) -> dict:
