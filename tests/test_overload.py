@@ -4,6 +4,7 @@ import logging
 import threading
 import time
 
+import httpx
 import pytest
 
 from conftest import run_script
@@ -11,6 +12,7 @@ from llm_psi.control import psi as pa
 from llm_psi.engine.loop import Interrupted
 from llm_psi.service.lifecycle import Service, ServiceConfig
 from llm_psi.service.overload import DelayShedder
+from test_http_service import server  # noqa: F401  (the fixture)
 from test_service import FakeEngine
 
 
@@ -158,3 +160,25 @@ def test_serve_help_states_the_control_law_and_bad_values_exit_2():
     assert r.returncode == 0 and "--max-queue-delay-ms" in text and "Retry-After = wait - T" in text
     r = run_script("llm_server.py", "serve", "--max-queue-delay-ms", "0")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_http_refusal_is_503_with_retry_after_and_the_service_goes_on(server):  # noqa: F811
+    s = server("--admission", "limit", "--max-queue-delay-ms", 50)
+    results = []
+
+    def post():
+        results.append(httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 200},
+                                  timeout=120))
+    threads = [threading.Thread(target=post) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [r for r in results if r.status_code == 503]
+    assert refused and any(r.status_code == 200 for r in results)
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in refused)
+    err = refused[0].json()["error"]
+    assert err["admission"] == "overloaded" and "max_queue_delay_ms 50" in err["message"]
+    r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200
+    assert f"llm_requests_overloaded_total {float(len(refused))}" in httpx.get(f"{s.url}/metrics").text

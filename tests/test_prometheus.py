@@ -141,3 +141,15 @@ def test_prometheus_scrapes_the_service_with_the_shipped_config(server, tmp_path
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_a_client_that_hangs_up_is_counted_as_abandoned(server):  # noqa: F811
+    s = server("--admission", "limit")
+    with httpx.stream("POST", f"{s.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 400, "stream": True},
+                      timeout=60) as r:
+        next(r.iter_lines())  # the first token; then hang up: the request stops at its next token
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "llm_requests_abandoned_total 1.0" not in httpx.get(f"{s.url}/metrics").text:
+        time.sleep(0.1)
+    text = httpx.get(f"{s.url}/metrics").text
+    assert "llm_requests_abandoned_total 1.0" in text and "llm_requests_running 0.0" in text
