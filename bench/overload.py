@@ -34,7 +34,7 @@ import time
 from llm_psi import REPO
 from llm_psi.analysis import metrics
 from llm_psi.cli import OneLineParser, finite_number
-from llm_psi.load import arrivals
+from llm_psi.load import arrivals, runner
 
 SETTINGS = ("none", "max-waiting", "queue-delay")
 PROMPT = "Explain the theory of relativity."
@@ -68,8 +68,7 @@ class Service:
         cmd = [py, os.path.join(REPO, "llm_server.py"), "serve", "--port", str(a.port), "--config", label,
                "--admission", "limit", "--concurrency-limit", "1", "--torch-threads", "auto", *extra]
         if not a.no_quota:
-            cmd = [py, os.path.join(REPO, "cgroup_lib.py"), "run", "--name", "llm_service", "--cpu-quota",
-                   str(a.cpu_quota), "--"] + cmd
+            cmd = runner.wrap(cmd, True, quota=a.cpu_quota)
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd + ["--tiny"] * a.tiny, stdout=self.log, stderr=subprocess.STDOUT)
         from llm_psi.load.http_client import Remote

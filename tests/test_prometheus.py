@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT
-from llm_psi.service.http_app import SPANS
+from llm_psi.analysis.metrics import SERVER_SPANS as SPANS
 from llm_psi.service.prometheus import Exporter
 from test_http_service import free_port, server  # noqa: F401  (the fixture)
 
