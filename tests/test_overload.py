@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from conftest import run_script
-from llm_psi.control import psi as pa
+from llm_psi import control as pa
 from llm_psi.engine.loop import Interrupted
 from llm_psi.service.lifecycle import Service, ServiceConfig
 from llm_psi.service.overload import DelayShedder
