@@ -94,7 +94,9 @@ def add_service_options(p, defaults=ServiceConfig) -> None:
         "FIFO concurrency limit of --concurrency-limit. adaptive: AIMD on the limit (+1 below "
         "--adaptive-low-pct pressure, halve at --adaptive-high-pct or when median service exceeds the minimum "
         "by --adaptive-tolerance), floor 1, ceiling --adaptive-max. Overload: with --max-waiting N, a request "
-        "that would wait while N wait is refused at once (rejected, 'overloaded'; HTTP 503 + Retry-After).")
+        "that would wait while N wait is refused at once (rejected, 'overloaded'; HTTP 503 + Retry-After); "
+        "with --max-queue-delay-ms T, a request whose wait would exceed T is refused likewise (its control "
+        "law: below).")
     option(g, defaults, "--admission", choices=["none", "gate", "limit", "adaptive"])
     g.add_argument("--psi-policy", choices=["gate", "adaptive"], default=None,
                    help="the pressure-driven admission (= --admission)")
@@ -116,6 +118,13 @@ def add_service_options(p, defaults=ServiceConfig) -> None:
                         f"{ServiceConfig.adaptive_max}; --max-batch when batching)")
     option(g, defaults, "--max-waiting", type=finite_number(int, ge=0),
            help="refuse a request that would wait for admission while this many wait (None: never)")
+    option(g, defaults, "--max-queue-delay-ms", type=DURATION_MS,
+           help="T: refuse (503, overloaded) a request whose wait for its first token would exceed T ms. "
+                "Predicted: wait = (requests queued ahead, not yet at their first token) x (time between "
+                "departures while busy, an EWMA with weight 0.2 to the newest; the first departure, the warm-up, is "
+                "not counted); refused at arrival when wait > "
+                "T, Retry-After = wait - T. Observed: a request still waiting for admission after T ms is "
+                "refused then. One log line when shedding starts, one when it stops (None: never)")
 
 
 def resolve(a: dict, defaults=ServiceConfig, keep_none=()) -> None:

@@ -99,6 +99,7 @@ class ServiceConfig:
     adaptive_tolerance: float = 1.5  # halve when median service exceeds the minimum by this factor
     adaptive_max: int = 8            # adaptive limit's ceiling (the batch size when batching)
     max_waiting: int | None = None   # refuse a request that would wait while this many wait (None: never)
+    max_queue_delay_ms: float | None = None  # refuse a request whose wait would exceed this (None: never)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,9 +54,9 @@ class AdaptiveLimit(Limit):
         if start:
             self._thread.start()
 
-    def admit(self) -> Decision:
-        super().admit()
-        return Decision("admitted", 1, self.last_pressure)
+    def admit(self, timeout: float | None = None) -> Decision:
+        dec = super().admit(timeout)
+        return dec if dec.decision == "expired" else Decision("admitted", 1, self.last_pressure)
 
     def release(self, service_s: float | None = None) -> None:
         super().release(service_s)

@@ -19,7 +19,7 @@ log = logging.getLogger("psi_admission")
 
 @dataclasses.dataclass
 class Decision:
-    decision: str     # admitted | admitted_after_timeout | rejected
+    decision: str     # admitted | admitted_after_timeout | rejected | expired (gave up at the caller's timeout)
     checks: int
     pressure: float   # the signal's value at the decision (NaN: no reading: limit, trigger)
 
@@ -27,7 +27,9 @@ class Decision:
 class Admission:
     """What each worker calls: admit() before its request, release() after it."""
 
-    def admit(self) -> Decision:
+    def admit(self, timeout: float | None = None) -> Decision:
+        """The decision for one request. ``timeout`` (s): a controller that queues gives up after that long
+        with the decision ``expired`` (the service refuses the request); others may ignore it."""
         raise NotImplementedError
 
     def release(self, service_s: float | None = None) -> None:
@@ -58,8 +60,8 @@ class Gate(Admission):
         self._waiting = 0
         self._lock = threading.Lock()
 
-    def admit(self) -> Decision:
-        t0 = self.clock()
+    def admit(self, timeout: float | None = None) -> Decision:
+        t0 = self.clock()  # the deferral is bounded by max_checks: the timeout is the caller's to check
         with self._lock:
             self._waiting += 1
         try:
@@ -99,11 +101,14 @@ class Limit(Admission):
         self.limit, self._in_use, self._queue = limit, 0, collections.deque()
         self._cv = threading.Condition()
 
-    def admit(self) -> Decision:
+    def admit(self, timeout: float | None = None) -> Decision:
         me = object()
         with self._cv:
             self._queue.append(me)
-            self._cv.wait_for(lambda: self._queue[0] is me and self._in_use < self.limit)
+            if not self._cv.wait_for(lambda: self._queue[0] is me and self._in_use < self.limit, timeout):
+                self._queue.remove(me)
+                self._cv.notify_all()  # the next in line may now be first
+                return Decision("expired", 1, math.nan)
             self._queue.popleft()
             self._in_use += 1
             self._cv.notify_all()

@@ -12,7 +12,7 @@ Routes (Starlette, served by uvicorn); docs/SERVICE.md has the API, its errors a
   GET  /v1/models            the served model and its aliases.
   GET  /health               503 while the model loads, 200 when ready, 503 while draining, with the service's
                              identity, its requests running and waiting, and its cgroup's pressure (``state``).
-  GET  /metrics              Prometheus text (ServiceCollector and the per-request histograms).
+  GET  /metrics              Prometheus text (service/prometheus.py: the service's families and histograms).
 
 The event loop never runs the model or the tokenizer: tokenization and detokenization run in threads, and
 generation on a pool of worker threads. A request is checked whole before any generation: its size, type,
@@ -36,8 +36,6 @@ import threading
 import time
 
 from anyio import to_thread
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -50,9 +48,9 @@ from llm_psi.service import openai_api as oa
 from llm_psi.service import security
 from llm_psi.service.lifecycle import Service, ServiceConfig
 from llm_psi.service.openai_api import ApiError
+from llm_psi.service.prometheus import Exporter
 
 log = logging.getLogger("http_api")
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, math.inf)
 def timings(out) -> dict:
     """The server's view of one request: offsets from its arrival and the spans (s) derived from them."""
     rel = {f"{k}_s": (None if getattr(out, f"t_{k}") is None else getattr(out, f"t_{k}") - out.t_arrive)
@@ -60,49 +58,6 @@ def timings(out) -> dict:
     spans = request_spans(out.t_arrive, out.t_admit, out.t_start, out.t_first_token, out.t_end)
     pressure = None if out.pressure is None or math.isnan(out.pressure) else out.pressure
     return {"admission": out.decision, "checks": out.checks, "pressure": pressure, **rel, **spans}
-
-
-class ServiceCollector:
-    """Prometheus families read from the service at scrape time (no second copy of its counters)."""
-
-    def __init__(self, app_state):
-        self.state = app_state
-
-    def collect(self):
-        svc = self.state.service
-        counts = svc.counts if svc else {}
-        for name, key, doc in (("llm_requests_admitted", "admitted", "requests admitted to generation"),
-                               ("llm_requests_deferred", "deferred", "requests the controller held at least once"),
-                               ("llm_requests_rejected", "rejected", "requests the controller rejected"),
-                               ("llm_requests_overloaded", "overloaded", "requests refused at arrival (503)"),
-                               ("llm_requests_failed", "failed", "requests whose generation failed")):
-            c = CounterMetricFamily(name, doc)
-            c.add_metric([], counts.get(key, 0))
-            yield c
-        for name, value, doc in (("llm_requests_running", svc.running if svc else 0, "requests generating"),
-                                 ("llm_requests_waiting", svc.waiting if svc else 0, "requests waiting for admission")):
-            g = GaugeMetricFamily(name, doc)
-            g.add_metric([], value)
-            yield g
-        if svc and svc.admission is not None:
-            for key, value in svc.admission.state().items():
-                if isinstance(value, (int, float)) and key != "waiting":
-                    g = GaugeMetricFamily(f"llm_admission_{key}", f"admission controller state: {key}")
-                    g.add_metric([], value)
-                    yield g
-        reading = self.state.probe.read()
-        for key, value in reading.items():
-            if value is None or key.endswith("_pct"):
-                continue
-            source, rest = key.split("_", 1)
-            if source in ("sys", "cg"):
-                g = GaugeMetricFamily(f"llm_psi_{rest}", f"PSI {rest} of the {'system' if source == 'sys' else 'service cgroup'}",
-                                      labels=["source"])
-                g.add_metric(["system" if source == "sys" else "cgroup"], value)
-            else:
-                g = CounterMetricFamily(f"llm_cgroup_{key}", f"the service cgroup's cpu.stat {key}")
-                g.add_metric([], value)
-            yield g
 
 
 def _sse(obj) -> str:
@@ -162,19 +117,14 @@ class Api:
     def __init__(self, cfg: ServiceConfig, retry_after_s: float, workers: int, max_body_bytes: int):
         self.app = None   # the Starlette app, once built
         self.cfg, self.retry_after_s, self.max_body_bytes = cfg, retry_after_s, max_body_bytes
-        self.registry = CollectorRegistry()
-        self.hist = {name: Histogram(f"llm_request_{name[:-2]}_seconds", f"per-request {name[:-2]} time",
-                                     buckets=BUCKETS, registry=self.registry) for name in SERVER_SPANS}
+        self.exporter = None   # the /metrics registry, once the app's state exists
         self.pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="request")
         self.ids = itertools.count()
         self.names, self.context, self.vocab, self.created = [], 0, 0, int(time.time())
 
     def observe(self, out) -> None:
-        if out.status != "ok":
-            return
-        for name, value in timings(out).items():
-            if name in self.hist and value is not None:
-                self.hist[name].observe(value)
+        if out.status == "ok":
+            self.exporter.observe(timings(out))
 
     def attach(self, svc: Service) -> None:
         st = self.app.state
@@ -207,7 +157,8 @@ class Api:
         return JSONResponse(body, status_code=503 if st.draining else 200)
 
     async def metrics(self, request):
-        return Response(generate_latest(self.registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+        body, media_type = self.exporter.render()
+        return Response(body, media_type=media_type)
 
     async def models(self, request):
         self._service()
@@ -263,7 +214,8 @@ class Api:
             raise ApiError(500, f"internal server error (request {rid}; see the server's log)", "server_error")
         if out.status == "rejected":
             why = out.error or "pressure over the threshold"
-            raise http_errors.unavailable(f"request refused ({out.decision}): {why}", "overloaded", self.retry_after_s,
+            retry = self.retry_after_s if out.retry_after_s is None else out.retry_after_s
+            raise http_errors.unavailable(f"request refused ({out.decision}): {why}", "overloaded", retry,
                                           admission=out.decision, timings=timings(out))
         if out.status == "failed":
             log.error("request %d: generation failed: %s", rid, out.error)
@@ -341,7 +293,7 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
     app.state.service, app.state.draining, app.state.load_error = None, False, None
     app.state.probe = psi.PressureProbe()
     app.state.api = api
-    api.registry.register(ServiceCollector(app.state))
+    app.state.exporter = api.exporter = Exporter(app.state, SERVER_SPANS)
     if service is not None:
         api.attach(service)
     return app

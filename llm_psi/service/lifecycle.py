@@ -11,7 +11,10 @@ step. Metrics are derived from those timestamps elsewhere (``metrics.derive``), 
 Overload is answered, never dropped silently: with ``max_waiting`` N, a request that the controller could
 not admit at once while N requests already wait for admission is refused at arrival (status ``rejected``,
 decision ``overloaded``); a controller that gives up on a request (``on_timeout=reject``) rejects it too.
-With no admission controller nothing waits for admission, so ``max_waiting`` never refuses.
+With no admission controller nothing waits for admission, so ``max_waiting`` never refuses. With
+``max_queue_delay_ms`` T, a request whose wait would exceed T (predicted from the measured service rate and
+the queue ahead, or observed while it waits for admission) is refused too, with the estimate's Retry-After
+(``overload.py`` states the control law). A request whose client went away is counted as ``abandoned``.
 """
 from __future__ import annotations
 
@@ -79,6 +82,11 @@ def load_engine(cfg: ServiceConfig):
     return eng
 
 
+def _shedder(cfg: ServiceConfig):
+    from llm_psi.service import overload
+    return None if cfg.max_queue_delay_ms is None else overload.DelayShedder(cfg.max_queue_delay_ms / 1000)
+
+
 @dataclasses.dataclass
 class Outcome:
     """One request's result. Times are time.monotonic() values; None where the step never happened."""
@@ -95,6 +103,7 @@ class Outcome:
     t_start: float | None = None
     t_first_token: float | None = None
     t_end: float | None = None
+    retry_after_s: float | None = None  # a refusal's estimate of when to retry (None: the server's default)
 
     @property
     def deferred(self) -> bool:
@@ -110,8 +119,10 @@ class Service:
         self.observers = []              # called with every finished Outcome (the HTTP metrics)
         self._lock = threading.Lock()
         self.running = self.waiting = 0
-        self.counts = {"admitted": 0, "deferred": 0, "rejected": 0, "overloaded": 0, "failed": 0, "ok": 0}
+        self.counts = {"admitted": 0, "deferred": 0, "rejected": 0, "overloaded": 0, "failed": 0, "ok": 0,
+                       "abandoned": 0}
         self.closed = False
+        self.overload = _shedder(cfg)
 
     @classmethod
     def start(cls, cfg: ServiceConfig, engine=None) -> "Service":
@@ -123,6 +134,7 @@ class Service:
         if self.admission is not None:
             self.admission.close()
         self.admission = build_admission(self.cfg)
+        self.overload = _shedder(self.cfg)
         with self._lock:
             self.counts = {k: 0 for k in self.counts}
 
@@ -130,33 +142,82 @@ class Service:
         """Requests running and waiting, the controller's and the engine's state (for the timeline)."""
         return {**(self.admission.state() if self.admission is not None else {}),
                 **(self.engine.state() if hasattr(self.engine, "state") else {}),
+                **(self.overload.state() if self.overload is not None else {}),
                 "in_flight": self.running, "waiting": self.waiting}
 
     def submit(self, prompt: str, max_tokens: int, *, seed: int = 0, stop=None, on_token=None) -> Outcome:
         """Run one request through admission and generation. ``stop`` (threading.Event) abandons it at the
-        next token with engine.Interrupted, which propagates (an abandoned request is not a result);
-        ``on_token(id, t)`` sees every token as it is sampled."""
+        next token with engine.Interrupted, which propagates (an abandoned request is not a result; it is
+        counted as ``abandoned``); ``on_token(id, t)`` sees every token as it is sampled."""
         out = Outcome(status="ok", t_arrive=time.monotonic())
-        adm = self.admission
-        with self._lock:
-            refuse = self.closed or (self.cfg.max_waiting is not None and self.waiting >= self.cfg.max_waiting
-                                     and adm is not None and adm.saturated())  # it would wait
-            if not refuse and adm is not None:
-                self.waiting += 1
-        if refuse:
-            out.decision, out.status = "overloaded", "rejected"
-            out.error = "draining" if self.closed else f"{self.waiting} requests wait (max_waiting {self.cfg.max_waiting})"
+        shed = self.overload
+        if self._refused(out):
             return self._done(out, prompt)
+        if shed is None:
+            return self._run(out, prompt, max_tokens, seed, stop, on_token)
+        first = []
+
+        def mark(token, t):  # the first token ends the request's wait
+            if not first:
+                first.append(t)
+                shed.started()
+            if on_token is not None:
+                on_token(token, t)
+        try:
+            return self._run(out, prompt, max_tokens, seed, stop, mark)
+        finally:
+            shed.leave(started=bool(first))
+
+    def _refused(self, out: Outcome) -> bool:
+        """The checks at arrival (draining, --max-queue-delay-ms, --max-waiting); True if ``out`` is refused.
+        A request that goes on counts as waiting for admission (where there is a controller)."""
+        adm, shed = self.admission, self.overload
+        arrived = shed is not None and not self.closed
+        retry = shed.arrive() if arrived else None
+        with self._lock:
+            if self.closed:
+                out.error = "draining"
+            elif retry is not None:
+                out.error = (f"predicted wait {(retry + shed.max_delay_s) * 1000:.0f} ms exceeds "
+                             f"max_queue_delay_ms {shed.max_delay_s * 1000:.0f}")
+                out.retry_after_s = retry
+            elif (self.cfg.max_waiting is not None and self.waiting >= self.cfg.max_waiting
+                  and adm is not None and adm.saturated()):  # it would wait
+                out.error = f"{self.waiting} requests wait (max_waiting {self.cfg.max_waiting})"
+            elif adm is not None:
+                self.waiting += 1
+        if not out.error:
+            return False
+        if arrived and retry is None:
+            shed.leave(started=False)  # it passed the delay check, then max_waiting refused it
+        out.decision, out.status = "overloaded", "rejected"
+        return True
+
+    def _admit(self, out: Outcome) -> None:
+        """Admission (where there is a controller), bounded by --max-queue-delay-ms where it is set."""
+        adm, shed = self.admission, self.overload
         if adm is not None:
             try:
-                dec = adm.admit()
+                dec = adm.admit() if shed is None else adm.admit(timeout=shed.max_delay_s)
             finally:
                 with self._lock:
                     self.waiting -= 1
             out.decision, out.checks, out.pressure = dec.decision, dec.checks, dec.pressure
         out.t_admit = time.monotonic()
-        if out.decision == "rejected":
+        waited = out.t_admit - out.t_arrive
+        if shed is not None and out.decision != "rejected" and (out.decision == "expired"
+                                                                 or waited > shed.max_delay_s):
+            out.retry_after_s = shed.expired(waited)
+            out.decision, out.status = "overloaded", "rejected"
+            out.error = f"waited {waited * 1000:.0f} ms for admission (max_queue_delay_ms " \
+                        f"{shed.max_delay_s * 1000:.0f})"
+        elif out.decision == "rejected":
             out.status = "rejected"
+
+    def _run(self, out: Outcome, prompt, max_tokens, seed, stop, on_token) -> Outcome:
+        adm = self.admission
+        self._admit(out)
+        if out.status == "rejected":
             return self._done(out, prompt)
         with self._lock:
             self.running += 1
@@ -169,6 +230,9 @@ class Service:
             if g.output_tokens != max_tokens:
                 out.status, out.error = "failed", f"generated {g.output_tokens} of {max_tokens} tokens"
         except Interrupted:
+            with self._lock:
+                self.counts["abandoned"] += 1
+            log.info("request abandoned by its client after %.1f s", time.monotonic() - out.t_arrive)
             raise
         except Exception as e:
             out.status, out.error, out.output_tokens = "failed", f"{type(e).__name__}: {e}"[:300], 0
