@@ -82,6 +82,10 @@ def add_service_options(p, defaults=ServiceConfig) -> None:
     g.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
     option(g, defaults, "--engine", choices=configs.ENGINES,
            help="loop: our KV-cache decode loop; generate: Hugging Face generate(), as the artifact")
+    option(g, defaults, "--dtype", choices=configs.DTYPES,
+           help="weights, activations and KV cache of our engines (logits and sampling stay float32)")
+    option(g, defaults, "--quantize", choices=configs.QUANTIZE,
+           help="int8: dynamic int8 linear layers (GPT-2's Conv1D converted to nn.Linear; needs --dtype float32)")
     option(g, defaults, "--temperature", type=finite_number(float, gt=0))
     option(g, defaults, "--seed", type=finite_number(int, ge=0), help="weight init and sampling seed")
     g.add_argument("--torch-threads", default=None,
@@ -141,5 +145,7 @@ def resolve(a: dict, defaults=ServiceConfig, keep_none=()) -> None:
         if not str(a["torch_threads"]).isdigit() or int(a["torch_threads"]) < 1:
             raise UsageError(f"--torch-threads must be a positive integer, 'auto' or 'default', "
                              f"got {a['torch_threads']!r}")
+    if a["quantize"] != "none" and a["dtype"] != "float32":
+        raise UsageError(f"--quantize {a['quantize']} needs --dtype float32, got --dtype {a['dtype']}")
     if a["engine"] == "generate" and a["batching"] != "off":
         raise UsageError("--engine generate cannot batch: the batching engine runs its own decode loop")

@@ -22,6 +22,8 @@ CGROUP_NAME = "llm_service"      # the service cgroup of a cell
 
 ENGINES = ("loop", "generate")   # our decode loop | Hugging Face generate() (engine.loop.make_engine kinds)
 ARRIVALS = ("closed", "constant", "poisson", "gamma")
+DTYPES = ("float32", "bfloat16")  # weights, activations and KV cache (engine.net); logits and sampling float32
+QUANTIZE = ("none", "int8")       # int8: dynamic int8 linear layers (float32 only)
 
 CONFIGS = {
     "baseline": dict(limited=False),
@@ -78,6 +80,8 @@ class ServiceConfig:
     temperature: float = 0.7
     torch_threads: str | None = None
     engine: str = "loop"             # loop (our decode loop) | generate (Hugging Face generate(), as the artifact)
+    dtype: str = "float32"           # DTYPES
+    quantize: str = "none"           # QUANTIZE
     batching: str = "off"
     max_batch: int = 8
     admission: str = "none"          # none | gate | limit | adaptive
