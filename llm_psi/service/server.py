@@ -18,7 +18,7 @@ import sys
 
 from llm_psi import cli
 from llm_psi.cli import UsageError
-from llm_psi.config import ServiceConfig
+from llm_psi.config import SERVE_DEFAULTS, ServiceConfig
 from llm_psi.service import lifecycle as service
 
 PROG = "llm_server.py serve"
@@ -38,13 +38,24 @@ def build_serve_parser():
                    help="after SIGTERM, stop waiting for requests in flight after this long (default: wait)")
     g.add_argument("-v", "--verbose", action="store_true", help="log every admission decision")
     cli.add_config_option(g)
+    p.set_defaults(config=None)  # None: not given; then SERVE_DEFAULTS apply
     cli.add_service_options(p, ServiceConfig)
+    for action in p._actions:
+        if action.dest in SERVE_DEFAULTS:
+            action.help = action.help.replace(f"(default: {getattr(ServiceConfig, action.dest)})",
+                                              f"(default: {SERVE_DEFAULTS[action.dest]}; with --config, its preset)")
     return p
 
 
 def parse_serve(argv) -> tuple[ServiceConfig, dict]:
+    """The service's config: without --config, the 'baseline' label with the resident service's own defaults
+    (SERVE_DEFAULTS: the fastest engine setting within the accuracy guard); with one, its preset."""
     a = vars(build_serve_parser().parse_args(argv))
     server = {k: a.pop(k) for k in ("host", "port", "retry_after_s", "drain_timeout_s", "verbose")}
+    if a["config"] is None:
+        a["config"] = ServiceConfig.config
+        if all(a.get(key) is None for key in SERVE_DEFAULTS):   # an explicit precision replaces them all
+            a.update(SERVE_DEFAULTS)
     cli.resolve(a, ServiceConfig)
     return ServiceConfig(**a), server
 
