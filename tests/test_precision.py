@@ -78,9 +78,12 @@ def test_exact_token_counts_every_precision(engines, precision):
         assert gens[0].text == e.generate(PROMPT, 6, seed=1).text
 
 
-def test_generate_engine_in_bf16():
-    e = make_engine("generate", tiny=True, seed=0, dtype="bfloat16")
-    assert e.generate(PROMPT, 4, seed=0).output_tokens == 4 and e.identity()["dtype"] == "bfloat16"
+@pytest.mark.parametrize("precision", PRECISIONS[1:], ids=lambda p: "-".join(p))
+def test_generate_engine_in_other_precisions(precision):
+    """Hugging Face generate() runs on the converted model too (Linear layers in place of Conv1D)."""
+    e = make_engine("generate", tiny=True, seed=0, dtype=precision[0], quantize=precision[1])
+    assert e.generate(PROMPT, 4, seed=0).output_tokens == 4
+    assert (e.identity()["dtype"], e.identity()["quantize"]) == precision
 
 
 def test_batch_engine_builds_its_engine_and_refuses_bad_options(engines):

@@ -255,8 +255,7 @@ class DecodeBatch:
             keys, values = self.keys[i], self.values[i]
             keys[:, :, width - 1] = k.view(b, heads, dim)
             values[:, :, width - 1] = v.view(b, heads, dim)
-            kv = (x[:, :, :width].reshape(b * heads, width, dim) for x in (keys, values))
-            keys, values = kv
+            keys, values = (x[:, :, :width].reshape(b * heads, width, dim) for x in (keys, values))  # views
             scores = torch.bmm(q.reshape(b * heads, 1, dim), keys.transpose(1, 2)).float() * block.attn.scaling
             if bias is not None:
                 scores = scores.view(b, heads, width) + bias
