@@ -81,6 +81,10 @@ def add_service_options(p, defaults=ServiceConfig) -> None:
     g.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
     option(g, defaults, "--engine", choices=configs.ENGINES,
            help="loop: our KV-cache decode loop; generate: Hugging Face generate(), as the artifact")
+    option(g, defaults, "--dtype", choices=configs.DTYPES,
+           help="weights, activations and KV cache of our engines (logits and sampling stay float32)")
+    option(g, defaults, "--quantize", choices=configs.QUANTIZE,
+           help="int8: dynamic int8 linear layers (GPT-2's Conv1D converted to nn.Linear; needs --dtype float32)")
     option(g, defaults, "--temperature", type=finite_number(float, gt=0))
     option(g, defaults, "--seed", type=finite_number(int, ge=0), help="weight init and sampling seed")
     g.add_argument("--torch-threads", default=None,
@@ -135,9 +139,12 @@ def resolve(a: dict, defaults=ServiceConfig, keep_none=()) -> None:
         a["admission"] = policy
     if a["config"] not in configs.CONFIGS:
         raise UsageError(f"unknown config {a['config']!r} (choose from {', '.join(configs.CONFIGS)})")
+    explicit = {key for key, value in a.items() if value is not None}
     for key, value in configs.preset(a["config"]).items():
         if a.get(key) is None:
             a[key] = value
+    if "dtype" in explicit and "quantize" not in explicit and a["dtype"] != "float32":
+        a["quantize"] = "none"   # a preset's int8 goes with float32 only: an explicit other dtype drops it
     fallback = defaults()
     for key, value in a.items():
         if value is None and key not in keep_none:
@@ -149,5 +156,7 @@ def resolve(a: dict, defaults=ServiceConfig, keep_none=()) -> None:
         if not str(a["torch_threads"]).isdigit() or int(a["torch_threads"]) < 1:
             raise UsageError(f"--torch-threads must be a positive integer, 'auto' or 'default', "
                              f"got {a['torch_threads']!r}")
+    if a["quantize"] != "none" and a["dtype"] != "float32":
+        raise UsageError(f"--quantize {a['quantize']} needs --dtype float32, got --dtype {a['dtype']}")
     if a["engine"] == "generate" and a["batching"] != "off":
         raise UsageError("--engine generate cannot batch: the batching engine runs its own decode loop")

@@ -279,3 +279,26 @@ def test_csv_sink_writes_derived_columns_without_pandas(tmp_path):
                                                                                           "500.0", "2500.0")
     code = "import sys, llm_psi.load.cell_files; print('pandas' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout.strip() == "False"
+
+@pytest.mark.parametrize("flags", [["--dtype", "bfloat16"], ["--quantize", "int8"]], ids=["bf16", "int8"])
+def test_dtype_and_quantize_write_exact_tokens(generate, flags):
+    """The issue's acceptance: each precision writes 2 ok rows of 5 tokens, recorded in the cell's JSON."""
+    _, out = generate(*flags, "--num-requests", 2, "--max-new-tokens", 5)
+    df, meta = read_cell(out)
+    assert len(df) == 2 and (df.status == "ok").all() and (df.output_tokens == 5).all()
+    model = meta["environment"]["model"]
+    assert meta["config"][flags[0][2:]] == flags[1] == model[flags[0][2:]]
+    assert (model["quantized_linears"] > 0) == (flags[1] == "int8")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+    (["--quantize", "int4"], "argument --quantize: invalid choice: 'int4'"),
+    (["--dtype", "bfloat16", "--quantize", "int8"], "--quantize int8 needs --dtype float32"),
+])
+def test_bad_dtype_or_quantize_exits_2(tmp_path, args, message):
+    out = tmp_path / "out" / "cell.csv"
+    proc = run_script("request_generator.py", "--tiny", *args, "--output", out)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,13 +1,16 @@
 """Continuous batching in front of the in-process engine (``--batching dynamic``).
 
 One scheduler thread owns the model. ``generate`` (called from the load generator's workers) encodes the
-prompt, queues the request and waits. At every step boundary the scheduler
+prompt, queues the request and waits; ``generate_many`` queues several at once (a static batch: how the
+benchmarks measure B requests of one prompt length). At every step boundary the scheduler
 
 1. drops requests whose ``stop`` event is set (their callers get ``Interrupted``),
-2. admits queued requests while fewer than ``max_batch`` run: each one's prompt is prefilled alone, which
-   samples its first token, and the sequence joins the batch,
+2. admits queued requests while fewer than ``max_batch`` run: the joining prompts are prefilled (those of
+   one length together, in one forward), which samples their first tokens, and the sequences join the batch
+   in one rebuild of the cache,
 3. decodes every running sequence by one token in ONE batched forward pass over a left-padded KV cache,
-   sampling each row with its request's own ``torch.Generator`` (``Engine.sample``, as the unbatched engine),
+   sampling each row with its request's own ``torch.Generator`` (``Engine.draw``: the tokens of
+   ``torch.multinomial``, with the draws' arithmetic vectorized over the rows),
 
 and a request leaves the batch after exactly ``max_new_tokens`` tokens. Admission at step boundaries
 (continuous batching) rather than batch boundaries: with closed-loop arrivals ~100 ms apart, waiting for
@@ -15,10 +18,10 @@ a whole batch to finish would delay a newcomer by up to a full generation (tens 
 A request's timestamps are the unbatched engine's: t_start when its prefill begins (it joins), every token,
 t_end at its last token.
 
-``DecodeBatch`` writes GPT-2's forward out (the model's own modules and weights) rather than calling the
-Hugging Face forward, for speed on this CPU: in-place KV writes instead of a whole-cache copy per step, and
-oneDNN instead of MKL for the multi-row matmuls. Measured with 1 thread, 124M architecture, one decode step
-at 8 rows: 67 ms against 100 ms through the Hugging Face forward (37 ms against 42 ms at 1 row).
+The forward is ``net.DecodeBatch`` over ``net.Forward`` (GPT-2's computation written out over the model's own
+modules, in the engine's ``dtype``/``quantize``), shared with the unbatched loop engine: in-place KV writes
+instead of a whole-cache copy per step, attention as batched products over views of the cache, and the
+faster kernel for each layer's row count and precision.
 
 What holds for reproducibility: every token is sampled with the request's own generator, seeded from its
 seed, from its own row of logits. Those logits equal the unbatched engine's within float tolerance (pads are
@@ -28,10 +31,10 @@ unbatched engine's, and independent of batch mates, unless a last-bit difference
 see identical tokens).
 
 Failures: a request is checked before it is queued (``max_new_tokens >= 1``, a non-empty prompt that fits
-with its new tokens in the model's positions) and its prefill runs alone, so a failing prefill fails only
-its own request.
-A request whose sampling raises fails alone. A decode step that raises cannot be pinned on one row: every
-request of that step fails with a ``RuntimeError`` naming the cause, and the scheduler carries on with the queue.
+with its new tokens in the model's positions). A failing prefill fails the requests prefilled with it (one
+prompt length, one step), not the running batch. A request whose sampling raises fails alone. A decode step
+that raises cannot be pinned on one row: every request of that step fails with a ``RuntimeError`` naming the
+cause, and the scheduler carries on with the queue.
 
 ``close()`` drains: no new requests are accepted, every request already queued or running finishes (or
 leaves at the next step if its ``stop`` is set), then the scheduler thread ends.
@@ -42,7 +45,8 @@ import threading
 import time
 from collections import deque
 
-from llm_psi.engine.loop import Generation, Interrupted
+from llm_psi.engine.loop import Engine, Generation, Interrupted
+from llm_psi.engine.net import DecodeBatch, onednn_linear  # noqa: F401 (re-exported)
 
 
 def wrap(engine, cfg):
@@ -50,145 +54,6 @@ def wrap(engine, cfg):
     if cfg.batching != "dynamic":
         raise ValueError(f"unknown batching mode {cfg.batching!r}")
     return BatchEngine(engine, max_batch=cfg.max_batch)
-
-
-def onednn_linear():
-    """oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, a private op of x86 torch builds), or None
-    where this torch build lacks it. MKL's sgemm, which serves ``addmm``/``F.linear``, is slow for 2-8 rows here: measured on this host's
-    AMD EPYC with 1 thread, all GPT-2 block weights take 52 ms at 8 rows (addmm) against 39 ms (oneDNN), and
-    the 50257-row output projection 30 ms against 18 ms; at 1 row addmm is the faster for the blocks."""
-    import torch
-    try:
-        op = torch.ops.mkldnn._linear_pointwise
-        op(torch.ones(2, 4), torch.ones(3, 4), None, "none", [], "")
-    except (AttributeError, RuntimeError):
-        return None
-    return lambda x, weight, bias: op(x, weight, bias, "none", [], "")
-
-
-class DecodeBatch:
-    """The running sequences of a GPT-2 model: their KV cache, a prefill, and one batched decode step.
-
-    The forward pass is the model's own computation written out (same modules and weights), so that each
-    row can sit at its own position, pads are masked out, and the linear layers run on the faster kernel for
-    their row count (``onednn_linear`` where available; ``onednn=None`` means: when available).
-
-    Per layer, keys and values live in [B, heads, capacity, head_dim] buffers, left-padded: row i holds its
-    ``lengths[i]`` tokens in the last ``lengths[i]`` of the ``width`` used columns. A decode step writes its
-    new column in place; ``DynamicCache`` would concatenate, copying the whole cache at every step (~16 ms per
-    step at 8 rows and length ~40 for the 124M architecture). The buffers are rebuilt, re-padded, only when a
-    sequence joins or leaves, with ``reserve`` free columns."""
-
-    def __init__(self, model, reserve: int = 64, onednn: bool | None = None):
-        import torch
-        cfg = model.config
-        if cfg.model_type != "gpt2" or cfg.add_cross_attention:
-            raise ValueError(f"batched decoding supports GPT-2 decoder models only, not {cfg.model_type!r}")
-        self._torch, self.model, self.reserve = torch, model, reserve
-        self._dnn = onednn_linear() if onednn in (None, True) else None
-        if onednn and self._dnn is None:
-            raise RuntimeError("oneDNN linear is not available in this torch build")
-        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-        self.keys: list = []      # per layer [B, heads, capacity, head_dim]
-        self.values: list = []
-        self.width = 0
-        self.lengths: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def _linear(self, x, conv):
-        """GPT-2's Conv1D (``x @ weight + bias``, weight [in, out]) on the faster kernel for x's rows."""
-        if self._dnn is None or x.shape[0] == 1:
-            return self._torch.addmm(conv.bias, x, conv.weight)
-        return self._dnn(x, conv.weight.t(), conv.bias)
-
-    def _blocks(self, h, attend):
-        """The transformer blocks over rows ``h`` [N, embed]; ``attend(i, block, q, k, v)`` -> [N, embed]."""
-        t = self.model.transformer
-        for i, block in enumerate(t.h):
-            q, k, v = self._linear(block.ln_1(h), block.attn.c_attn).split(t.embed_dim, dim=1)
-            h = h + self._linear(attend(i, block, q, k, v), block.attn.c_proj)
-            h = h + self._linear(block.mlp.act(self._linear(block.ln_2(h), block.mlp.c_fc)), block.mlp.c_proj)
-        return h
-
-    def _logits(self, h):
-        h = self.model.transformer.ln_f(h)
-        head = self.model.get_output_embeddings()
-        return head(h) if self._dnn is None else self._dnn(h, head.weight, head.bias)
-
-    def prefill(self, input_ids):
-        """One prompt (``input_ids`` [1, L]) alone, causally: (its last logits [1, vocab], its row for ``add``)."""
-        torch, t = self._torch, self.model.transformer
-        n, heads, dim = input_ids.shape[1], self.n_head, self.head_dim
-        keys, values = [], []
-
-        def attend(i, block, q, k, v):
-            q, k, v = (x.view(n, heads, dim).transpose(0, 1) for x in (q, k, v))   # [heads, L, dim]
-            keys.append(k)
-            values.append(v)
-            att = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                   scale=block.attn.scaling)
-            return att.transpose(0, 1).reshape(n, t.embed_dim)
-
-        h = self._blocks(t.wte(input_ids[0]) + t.wpe(torch.arange(n)), attend)
-        return self._logits(h[-1:]), (keys, values, n)
-
-    def add(self, row) -> None:
-        """Append a prefilled sequence (``prefill``'s row) as the last row."""
-        self._rebuild(self._rows() + [row], max(self.width, row[2]))
-
-    def remove(self, rows) -> None:
-        """Drop the given row indices; trim the columns that only held padding."""
-        drop = set(rows)
-        if not drop:
-            return
-        keep = [row for r, row in enumerate(self._rows()) if r not in drop]
-        if keep:
-            self._rebuild(keep, max(row[2] for row in keep))
-        else:
-            self.keys, self.values, self.width, self.lengths = [], [], 0, []
-
-    def _rows(self):
-        return [([k[r, :, :self.width] for k in self.keys], [v[r, :, :self.width] for v in self.values], n)
-                for r, n in enumerate(self.lengths)]
-
-    def _rebuild(self, rows, width: int) -> None:
-        """New buffers of ``width`` used columns holding ``rows``: (per-layer keys, per-layer values, length),
-        each per-layer tensor [heads, len, head_dim] with the row's tokens last."""
-        self.keys, self.values = [], []
-        for i in range(len(rows[0][0])):
-            for store, part in ((self.keys, 0), (self.values, 1)):
-                buf = rows[0][part][i].new_zeros(len(rows), self.n_head, width + self.reserve, self.head_dim)
-                for r, row in enumerate(rows):
-                    t, length = row[part][i], row[2]
-                    buf[r, :, width - length:width] = t[:, t.shape[1] - length:]
-                store.append(buf)
-        self.width = width
-        self.lengths = [row[2] for row in rows]
-
-    def step(self, input_ids):
-        """Feed one token per row (``input_ids`` [B, 1]); return the next-token logits [B, vocab]."""
-        torch, t = self._torch, self.model.transformer
-        b, width = len(self.lengths), self.width + 1
-        if width > self.keys[0].shape[2]:
-            grow = lambda buf: torch.cat([buf, torch.zeros_like(buf)], dim=2)  # noqa: E731
-            self.keys, self.values = [grow(k) for k in self.keys], [grow(v) for v in self.values]
-        pos = torch.tensor(self.lengths)                       # each row's own next position, pads ignored
-        mask = (torch.arange(width).unsqueeze(0) >= (width - 1 - pos).unsqueeze(1)).view(b, 1, 1, width)
-
-        def attend(i, block, q, k, v):
-            self.keys[i][:, :, width - 1] = k.view(b, self.n_head, self.head_dim)
-            self.values[i][:, :, width - 1] = v.view(b, self.n_head, self.head_dim)
-            att = torch.nn.functional.scaled_dot_product_attention(
-                q.view(b, self.n_head, 1, self.head_dim), self.keys[i][:, :, :width],
-                self.values[i][:, :, :width], attn_mask=mask, scale=block.attn.scaling)
-            return att.reshape(b, t.embed_dim)
-
-        logits = self._logits(self._blocks(t.wte(input_ids[:, 0]) + t.wpe(pos), attend))
-        self.width = width
-        self.lengths = [n + 1 for n in self.lengths]
-        return logits
 
 
 class _Request:
@@ -216,17 +81,25 @@ class _Request:
 
 
 class BatchEngine:
-    """The engine's interface (``generate``, ``encode``, ``identity``, ...) served by one batching scheduler."""
+    """The engine's interface (``generate``, ``encode``, ``identity``, ...) served by one batching scheduler.
 
-    def __init__(self, engine, max_batch: int = 8):
+    ``BatchEngine(engine, max_batch=8)`` serves an existing loop ``Engine``; without one,
+    ``BatchEngine(max_batch=8, **kwargs)`` builds ``Engine(**kwargs)`` (``tiny``, ``seed``, ``dtype``,
+    ``quantize``, ...). ``generate_many`` submits several requests at once (a static batch, for benchmarks)."""
+
+    def __init__(self, engine=None, max_batch: int = 8, **engine_kwargs):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if engine is None:
+            engine = Engine(**engine_kwargs)
+        elif engine_kwargs:
+            raise TypeError(f"engine options {sorted(engine_kwargs)} given with an engine already built")
         self.engine = engine
         self.max_batch = max_batch
         self._cv = threading.Condition()
         self._queue: deque[_Request] = deque()
         self._closing = False
-        self._batch = DecodeBatch(engine.model)
+        self._batch = DecodeBatch(engine.forward or engine.model)
         self._running: list[_Request] = []   # aligned with the batch's rows; scheduler thread only
         self._thread = threading.Thread(target=self._loop, name="batch-scheduler", daemon=True)
         self._thread.start()
@@ -244,6 +117,20 @@ class BatchEngine:
     def generate(self, prompt: str, max_new_tokens: int, seed: int = 0, stop=None, on_token=None) -> Generation:
         """Queue the request, wait for its batch to produce exactly ``max_new_tokens`` tokens
         (``on_token(id, t)`` runs on the scheduler thread: it must be quick)."""
+        return self._wait(self._submit([self._request(prompt, max_new_tokens, seed, stop, on_token)])[0])
+
+    def generate_many(self, prompts, max_new_tokens: int, seeds=None) -> list[Generation]:
+        """Queue one request per prompt at once (seeds: one per prompt, default 0, 1, ...) and wait for all:
+        up to ``max_batch`` of them join the batch at the same step, prompts of one length prefill together.
+        The call to measure a static batch of B requests (B = ``max_batch``) on the serving path."""
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        reqs = self._submit([self._request(p, max_new_tokens, s, None, None) for p, s in zip(prompts, seeds)])
+        return [self._wait(r) for r in reqs]
+
+    def _request(self, prompt, max_new_tokens, seed, stop, on_token) -> _Request:
+        """A checked request (ValueError for a bad one)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         ids = self.engine.encode(prompt)
@@ -254,16 +141,21 @@ class BatchEngine:
         if limit is not None and n + max_new_tokens - 1 > limit:
             raise ValueError(f"prompt of {n} tokens + {max_new_tokens} new tokens exceeds the model's "
                              f"{limit} positions")
-        req = _Request(ids, max_new_tokens, seed, stop, on_token)
+        return _Request(ids, max_new_tokens, seed, stop, on_token)
+
+    def _submit(self, reqs: list) -> list:
         with self._cv:
             if self._closing:
                 raise RuntimeError("batch engine is closed")
-            self._queue.append(req)
+            self._queue.extend(reqs)
             self._cv.notify()
+        return reqs
+
+    def _wait(self, req: _Request) -> Generation:
         req.done.wait()
         if req.error is not None:
             raise req.error
-        return Generation(prompt_tokens=n, output_tokens=len(req.tokens), t_start=req.t_start,
+        return Generation(prompt_tokens=req.ids.shape[1], output_tokens=len(req.tokens), t_start=req.t_start,
                           t_first_token=req.times[0], t_end=req.times[-1], token_times=list(req.times),
                           text=self.engine.decode(req.tokens))
 
@@ -306,42 +198,67 @@ class BatchEngine:
                 for i in gone:
                     self._running[i].finish(Interrupted("generation stopped"))
                 self._drop(gone)
-                for r in joining:
-                    self._prefill(r)
+                self._prefill(joining)
                 if self._running:
                     self._step()
 
-    def _prefill(self, r: _Request) -> None:
-        """The request's own batch-1 forward and first token; then it joins the batch (unless done)."""
-        torch = self.engine.torch
-        r.t_start = time.monotonic()
+    def _prefill(self, joining: list) -> None:
+        """Prefill the joining requests (those of one prompt length together, in arrival order) and sample
+        their first tokens; they join the batch (unless done). A failing prefill fails its group only."""
+        groups: dict[int, list] = {}
+        for r in joining:
+            groups.setdefault(r.ids.shape[1], []).append(r)
+        rows = []
+        for group in groups.values():
+            rows += self._prefill_group(group)
+        self._batch.add(*rows)
+
+    def _prefill_group(self, group: list) -> list:
+        torch, sample = self.engine.torch, self.engine.sample
+        t_start = time.monotonic()
         try:
-            r.gen = torch.Generator().manual_seed(r.seed)
-            logits, row = self._batch.prefill(r.ids)
-            if r.add(int(self.engine.sample(logits, r.gen))):
-                r.finish()
-                return
-            self._batch.add(row)
+            logits, rows = self._batch.prefill_many(torch.cat([r.ids for r in group]))
         except Exception as e:
-            r.finish(e)
-            return
-        self._running.append(r)
+            for r in group:
+                r.t_start = t_start
+                r.finish(e)
+            return []
+        joined = []
+        for i, r in enumerate(group):
+            r.t_start = t_start
+            try:
+                r.gen = torch.Generator().manual_seed(r.seed)
+                if r.add(sample(logits[i:i + 1], r.gen)):
+                    r.finish()
+                    continue
+            except Exception as e:
+                r.finish(e)
+                continue
+            self._running.append(r)
+            joined.append(rows[i])
+        return joined
 
     def _step(self) -> None:
         """One batched decode step; each row samples its own token; finished rows leave."""
-        torch = self.engine.torch
+        torch, engine = self.engine.torch, self.engine
         try:
             logits = self._batch.step(torch.tensor([[r.tokens[-1]] for r in self._running]))
+            probs = engine.probabilities(logits)
         except Exception as e:
             for r in self._running:
                 r.finish(_shared_error("batched decode step failed", e))
             self._running = []
-            self._batch = DecodeBatch(self.engine.model)
+            self._batch = DecodeBatch(self.engine.forward or self.engine.model)
             return
+        try:
+            tokens = engine.draw(probs, [r.gen for r in self._running])
+        except Exception:       # pin the failure on its rows: sample each alone
+            tokens = None
         done, failed = [], {}
         for i, r in enumerate(self._running):
             try:
-                if r.add(int(self.engine.sample(logits[i:i + 1], r.gen))):
+                token = tokens[i] if tokens is not None else engine.sample(logits[i:i + 1], r.gen)
+                if r.add(token):
                     done.append(i)
             except Exception as e:
                 failed[i] = e

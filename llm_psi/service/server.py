@@ -18,7 +18,7 @@ import sys
 
 from llm_psi import cli
 from llm_psi.cli import UsageError
-from llm_psi.config import API_KEY_ENV, DRAIN_TIMEOUT_S, MAX_BODY_BYTES, ServiceConfig
+from llm_psi.config import API_KEY_ENV, DRAIN_TIMEOUT_S, MAX_BODY_BYTES, SERVE_DEFAULTS, ServiceConfig
 from llm_psi.service import lifecycle as service
 
 PROG = "llm_server.py serve"
@@ -47,14 +47,22 @@ def build_serve_parser():
                         "the bound address when bound to loopback, else any)")
     g.add_argument("-v", "--verbose", action="store_true", help="log every admission decision")
     cli.add_config_option(g)
-    cli.add_service_options(p, ServiceConfig)
+    p.set_defaults(config=None)  # None: not given; then SERVE_DEFAULTS apply
+    # the help shows the service's own defaults (SERVE_DEFAULTS, used where no --config is given)
+    cli.add_service_options(p, dataclasses.replace(ServiceConfig(), **SERVE_DEFAULTS))
     return p
 
 
 def parse_serve(argv) -> tuple[ServiceConfig, dict]:
+    """The service's config: without --config, the 'baseline' label with the resident service's own defaults
+    (SERVE_DEFAULTS: the fastest engine setting within the accuracy guard); with one, its preset."""
     a = vars(build_serve_parser().parse_args(argv))
     server = {k: a.pop(k) for k in ("host", "port", "retry_after_s", "drain_timeout_s", "verbose", "api_key",
                                     "allowed_hosts", "max_body_bytes")}
+    if a["config"] is None:
+        a["config"] = ServiceConfig.config
+        if all(a.get(key) is None for key in SERVE_DEFAULTS):   # an explicit precision replaces them all
+            a.update(SERVE_DEFAULTS)
     cli.resolve(a, ServiceConfig)
     return ServiceConfig(**a), server
 

@@ -1,0 +1,146 @@
+"""The engine's precisions and its preallocated KV cache (tiny GPT-2 config): equality with Hugging Face's
+forward in float32, bfloat16 and int8 close to float32, exact token counts, real int8 layers."""
+import pytest
+
+from llm_psi.engine import accuracy, net
+from llm_psi.engine.batch import BatchEngine
+from llm_psi.engine.loop import Engine, make_engine
+
+PROMPT = "Why is the sky blue during the day?"
+PRECISIONS = [("float32", "none"), ("bfloat16", "none"), ("float32", "int8")]
+
+
+@pytest.fixture(scope="module")
+def engines():
+    return {p: Engine(tiny=True, seed=0, torch_threads=1, dtype=p[0], quantize=p[1]) for p in PRECISIONS}
+
+
+def test_preallocated_cache_decode_equals_hf_forward(engines):
+    """The loop engine's own attention over its preallocated cache gives Hugging Face's logits (float32)."""
+    e = engines[("float32", "none")]
+    torch = e.torch
+    ids = e.encode(PROMPT)
+    feed = [(37 * k + 11) % 5000 for k in range(30)]
+    with torch.inference_mode():
+        step = e._stepper(ids, len(feed) + 1)
+        res = e.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        worst = (step(ids) - res.logits[:, -1]).abs().max().item()
+        for token in feed:
+            t = torch.tensor([[token]])
+            res = e.model(input_ids=t, cache=res.cache, use_cache=True, logits_to_keep=1)
+            worst = max(worst, (step(t) - res.logits[:, -1]).abs().max().item())
+    assert worst < 1e-4
+
+
+def test_int8_quantizes_every_linear_layer(engines):
+    """Conv1D is converted first, so every block layer and the output head are dynamic int8 modules."""
+    from transformers.pytorch_utils import Conv1D
+    model = engines[("float32", "int8")].model
+    assert net.quantized_linears(model) == 4 * model.config.n_layer + 1
+    assert not any(isinstance(m, Conv1D) for m in model.modules())
+    assert net.quantized_linears(engines[("float32", "none")].model) == 0
+
+
+def test_conv1d_conversion_keeps_the_function():
+    e = Engine(tiny=True, seed=0)
+    torch = e.torch
+    ids = e.encode(PROMPT)
+    with torch.inference_mode():
+        before = e.model(input_ids=ids).logits
+        assert net.convert_conv1d(e.model) == 4 * e.model.config.n_layer
+        after = e.model(input_ids=ids).logits
+    assert (before - after).abs().max().item() < 1e-5
+
+
+def test_bf16_and_int8_close_to_float32():
+    """Stated tolerance on the tiny config (float32 logits up to ~1.2): bf16 within 0.05, int8 within 0.1,
+    greedy tokens (teacher-forced) at least 90% equal to float32's."""
+    rows = {(r["dtype"], r["quantize"]): r for r in accuracy.guard(tiny=True, steps=12)}
+    assert rows[("bfloat16", "none")]["max_abs_logit_diff"] < 0.05
+    assert rows[("float32", "int8")]["max_abs_logit_diff"] < 0.1
+    assert all(0 < r["max_abs_logit_diff"] and r["greedy_agreement"] >= 0.9 for r in rows.values())
+    assert all(r["steps"] == 12 and r["teacher_forced"] and r["within_guard"] for r in rows.values())
+
+
+@pytest.mark.parametrize("precision", PRECISIONS, ids=lambda p: "-".join(p))
+def test_exact_token_counts_every_precision(engines, precision):
+    e = engines[precision]
+    assert e.identity()["dtype"] == precision[0] and e.identity()["quantize"] == precision[1]
+    g = e.generate(PROMPT, 7, seed=1)
+    assert g.output_tokens == 7 == len(g.token_times)
+    be = BatchEngine(e, max_batch=3)
+    try:
+        gens = be.generate_many([PROMPT, PROMPT, "A"], 6, seeds=[1, 2, 3])
+    finally:
+        be.close()
+    assert [x.output_tokens for x in gens] == [6, 6, 6]
+    if precision == ("float32", "none"):  # batched, prefilled together: the unbatched engine's tokens
+        assert gens[0].text == e.generate(PROMPT, 6, seed=1).text
+
+
+@pytest.mark.parametrize("precision", PRECISIONS[1:], ids=lambda p: "-".join(p))
+def test_generate_engine_in_other_precisions(precision):
+    """Hugging Face generate() runs on the converted model too (Linear layers in place of Conv1D)."""
+    e = make_engine("generate", tiny=True, seed=0, dtype=precision[0], quantize=precision[1])
+    assert e.generate(PROMPT, 4, seed=0).output_tokens == 4
+    assert (e.identity()["dtype"], e.identity()["quantize"]) == precision
+
+
+def test_batch_engine_builds_its_engine_and_refuses_bad_options(engines):
+    be = BatchEngine(max_batch=2, tiny=True, seed=0, dtype="bfloat16")
+    try:
+        assert be.identity()["dtype"] == "bfloat16" and be.identity()["max_batch"] == 2
+        with pytest.raises(ValueError, match="seeds"):
+            be.generate_many([PROMPT], 3, seeds=[1, 2])
+    finally:
+        be.close()
+    with pytest.raises(TypeError, match="dtype"):
+        BatchEngine(engines[("float32", "none")], dtype="bfloat16")
+    with pytest.raises(ValueError, match="dtype must be"):
+        Engine(tiny=True, dtype="float16")
+    with pytest.raises(ValueError, match="quantize must be"):
+        Engine(tiny=True, quantize="int4")
+    with pytest.raises(ValueError, match="needs dtype float32"):
+        Engine(tiny=True, dtype="bfloat16", quantize="int8")
+
+
+def test_accuracy_command_prints_a_table(capsys):
+    assert accuracy.main(["--tiny", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16" in out and "int8" in out and "greedy agree" in out
+    with pytest.raises(SystemExit) as exc:
+        accuracy.main(["--tiny", "--full"])
+    assert exc.value.code == 2
+
+
+def test_vectorized_draw_equals_multinomial(engines):
+    """``Engine.draw`` gives torch.multinomial's tokens and leaves each generator as multinomial does."""
+    e = engines[("float32", "none")]
+    torch = e.torch
+    probs = e.probabilities(torch.randn(6, 50257, generator=torch.Generator().manual_seed(0)) * 3)
+    mine = [torch.Generator().manual_seed(s) for s in range(6)]
+    ref = [torch.Generator().manual_seed(s) for s in range(6)]
+    for _ in range(5):
+        assert e.draw(probs, mine) == [int(torch.multinomial(probs[i:i + 1], 1, generator=g))
+                                       for i, g in enumerate(ref)]
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(mine, ref))
+    with pytest.raises(RuntimeError, match="nan"):
+        e.draw(torch.full((1, 5), float("nan")), [mine[0]])
+
+
+def test_dtype_defaults_paper_float32_batching_and_serve_int8():
+    """The paper's configurations stay float32; the batching presets and a bare `serve` take int8; an explicit
+    other dtype drops a preset's int8."""
+    from llm_psi.load.generator import parse_config
+    from llm_psi.service.server import parse_serve
+    precision = lambda c: (c.dtype, c.quantize)  # noqa: E731
+    for label in ("baseline", "cgroups", "psi"):
+        assert precision(parse_config(["--config", label])) == ("float32", "none")
+        assert precision(parse_serve(["--config", label])[0]) == ("float32", "none")
+    assert precision(parse_config([])) == ("float32", "none")
+    for label in ("batch", "batch_psi"):
+        assert precision(parse_config(["--config", label])) == ("float32", "int8")
+    assert precision(parse_serve([])[0]) == ("float32", "int8") and parse_serve([])[0].config == "baseline"
+    assert precision(parse_serve(["--dtype", "bfloat16"])[0]) == ("bfloat16", "none")
+    assert precision(parse_config(["--config", "batch", "--dtype", "bfloat16"])) == ("bfloat16", "none")
+    assert precision(parse_config(["--config", "batch", "--quantize", "none"])) == ("float32", "none")
