@@ -81,16 +81,13 @@ def build_parser():
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", type=words(ENGINES), default=list(ENGINES), metavar="LIST",
                    help=f"engines to measure (default: {' '.join(ENGINES)})")
-    p.add_argument("--batches", type=batch_list, default=[1, 8, 16, 32], metavar="LIST",
-                   help="batch sizes (default: 1 8 16 32)")
-    p.add_argument("--tokens", type=finite_number(int, ge=1), default=50, help="new tokens per sequence (default: 50)")
-    p.add_argument("--repeats", type=finite_number(int, ge=1), default=3,
-                   help="timed runs per row, the median kept (default: 3)")
-    p.add_argument("--guard-steps", type=finite_number(int, ge=1), default=50,
-                   help="steps of the accuracy guard (default: 50)")
+    p.add_argument("--batches", type=batch_list, metavar="LIST", help="batch sizes (default: 1 8 16 32)")
+    p.add_argument("--tokens", type=finite_number(int, ge=1), help="new tokens per sequence (default: 50)")
+    p.add_argument("--repeats", type=finite_number(int, ge=1), help="timed runs per row, the median kept (default: 3)")
+    p.add_argument("--guard-steps", type=finite_number(int, ge=1), help="steps of the accuracy guard (default: 50)")
     p.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 5 tokens, batches 1 and 8, 1 repeat, 5 guard steps (overrides those options)")
+                   help="smoke run: the defaults become 5 tokens, batches 1 and 8, 1 repeat, 5 guard steps")
     p.add_argument("--no-quota", action="store_true", help="skip the rows under the 50%% CPU quota")
     p.add_argument("--output-dir", default=os.path.join("results", "engines"),
                    help="where the outputs go (default: results/engines)")
@@ -211,8 +208,10 @@ def check_outputs(args):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.quick:
-        args.tokens, args.batches, args.repeats, args.guard_steps = 5, [1, 8], 1, 5
+    for name, full, quick in (("batches", [1, 8, 16, 32], [1, 8]), ("tokens", 50, 5), ("repeats", 3, 1),
+                              ("guard_steps", 50, 5)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"   # before torch is imported
     import torch
