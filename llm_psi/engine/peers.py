@@ -7,7 +7,7 @@ Every peer runs the same weights as our engines: the seeded GPT-2 initialisation
 architecture, or the tiny config), saved once with ``save_pretrained`` into a cache directory
 (``$LLM_PSI_PEER_CACHE``, default ``<tmp>/llm-psi-peers``) and converted from there:
 
-- ``hf-generate``: ``model.generate`` on a static batch, float32 or bfloat16 weights;
+- ``hf-generate``: ``model.generate`` on a static batch, float32, bfloat16 or int8 weights;
 - ``onnxruntime``: GPT-2's forward written out as two graphs, a prefill (no past) and a decode step that
   takes and returns every layer's keys and values (past KV, concatenated per step), exported with
   ``torch.onnx.export``; int8 through ``onnxruntime.quantization.quantize_dynamic`` (its MatMul weights);
@@ -24,7 +24,7 @@ import tempfile
 
 PEERS = ("hf-generate", "onnxruntime", "ctranslate2")
 # (dtype, quantize) settings each peer supports here
-SETTINGS = {"hf-generate": [("float32", "none"), ("bfloat16", "none")],
+SETTINGS = {"hf-generate": [("float32", "none"), ("bfloat16", "none"), ("float32", "int8")],
             "onnxruntime": [("float32", "none"), ("float32", "int8")],
             "ctranslate2": [("float32", "none"), ("float32", "int8")]}
 TEMPERATURE = 0.7
@@ -97,17 +97,30 @@ def sample_top_k(logits, rng, temperature: float = TEMPERATURE, k: int = TOP_K):
 
 # --- Hugging Face generate -------------------------------------------------------------------------------
 class HFGeneratePeer:
+    """``model.generate`` on the saved model, put in ``dtype``/``quantize`` by the engine's own precisions
+    (``llm_psi.engine.net.set_precision``) where that module exists; without it, bfloat16 is a plain cast and
+    int8 is unavailable."""
     name = "hf-generate"
 
     def __init__(self, hf: str, dtype: str = "float32", quantize: str = "none", threads: int = 1):
         import torch
         from transformers import AutoModelForCausalLM
-        if quantize != "none" or dtype not in ("float32", "bfloat16"):
+        if (dtype, quantize) not in SETTINGS[self.name]:
             raise PeerUnavailable(f"hf-generate: no {dtype}/{quantize} setting here")
         torch.set_num_threads(threads)
         _quiet_transformers()
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(hf, dtype=getattr(torch, dtype)).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+        try:
+            from llm_psi.engine import net
+        except ImportError:
+            net = None
+        if net is not None:
+            net.set_precision(self.model, dtype, quantize)
+        elif quantize != "none":
+            raise PeerUnavailable("hf-generate: int8 needs the engine's precisions (llm_psi.engine.net)")
+        else:
+            self.model.to(getattr(torch, dtype))
         self.setting = (dtype, quantize)
 
     def generate_batch(self, ids, batch: int, tokens: int, seed: int = 0) -> int:
