@@ -155,7 +155,7 @@ def markdown(args, summary, skipped, why, roof, costs, guard) -> str:
                      f"{_fmt(free and free['roofline_fraction'], '.2f')} | {_fmt(quota and quota['tokens_per_cpu_s'])} | "
                      f"{_fmt(quota and quota['roofline_fraction'], '.2f')} | "
                      f"{_fmt(any_row['roofline_tokens_per_cpu_s'])} |")
-    tail = ["", "## Ours beside the best peer", ""] + (comparison(summary) or ["- no peer measured"])
+    tail = ["", "## Ours beside the best peer", ""] + (comparison(summary) or ["- not measured: needs ours and at least one peer"])
     tail += ["", "## Accuracy guard (ours against float32)", "",
              "| dtype | quantize | steps | largest abs logit diff | greedy tokens equal | source |",
              "| --- | --- | ---: | ---: | ---: | --- |"]

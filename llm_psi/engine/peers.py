@@ -47,6 +47,7 @@ def hf_dir(tiny: bool, seed: int = 0, root: str | None = None) -> str:
     path = os.path.join(root or cache_root(), name, "hf")
     if not os.path.exists(os.path.join(path, "config.json")):
         engine = Engine(tiny=tiny, seed=seed)
+        _quiet_transformers()
         tmp = tempfile.mkdtemp(prefix="hf-", dir=_parent(path))
         engine.model.save_pretrained(tmp)
         engine.tokenizer.save_pretrained(tmp)
