@@ -144,18 +144,23 @@ def markdown(args, summary, skipped, why, roof, costs, guard) -> str:
     head = [f"# Engines on one thread: tokens per CPU-second ({'tiny GPT-2' if args.tiny else 'GPT-2 124M'} "
             f"architecture, seeded weights, {args.tokens} new tokens, median of {args.repeats})", "",
             "## Roofline (measured in this run, unconstrained)", "", *roofline_lines(roof, costs), "",
+            *(["The tiny config's weights fit in the caches: fractions above 1 are possible.", ""] if args.tiny
+              else []),
             "## Tokens per CPU-second", "",
-            "| engine | dtype | quantize | batch | unconstrained | fraction | under the quota | fraction | roofline |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "| engine | dtype | quantize | batch | unconstrained | fraction | under the quota | fraction | roofline "
+            "| bound |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     lines = []
     for key in dict.fromkeys(k[:4] for k in cells):
         free, quota = cells.get((*key, False)), cells.get((*key, True))
         any_row = free or quota
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {_fmt(free and free['tokens_per_cpu_s'])} | "
-                     f"{_fmt(free and free['roofline_fraction'], '.2f')} | {_fmt(quota and quota['tokens_per_cpu_s'])} | "
+                     f"{_fmt(free and free['roofline_fraction'], '.2f')} | "
+                     f"{_fmt(quota and quota['tokens_per_cpu_s'])} | "
                      f"{_fmt(quota and quota['roofline_fraction'], '.2f')} | "
-                     f"{_fmt(any_row['roofline_tokens_per_cpu_s'])} |")
-    tail = ["", "## Ours beside the best peer", ""] + (comparison(summary) or ["- not measured: needs ours and at least one peer"])
+                     f"{_fmt(any_row['roofline_tokens_per_cpu_s'])} | "
+                     f"{roofline.bound(key[3], key[1], key[2], roof, costs) or '—'} |")
+    pairs = comparison(summary) or ["- not measured: needs ours and at least one peer"]
+    tail = ["", "## Ours beside the best peer", "", *pairs]
     tail += ["", "## Accuracy guard (ours against float32)", "",
              "| dtype | quantize | steps | largest abs logit diff | greedy tokens equal | source |",
              "| --- | --- | ---: | ---: | ---: | --- |"]

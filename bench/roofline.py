@@ -115,8 +115,11 @@ def roofline_tokens(batch: int, dtype: str, quantize: str, roof: dict, costs: di
     return min(memory, peak / costs["flop_per_token"])
 
 
-def bound(batch: int, dtype: str, quantize: str, roof: dict, costs: dict) -> str:
-    """Which ceiling binds: 'memory' or 'compute'."""
+def bound(batch: int, dtype: str, quantize: str, roof: dict, costs: dict) -> str | None:
+    """Which ceiling binds: 'memory' or 'compute' (None where the peak of that dtype is unknown)."""
     kind = weight_bits(dtype, quantize)
+    peak = roof.get(f"peak_{kind}_flop_per_cpu_s")
+    if not peak:
+        return None
     memory = batch * roof["bandwidth_bytes_per_cpu_s"] / (costs["matmul_params"] * BYTES[kind])
-    return "memory" if memory <= roof[f"peak_{kind}_flop_per_cpu_s"] / costs["flop_per_token"] else "compute"
+    return "memory" if memory <= peak / costs["flop_per_token"] else "compute"

@@ -218,7 +218,7 @@ def markdown(summary, args, constrained) -> str:
             "| engine | threads | OMP_WAIT_POLICY | requests | median s | p10 s | p90 s | split s | slow (first) |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines = [f"| {s['engine']} | {s['torch_threads']} | {s['omp_wait_policy']} | {s['requests']} | {s['median_s']:.2f} "
-             f"| {s['p10_s']:.2f} | {s['p90_s']:.2f} | {'—' if s['split_s'] is None else format(s['split_s'], '.2f')} "
+             f"| {s['p10_s']:.2f} | {s['p90_s']:.2f} | {_num(s['split_s'])} "
              f"| {s['slow_requests']} ({s['slow_first_requests']}) |" for s in summary]
     modes = ["", "Per mode, the mean per request (fast / slow; slow only where the times split, at a gap of at least "
                  f"{SPLIT}x):", "", "| engine | threads | policy | " + " | ".join(MODE_KEYS) + " |",

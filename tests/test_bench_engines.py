@@ -76,7 +76,9 @@ def test_roofline_is_the_lower_of_bandwidth_and_peak():
     assert roofline.roofline_tokens(16, "float32", "none", roof, costs) == pytest.approx(300)   # 60 GFLOP/s / 200 MFLOP
     assert roofline.roofline_tokens(1, "bfloat16", "none", roof, costs) == pytest.approx(100)
     assert roofline.roofline_tokens(8, "float32", "int8", roof, costs) is None
+    assert roofline.bound(8, "float32", "int8", roof, costs) is None
     assert roofline.bound(1, "float32", "none", roof, costs) == "memory"
     assert roofline.bound(32, "float32", "none", roof, costs) == "compute"
     costs = roofline.model_costs({"n_layer": 12, "n_embd": 768, "vocab_size": 50257}, context=0)
-    assert costs["matmul_params"] == 12 * 12 * 768 ** 2 + 50257 * 768 and costs["flop_per_token"] == 2 * costs["matmul_params"]
+    assert costs["matmul_params"] == 12 * 12 * 768 ** 2 + 50257 * 768
+    assert costs["flop_per_token"] == 2 * costs["matmul_params"]

@@ -288,7 +288,8 @@ class CTranslate2Peer:
 
     def generate_batch(self, ids, batch: int, tokens: int, seed: int = 0) -> int:
         self.ct2.set_random_seed(seed)
-        res = self.generator.generate_batch([[self.vocab[i] for i in ids]] * batch, max_length=tokens, min_length=tokens,
+        prompt = [self.vocab[i] for i in ids]
+        res = self.generator.generate_batch([prompt] * batch, max_length=tokens, min_length=tokens,
                                             sampling_topk=TOP_K, sampling_temperature=TEMPERATURE,
                                             include_prompt_in_result=False)
         n = sum(len(r.sequences_ids[0]) for r in res)
