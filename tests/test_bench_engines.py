@@ -1,0 +1,84 @@
+"""bench/engines.py: a quick tiny run writes the summary with its exact columns, the raw runs, the table with the
+roofline formula, the accuracy guard and the figure; the quota rows as root; refusals; the roofline formula."""
+import importlib.util
+
+import pandas as pd
+import pytest
+
+from bench import engines_report, roofline
+from conftest import real_cgroups_reason, run_script
+
+SUMMARY = ["engine", "dtype", "quantize", "batch", "constrained", "tokens_per_cpu_s", "roofline_tokens_per_cpu_s",
+           "roofline_fraction"]
+PEERS = [m for m in ("onnxruntime", "ctranslate2") if importlib.util.find_spec(m) is not None]
+
+
+@pytest.fixture
+def env(tmp_path_factory):
+    return {"LLM_PSI_PEER_CACHE": str(tmp_path_factory.getbasetemp() / "peer-cache")}
+
+
+def test_quick_tiny_run_without_quota(tmp_path, env):
+    engines = " ".join(["ours", "hf-generate", *PEERS])
+    proc = run_script("bench.engines", "--quick", "--tiny", "--no-quota", "--engines", engines,
+                      "--output-dir", tmp_path, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rows under the quota skipped: --no-quota given" in proc.stderr
+    df = pd.read_csv(tmp_path / "summary.csv")
+    assert list(df.columns) == SUMMARY
+    assert set(df["engine"]) == set(engines.split()) and set(df["batch"]) == {1, 8} and not df["constrained"].any()
+    ours = df[(df.engine == "ours") & (df.dtype == "float32") & (df.quantize == "none")]
+    assert list(ours["batch"]) == [1, 8]
+    assert (df["tokens_per_cpu_s"] > 0).all()
+    assert ((df["roofline_fraction"] - df["tokens_per_cpu_s"] / df["roofline_tokens_per_cpu_s"]).abs() < 1e-3).all()
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert (runs["tokens"] == 5 * runs["batch"]).all() and (runs["cpu_s"] > 0).all() and (runs["wall_s"] > 0).all()
+    table = (tmp_path / "table.md").read_text()
+    assert "min(b * BW / W, P[d] / F)" in table and "## Accuracy guard" in table
+    for dtype, quantize in (("bfloat16", "none"), ("float32", "int8")):   # measured, or skipped with the reason
+        measured = ((df.engine == "ours") & (df.dtype == dtype) & (df.quantize == quantize)).any()
+        assert measured or f"ours {dtype}/{quantize}: the engine rejects" in table
+    guard = pd.read_csv(tmp_path / "accuracy.csv")
+    assert list(guard[["dtype", "quantize"]].itertuples(index=False, name=None)) == engines_report.GUARDED
+    assert (tmp_path / "engines.png").stat().st_size > 0 and (tmp_path / "roofline.json").exists()
+
+
+@pytest.mark.skipif(real_cgroups_reason() is not None, reason=str(real_cgroups_reason()))
+def test_quota_rows_as_root(tmp_path, env):
+    proc = run_script("bench.engines", "--quick", "--tiny", "--engines", "ours", "--batches", "1",
+                      "--output-dir", tmp_path, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    df = pd.read_csv(tmp_path / "summary.csv")
+    base = df[(df.dtype == "float32") & (df.quantize == "none")]
+    assert sorted(base["constrained"]) == [False, True]
+
+
+@pytest.mark.parametrize("args", [["--batches", "0"], ["--batches", "1 x"], ["--engines", "vllm"],
+                                  ["--tokens", "0"], ["--repeats", "nan"]])
+def test_bad_input_exits_2_with_one_line(tmp_path, args):
+    proc = run_script("bench.engines", *args, "--output-dir", tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "summary.csv").exists()
+
+
+def test_refuses_to_overwrite_without_force(tmp_path):
+    (tmp_path / "table.md").write_text("keep me")
+    proc = run_script("bench.engines", "--quick", "--tiny", "--output-dir", tmp_path)
+    assert proc.returncode == 2 and "exists; use --force" in proc.stderr
+    assert (tmp_path / "table.md").read_text() == "keep me"
+
+
+def test_roofline_is_the_lower_of_bandwidth_and_peak():
+    roof = {"bandwidth_bytes_per_cpu_s": 20e9, "peak_float32_flop_per_cpu_s": 60e9,
+            "peak_bfloat16_flop_per_cpu_s": 240e9, "peak_int8_flop_per_cpu_s": None}
+    costs = {"matmul_params": 100e6, "flop_per_token": 200e6}
+    assert roofline.roofline_tokens(1, "float32", "none", roof, costs) == pytest.approx(50)     # 20 GB/s / 400 MB
+    assert roofline.roofline_tokens(16, "float32", "none", roof, costs) == pytest.approx(300)   # 60 GFLOP/s / 200 MFLOP
+    assert roofline.roofline_tokens(1, "bfloat16", "none", roof, costs) == pytest.approx(100)
+    assert roofline.roofline_tokens(8, "float32", "int8", roof, costs) is None
+    assert roofline.bound(8, "float32", "int8", roof, costs) is None
+    assert roofline.bound(1, "float32", "none", roof, costs) == "memory"
+    assert roofline.bound(32, "float32", "none", roof, costs) == "compute"
+    costs = roofline.model_costs({"n_layer": 12, "n_embd": 768, "vocab_size": 50257}, context=0)
+    assert costs["matmul_params"] == 12 * 12 * 768 ** 2 + 50257 * 768
+    assert costs["flop_per_token"] == 2 * costs["matmul_params"]
