@@ -116,3 +116,19 @@ def fake_quota(fake_cgroupfs):
     """fake_cgroupfs (this process's cgroup has a quota of 50% of one CPU, so that a limited configuration can run
     without root), as its env."""
     return fake_cgroupfs.env
+
+
+@pytest.fixture
+def server():
+    """server(*args, env=None): a started `llm_server.py serve --tiny` (helpers.Server), killed at the end."""
+    from helpers import Server
+    started = []
+
+    def _start(*args, env=None):
+        s = Server(*args, env=env)
+        started.append(s)
+        s.wait_ready()
+        return s
+    yield _start
+    for s in started:
+        s.stop()

@@ -13,7 +13,7 @@ from llm_psi import cgroups
 from conftest import real_cgroups
 from llm_psi.cgroups import CgroupError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402
 LIB = os.path.join(ROOT, "cgroup_lib.py")
 REAL = "/sys/fs/cgroup"
 GIB4 = 4294967296

@@ -18,6 +18,7 @@ def env(tmp_path_factory):
     return {"LLM_PSI_PEER_CACHE": str(tmp_path_factory.getbasetemp() / "peer-cache")}
 
 
+@pytest.mark.slow
 def test_quick_tiny_run_without_quota(tmp_path, env):
     engines = " ".join(["ours", "hf-generate", *PEERS])
     proc = run_script("bench.engines", "--quick", "--tiny", "--no-quota", "--engines", engines,
@@ -43,6 +44,7 @@ def test_quick_tiny_run_without_quota(tmp_path, env):
     assert (tmp_path / "engines.png").stat().st_size > 0 and (tmp_path / "roofline.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(real_cgroups_reason() is not None, reason=str(real_cgroups_reason()))
 def test_quota_rows_as_root(tmp_path, env):
     proc = run_script("bench.engines", "--quick", "--tiny", "--engines", "ours", "--batches", "1",
@@ -61,6 +63,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args):
     assert not (tmp_path / "summary.csv").exists()
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_without_force(tmp_path):
     (tmp_path / "table.md").write_text("keep me")
     proc = run_script("bench.engines", "--quick", "--tiny", "--output-dir", tmp_path)

@@ -12,8 +12,7 @@ from llm_psi import control as pa
 from llm_psi.engine.loop import Interrupted
 from llm_psi.service.lifecycle import Service, ServiceConfig
 from llm_psi.service.overload import DelayShedder
-from test_http_service import server  # noqa: F401  (the fixture)
-from test_service import FakeEngine
+from helpers import FakeEngine
 
 
 class Clock:
@@ -162,6 +161,7 @@ def test_serve_help_states_the_control_law_and_bad_values_exit_2():
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_http_refusal_is_503_with_retry_after_and_the_service_goes_on(server):  # noqa: F811
     s = server("--admission", "limit", "--max-queue-delay-ms", 50)
     results = []

@@ -19,7 +19,7 @@ import pytest
 from llm_psi import cgroups
 from conftest import real_cgroups
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402
 SCRIPTS = ["run_experiments.sh", "run_psi_experiments.sh"]
 NAME = f"sweep_test_{os.getpid()}"
 

@@ -1,7 +1,6 @@
 """The HTTP API as OpenAI's clients use it, and as a hostile client tries it: every client error is a 4xx in
 OpenAI's error shape and the service goes on serving; the official ``openai`` client works unmodified."""
 import json
-import os
 import signal
 import socket
 import threading
@@ -11,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from test_http_service import Server
+from helpers import Server
 
 CONTEXT = 256          # the tiny model's positions
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -79,6 +78,7 @@ ACCEPTANCE = {  # case: (request, status, error code)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ACCEPTANCE)
 def test_client_errors_in_openai_shape_and_the_service_goes_on(svc, case):
     send, status, code = ACCEPTANCE[case]
@@ -114,6 +114,7 @@ def test_stop_in_a_stream_matches_the_plain_answer(svc):
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+@pytest.mark.slow
 def test_health_answers_while_a_900kb_prompt_is_tokenized(svc):
     big = {"prompt": "hello world " * 75000}      # 900 KB: about 150k tokens to count
     box = {}
@@ -169,6 +170,7 @@ def test_host_header_allow_list(svc):
     assert evil.status_code == 400 and evil.json()["error"]["code"] == "invalid_host"
 
 
+@pytest.mark.slow
 def test_api_key(tmp_path):
     s = Server("--api-key", "K1", env={"LLM_PSI_API_KEY": "ignored-when-the-option-is-given"})
     try:
@@ -188,6 +190,7 @@ def test_api_key(tmp_path):
         s.stop()
 
 
+@pytest.mark.slow
 def test_api_key_from_the_environment():
     s = Server(env={"LLM_PSI_API_KEY": "E1"})
     try:
@@ -215,6 +218,7 @@ def hold_a_half_sent_body(s) -> socket.socket:
     return held
 
 
+@pytest.mark.slow
 def test_sigterm_with_a_half_sent_body_exits_by_the_deadline():
     drain = 2
     s = Server("--drain-timeout-s", drain)
@@ -234,6 +238,7 @@ def test_sigterm_with_a_half_sent_body_exits_by_the_deadline():
         s.stop()
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once_and_draining_refuses_connections():
     s = Server()              # the default drain deadline: 30 s
     try:

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 
 from llm_psi.analysis import artifact
+from conftest import ROOT
 
-REF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference")
+REF = os.path.join(ROOT, "reference")
 PAPER_COLUMNS = {"baseline": "baseline_p95_ms", "cgroups": "cgroups_only_p95_ms", "psi": "cgroups_psi_p95_ms"}
 
 

@@ -280,6 +280,7 @@ def test_csv_sink_writes_derived_columns_without_pandas(tmp_path):
     code = "import sys, llm_psi.load.cell_files; print('pandas' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout.strip() == "False"
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--dtype", "bfloat16"], ["--quantize", "int8"]], ids=["bf16", "int8"])
 def test_dtype_and_quantize_write_exact_tokens(generate, flags):
     """The issue's acceptance: each precision writes 2 ok rows of 5 tokens, recorded in the cell's JSON."""

@@ -9,6 +9,7 @@ from bench import threads
 from conftest import real_cgroups_reason, run_script
 
 
+@pytest.mark.slow
 def test_tiny_run_of_fresh_processes(tmp_path):
     quota = real_cgroups_reason() is None
     proc = run_script("bench.threads", "--tiny", "--procs", 1, "--requests", 2, "--tokens", 3, "--threads", "1 2",

@@ -48,6 +48,7 @@ def test_bad_input_exits_2_and_the_quota_needs_root():
         assert r.returncode == 2 and "--no-quota" in r.stderr
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_output_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "overload"
     args = ["--tiny", "--no-quota", "--capacity-s", "2", "--phases", "0.7:2,1.5:2", "--max-new-tokens", "4",

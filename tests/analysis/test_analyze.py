@@ -12,46 +12,11 @@ import pandas as pd
 import pytest
 
 from conftest import read_cell, run_script
+from helpers import write_cell
 from llm_psi.analysis import analyze as ar
 from llm_psi.analysis import cells, summary, tables
 from llm_psi.analysis import metrics
 from llm_psi.load import generator as rg
-
-
-def write_cell(d, config, c, e2e_s, service_s=None, status=None, trials=1, gate=None, delta=None, limited=None,
-               scale=None, runs=None, meta=None):
-    """A synthetic cell: per trial, request i submitted at 0.1*i s with end-to-end e2e_s[i] and service
-    service_s[i] (default: all of it), both times scale[trial - 1] (default 1); status[i] 'rejected' gives a
-    request that never started. runs: per trial (run_index, started_at) for the JSON; meta: keys that
-    replace the JSON's (a complete cell whose cgroup limits match its label by default)."""
-    rows = []
-    for trial in range(1, trials + 1):
-        k = 1.0 if scale is None else scale[trial - 1]
-        for i, e2e in enumerate(np.asarray(e2e_s, dtype=float) * k):
-            svc = e2e if service_s is None else service_s[i] * k
-            st = "ok" if status is None else status[i]
-            dec, checks, defer = gate[i] if gate else ("none", 0, 0.0)
-            sub = 0.1 * i
-            row = dict(trial=trial, request_id=i, config=config, concurrency=c, prompt_id=i % 10, prompt_chars=30,
-                       prompt_tokens=7, output_tokens=50, status=st, error="", t_submit_s=sub, t_dequeue_s=sub,
-                       t_admit_s=sub + defer, gate_decision=dec, gate_checks=checks, gate_pressure=np.nan)
-            if st != "rejected":
-                row.update(t_start_s=sub + e2e - svc, t_first_token_s=sub + e2e - svc + svc / 50, t_end_s=sub + e2e)
-            rows.append(row)
-    df = metrics.derive(pd.DataFrame(rows).reindex(columns=rg.COLUMNS))
-    stem = os.path.join(d, f"{config}_c{c}")
-    df.to_csv(stem + ".csv", index=False)
-    limited = rg.CONFIGS.get(config, {}).get("limited", False) if limited is None else limited
-    full = {"limited": limited, "interrupted": False, "complete": True, "trials_planned": trials,
-            "config": {"config": config, "concurrency": c, "num_requests": len(e2e_s), "trials": trials},
-            "cgroup": {"limits": {"cpu_quota_us": 50000 if limited else None, "cpu_period_us": 100000,
-                                  "memory_max_bytes": 4 * 2 ** 30 if limited else None}},
-            "trials": [{"trial": t, "cgroup_delta": delta} for t in range(1, trials + 1)]}
-    for t, (index, started) in zip(full["trials"], runs or []):
-        t.update(run_index=index, started_at=started)
-    with open(stem + ".json", "w") as f:
-        json.dump({**full, **(meta or {})}, f)
-    return stem
 
 
 def analyze(d, capsys=None, *extra):

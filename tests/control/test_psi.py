@@ -312,6 +312,7 @@ def test_timeline_sampler_rows(tmp_path):
         assert any(r["sys_cpu_some_pct"] != "" for r in rows)
 
 
+@pytest.mark.slow
 def test_real_trigger_and_stall_share_under_cpu_load():
     if not os.path.exists(SYSTEM_CPU):
         pytest.skip(f"{SYSTEM_CPU} missing: kernel without PSI (boot with psi=1)")

@@ -5,33 +5,9 @@ import time
 import pytest
 
 from llm_psi import control as pa
-from llm_psi.engine.loop import Generation, Interrupted
+from helpers import FakeEngine
+from llm_psi.engine.loop import Interrupted
 from llm_psi.service.lifecycle import Service, ServiceConfig
-
-
-class FakeEngine:
-    def __init__(self, hold=None):
-        self.hold = hold
-
-    def encode(self, prompt):
-        import types
-        return types.SimpleNamespace(shape=(1, len(prompt.split())))
-
-    def generate(self, prompt, n, seed=0, stop=None, on_token=None):
-        t0 = time.monotonic()
-        times = []
-        for i in range(n):
-            if self.hold is not None:
-                self.hold.wait(5)
-            if stop is not None and stop.is_set():
-                raise Interrupted("stopped")
-            times.append(time.monotonic())
-            if on_token:
-                on_token(i, times[-1])
-        return Generation(len(prompt.split()), n, t0, times[0], times[-1], times, "x" * n)
-
-    def identity(self):
-        return {"source": "fake"}
 
 
 def test_ok_request_timestamps_in_order_and_tokens_streamed():

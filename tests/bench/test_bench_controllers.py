@@ -2,7 +2,7 @@
 import numpy as np
 
 from bench import controllers as bc
-from test_analyze_results import write_cell
+from helpers import write_cell
 
 E2E = np.arange(1, 21, dtype=float)
 
