@@ -85,6 +85,11 @@ class ServiceCollector:
                     g = GaugeMetricFamily(f"llm_admission_{key}", f"admission controller state: {key}")
                     g.add_metric([], value)
                     yield g
+        if svc and getattr(svc, "sharing", None) is not None:   # the sharing controller (control.sharing)
+            for key, value in svc.sharing.state().items():
+                g = GaugeMetricFamily(f"llm_{key}", f"sharing controller state: {key}")
+                g.add_metric([], value)
+                yield g
         reading = self.state.probe.read()
         for key, value in reading.items():
             if value is None or key.endswith("_pct"):

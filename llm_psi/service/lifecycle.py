@@ -33,19 +33,29 @@ log = logging.getLogger("service")
 
 
 def check_limits(label: str) -> None:
-    """A limited configuration must run under a CPU quota; otherwise its cells would be mislabelled."""
-    if not configs.is_limited(label):
+    """A limited configuration must run under a CPU quota, and one with kernel sharing controls (config
+    cgroup_settings) in a cgroup of its own that has them; otherwise its cells would be mislabelled."""
+    settings = configs.cgroup_settings(label)
+    if not configs.is_limited(label) and not settings:
         return
+    how = (f"run it in a sweep (sudo bash run_experiments.sh --configs {label}) or as: sudo python cgroup_lib.py run "
+           f"--name llm_service ... -- python request_generator.py --config {label} ... (or ... -- python "
+           f"llm_server.py serve --config {label})")
+    from llm_psi import cgroups
     try:
-        from llm_psi import cgroups
-        cores = cgroups.cpu_quota_cores()
+        info = cgroups.own_cgroup()
+        cores, got, own = cgroups.cpu_quota_cores(info), cgroups.read_sharing(info), cgroups.own_cell_cgroup(info)
     except Exception:
-        cores = None
-    if cores is None:
-        raise UsageError(f"config {label!r} is limited, but no CPU quota is in force for this process; run it "
-                         f"in a sweep (sudo bash run_experiments.sh --configs {label}) or as: sudo python "
-                         f"cgroup_lib.py run --name llm_service -- python request_generator.py --config "
-                         f"{label} ... (or ... -- python llm_server.py serve --config {label})")
+        cores, got, own = None, {}, None
+    if configs.is_limited(label) and cores is None:
+        raise UsageError(f"config {label!r} is limited, but no CPU quota is in force for this process; {how}")
+    missing = [f"{key} {want}" for key, want, have in (
+        ("weight", settings.get("weight"), got.get("cpu_weight")), ("idle", settings.get("idle") and 1, got.get("cpu_idle")),
+        ("burst_us", settings.get("burst_us"), got.get("cpu_burst_us"))) if want is not None and want is not False
+        and have != want]
+    if missing or (settings and own is None):
+        why = f"its cgroup lacks {', '.join(missing)}" if missing else "it runs in no cgroup made for it"
+        raise UsageError(f"config {label!r} needs a cgroup of its own with {settings}, but {why}; {how}")
 
 
 def build_admission(cfg: ServiceConfig, read=None):
@@ -113,11 +123,19 @@ class Service:
         self.running = self.waiting = 0
         self.counts = {"admitted": 0, "deferred": 0, "rejected": 0, "overloaded": 0, "failed": 0, "ok": 0}
         self.closed = False
+        self.sharing = None              # the controller of the cgroup's own quota (control.sharing), if any
 
     @classmethod
     def start(cls, cfg: ServiceConfig, engine=None) -> "Service":
-        """Load the engine (unless given) and build the controller: admission fails before any request."""
-        return cls(cfg, engine if engine is not None else load_engine(cfg), build_admission(cfg))
+        """Load the engine (unless given) and build the controllers: admission and sharing fail before any
+        request (UsageError where the sharing controller has no cgroup of its own)."""
+        svc = cls(cfg, engine if engine is not None else load_engine(cfg), build_admission(cfg))
+        from llm_psi.control import sharing
+        try:
+            svc.sharing = sharing.build(cfg)
+        except (ValueError, OSError) as e:
+            raise UsageError(str(e)) from None
+        return svc
 
     def renew_admission(self) -> None:
         """A fresh controller and counters (trials are independent repeats)."""
@@ -131,6 +149,7 @@ class Service:
         """Requests running and waiting, the controller's and the engine's state (for the timeline)."""
         return {**(self.admission.state() if self.admission is not None else {}),
                 **(self.engine.state() if hasattr(self.engine, "state") else {}),
+                **(self.sharing.state() if self.sharing is not None else {}),
                 "in_flight": self.running, "waiting": self.waiting}
 
     def submit(self, prompt: str, max_tokens: int, *, seed: int = 0, stop=None, on_token=None) -> Outcome:
@@ -211,6 +230,8 @@ class Service:
             self.engine.close()
         if self.admission is not None:
             self.admission.close()
+        if self.sharing is not None:
+            self.sharing.close()
 
     def identity(self) -> dict:
         return {"config": self.cfg.config, "limited": configs.is_limited(self.cfg.config),
