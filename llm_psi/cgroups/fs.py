@@ -210,16 +210,16 @@ def check_sharing(cpu_weight=None, cpu_idle=False, cpu_burst_us=None, quota_us=N
     """Raise ValueError (one line) unless the kernel's sharing controls make sense together: a weight of
     1..MAX_WEIGHT, idle without a weight (idle replaces it), a burst of 0..quota that needs a quota."""
     if cpu_weight is not None and not (isinstance(cpu_weight, int) and 1 <= cpu_weight <= MAX_WEIGHT):
-        raise ValueError(f"cpu weight must be a whole number from 1 to {MAX_WEIGHT}, got {cpu_weight!r}")
+        raise ValueError(f"--cpu-weight (cpu_weight) must be a whole number from 1 to {MAX_WEIGHT}, got {cpu_weight!r}")
     if cpu_idle and cpu_weight is not None:
-        raise ValueError("cpu idle and a cpu weight exclude each other (an idle cgroup has the lowest weight)")
+        raise ValueError("--cpu-idle and --cpu-weight exclude each other (an idle cgroup has the lowest weight)")
     if cpu_burst_us is not None:
         if not (isinstance(cpu_burst_us, int) and cpu_burst_us >= 0):
-            raise ValueError(f"cpu burst must be a whole number of microseconds >= 0, got {cpu_burst_us!r}")
+            raise ValueError(f"--cpu-burst-us (cpu_burst_us) must be a whole number of microseconds >= 0, got {cpu_burst_us!r}")
         if quota_us is None:
-            raise ValueError("a cpu burst needs a cpu quota (it lets the cgroup carry unused quota over)")
+            raise ValueError("--cpu-burst-us needs a CPU quota, not --unlimited (a burst carries unused quota over)")
         if cpu_burst_us > quota_us:
-            raise ValueError(f"cpu burst {cpu_burst_us} us exceeds the quota of {quota_us} us per period")
+            raise ValueError(f"--cpu-burst-us {cpu_burst_us} exceeds the quota of {quota_us} us per period")
 
 
 def read_sharing(info):
