@@ -334,7 +334,8 @@ def main(argv=None):
     p = OneLineParser(prog="cotenant.py", description="Run the co-tenant alone for --seconds and print its "
                       "reference throughput as one JSON line.")
     p.add_argument("--antagonist", type=cli.checked_by(parse_spec), default="cpu:1",
-                   help="cpu:N (N built-in burner processes) or a shell command (default %(default)s)")
+                   help="cpu:N (N built-in burner processes), probe:PERIOD_MS:WORK_MS, both joined by +, or a "
+                        "shell command (default %(default)s)")
     p.add_argument("--seconds", type=finite_number(gt=0), default=10.0, help="run time (default %(default)s)")
     p.add_argument("--antagonist-quota", type=finite_number(gt=0), metavar="PCT",
                    help="CPU quota in percent of one CPU (default: unlimited)")
@@ -361,6 +362,7 @@ def main(argv=None):
             except KeyboardInterrupt:
                 interrupted = True
             elapsed, units, cpu_s = time.monotonic() - t0, co.units(), co.cpu_usage_s()
+            delays = probe.summarize(co.probe_records()[0]) if co.probe_spec else None
     except KeyboardInterrupt:
         log("cotenant: interrupted while starting or stopping; stopped")
         return 130
@@ -369,7 +371,7 @@ def main(argv=None):
         return 2
     result = {"antagonist": co.spec, "seconds": args.seconds, "elapsed_s": round(elapsed, 3), "units": units,
               "units_per_s": _rate(0, units, elapsed), "cpu_s": None if cpu_s is None else round(cpu_s, 4),
-              "cpu_share": _rate(0, cpu_s, elapsed), "interrupted": interrupted,
+              "cpu_share": _rate(0, cpu_s, elapsed), "probe": delays, "interrupted": interrupted,
               "series": sampler.stop(), "cotenant": co.describe()}
     line = json.dumps(result)
     print(line, flush=True)

@@ -18,6 +18,7 @@ import time
 
 RING = 1 << 16            # records kept; older ones are overwritten (the reader reads far more often)
 HEADER = 2                # [generation, records written]
+FIELDS = 3                # a record: scheduled time (CLOCK_MONOTONIC, us), wake delay (us), completion delay (us)
 
 
 def parse(text: str):
@@ -33,10 +34,11 @@ def parse(text: str):
 
 
 class ProbeRing:
-    """Shared records of one probe: (wake delay us, completion delay us) per period, and the generation."""
+    """Shared records of one probe, per period: its scheduled time (time.monotonic(), the same clock in every
+    process), wake delay and completion delay; and the generation."""
 
     def __init__(self, fd=None):
-        size = 8 * (HEADER + 2 * RING)
+        size = 8 * (HEADER + FIELDS * RING)
         self.own_fd = fd is None
         if fd is None:
             fd = os.memfd_create("cotenant_probe")
@@ -54,23 +56,23 @@ class ProbeRing:
         """A new generation: the probe re-anchors its schedule (after a pause)."""
         self.mem[0] += 1
 
-    def write(self, wake_us, done_us):
+    def write(self, t_s, wake_us, done_us):
         n = self.mem[1]
-        i = HEADER + 2 * (n % RING)
-        self.mem[i], self.mem[i + 1] = max(0, int(wake_us)), max(0, int(done_us))
+        i = HEADER + FIELDS * (n % RING)
+        self.mem[i], self.mem[i + 1], self.mem[i + 2] = int(t_s * 1e6), max(0, int(wake_us)), max(0, int(done_us))
         self.mem[1] = n + 1
 
     def count(self):
         return self.mem[1]
 
     def since(self, start):
-        """(records from index start on, as (wake_ms, done_ms), the next index)."""
+        """(records from index start on, as (t_s, wake_ms, done_ms), the next index)."""
         n = self.mem[1]
         start = max(start, n - RING)
         out = []
         for k in range(start, n):
-            i = HEADER + 2 * (k % RING)
-            out.append((self.mem[i] / 1000.0, self.mem[i + 1] / 1000.0))
+            i = HEADER + FIELDS * (k % RING)
+            out.append((self.mem[i] / 1e6, self.mem[i + 1] / 1000.0, self.mem[i + 2] / 1000.0))
         return out, n
 
     def new(self):
@@ -89,8 +91,8 @@ def percentile(values, q):
 
 
 def summarize(records) -> dict:
-    """p50/p99 of the wake-up and completion delays (ms) of (wake_ms, done_ms) records, and their number."""
-    wake, done = [r[0] for r in records], [r[1] for r in records]
+    """p50/p99 of the wake-up and completion delays (ms) of (t_s, wake_ms, done_ms) records, and their number."""
+    wake, done = [r[1] for r in records], [r[2] for r in records]
     return {"n": len(records), "wake_p50_ms": percentile(wake, 50), "wake_p99_ms": percentile(wake, 99),
             "delay_p50_ms": percentile(done, 50), "delay_p99_ms": percentile(done, 99)}
 
@@ -120,7 +122,7 @@ def run(fd, period_ms, work_ms):
             continue
         _spin(work)
         done = time.monotonic()
-        ring.write((woke - target) * 1e6, (done - target - work) * 1e6)
+        ring.write(target, (woke - target) * 1e6, (done - target - work) * 1e6)
         k = max(k, int((done - t0) / period))  # skip the periods missed while computing
 
 

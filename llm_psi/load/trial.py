@@ -153,6 +153,18 @@ def _slo(cfg: RunConfig):
     return arrivals.parse_slo(cfg.slo)
 
 
+def probe_phases(records, t0: float, schedule_text) -> dict:
+    """The probe's delays over the trial ('probe') and, with a schedule, per phase ('probe_phases'); records
+    are (monotonic t_s, wake_ms, done_ms)."""
+    out = {"probe": probe_summary(records)}
+    if schedule_text:
+        from llm_psi.analysis import phases
+        schedule = phases.parse_schedule(schedule_text)
+        by = {p: [r for r in records if phases.phase_of(r[0] - t0, schedule) == p] for p in phases.PHASES}
+        out["probe_phases"] = {p: probe_summary(rs) for p, rs in by.items()}
+    return out
+
+
 def cotenant_summary(rows: list[dict]) -> dict:
     """The co-tenant's throughput during a trial: its per-second samples and their mean."""
     rates = [r["units_per_s"] for r in rows if r.get("units_per_s") is not None]
@@ -218,7 +230,8 @@ def run_trial(cfg: RunConfig, client, prompts, sink, trial: int, stop, probe, te
             if tenant_rate is not None:
                 record["cotenant"] = cotenant_summary(tenant_rate.stop())
                 if tenant.probe_spec:
-                    record["cotenant"]["probe"] = probe_summary(tenant.probe_records(probe_start)[0])
+                    record["cotenant"].update(probe_phases(tenant.probe_records(probe_start)[0], t.t0,
+                                                           cfg.antagonist_schedule))
             after = probe.counters()
             record.update(wall_s=wall, peak_in_flight=t.peak_in_flight, counts=dict(t.counts),
                           cgroup_delta=counter_delta(before, after))
