@@ -337,3 +337,31 @@ def test_real_sharing_controls_show_in_the_files_and_the_meta(tmp_path, args, fi
     assert seen == want
     rec = json.loads(meta.read_text())["cgroup_runs"][0]["sharing"]
     assert {k: rec[k] for k in recorded} == recorded
+
+
+def test_metrics_show_the_controllers_state():
+    from types import SimpleNamespace
+    from llm_psi.service.http_app import ServiceCollector
+
+    class Controller:
+        def state(self):
+            return {"share_quota_cores": 0.5, "share_others_pct": 42.0}
+    svc = SimpleNamespace(counts={}, running=0, waiting=0, admission=None, sharing=Controller())
+    probe_reading = SimpleNamespace(read=lambda: {})
+    families = {f.name: f.samples[0].value for f in ServiceCollector(SimpleNamespace(service=svc, probe=probe_reading)).collect()
+                if f.samples}
+    assert families["llm_share_quota_cores"] == 0.5 and families["llm_share_others_pct"] == 42.0
+
+
+def test_a_probe_cell_records_its_delays_in_json_and_timeline(generate, fake_cgroupfs):
+    from conftest import read_cell
+    _, out = generate("--arrival", "poisson", "--rate", "4", "--duration", "3", "--max-new-tokens", "4",
+                      "--antagonist", "cpu:1+probe:50:5", "--antagonist-schedule", "off:1,on:2")
+    _, meta = read_cell(out)
+    co = meta["trials"][0]["cotenant"]
+    assert co["probe"]["n"] > 0 and co["probe"]["delay_p99_ms"] >= co["probe"]["delay_p50_ms"] >= 0
+    assert co["probe_phases"]["before"]["n"] == 0 and co["probe_phases"]["with"]["n"] > 0
+    tl = pd.read_csv(str(out)[:-4] + "_timeline.csv")
+    assert set(tl["cotenant_on"]) == {0, 1}
+    assert tl.loc[tl["cotenant_on"] == 1, "probe_delay_p99_ms"].notna().any()
+    assert tl.loc[tl["t_s"] < 0.9, "probe_delay_p99_ms"].isna().all()

@@ -49,10 +49,9 @@ def check_limits(label: str) -> None:
         cores, got, own = None, {}, None
     if configs.is_limited(label) and cores is None:
         raise UsageError(f"config {label!r} is limited, but no CPU quota is in force for this process; {how}")
-    missing = [f"{key} {want}" for key, want, have in (
-        ("weight", settings.get("weight"), got.get("cpu_weight")), ("idle", settings.get("idle") and 1, got.get("cpu_idle")),
-        ("burst_us", settings.get("burst_us"), got.get("cpu_burst_us"))) if want is not None and want is not False
-        and have != want]
+    wanted = {"weight": ("cpu_weight", settings.get("weight")), "idle": ("cpu_idle", 1 if settings.get("idle") else None),
+              "burst_us": ("cpu_burst_us", settings.get("burst_us"))}
+    missing = [f"{key} {want}" for key, (field, want) in wanted.items() if want is not None and got.get(field) != want]
     if missing or (settings and own is None):
         why = f"its cgroup lacks {', '.join(missing)}" if missing else "it runs in no cgroup made for it"
         raise UsageError(f"config {label!r} needs a cgroup of its own with {settings}, but {why}; {how}")
