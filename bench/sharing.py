@@ -30,14 +30,15 @@ import os
 import random
 import re
 import signal
+import subprocess
 import sys
 import time
 
-from llm_psi import REPO, cli
+from llm_psi import REPO, cgroups, cli
 from llm_psi import config as configs
 from llm_psi.analysis import phases
 from llm_psi.load import arrivals, cotenant, probe, runner
-from bench.cotenant import call, read_json
+from bench.cotenant import call
 from bench.sharing_report import CONFIGS, DEFAULT_SLO, report, throughput
 
 PROG = "python -m bench.sharing"
@@ -71,6 +72,28 @@ def generator(a, config: str, out: str, *, rate=None, antagonist=None, schedule=
     return cmd + (["--antagonist", antagonist] if antagonist else []) + ["--tiny"] * a.tiny
 
 
+def bounded(cmd: list, limit_s: float) -> tuple[int, bool]:
+    """Run cmd (in its own process group, dying with this process) for at most limit_s: then SIGTERM (the
+    generator keeps its finished rows; cgroup_lib forwards it and removes the cgroup). (exit status, timed
+    out). A Ctrl-C here reaches it once and raises KeyboardInterrupt after it stopped."""
+    proc = cgroups.spawn([], cmd, process_group=0)
+    try:
+        try:
+            return proc.wait(timeout=limit_s), False
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            return proc.returncode, True
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
+        raise
+
+
 def served(a, config: str, out: str, cmd: list) -> list:
     return runner.wrap(cmd, config, name=a.cgroup_name, meta=out[:-4] + ".json", root=os.geteuid() == 0)
 
@@ -85,9 +108,21 @@ class Harness:
     def say(self, msg):
         print(f"[{(time.monotonic() - self.t0) / 60:5.1f} min] {msg}", file=sys.stderr, flush=True)
 
-    def must(self, cmd, what):
-        if call(cmd) != 0:
-            raise RuntimeError(f"{what} failed")
+    def must(self, cmd, what, limit_s=None):
+        """Run cmd; a failure raises. With limit_s, a run past it is stopped and its finished rows kept, and
+        <output stem>.timeout records the limit (the report counts the requests finished within it)."""
+        if limit_s is None:
+            if call(cmd) != 0:
+                raise RuntimeError(f"{what} failed")
+            return
+        rc, late = bounded(cmd, limit_s)
+        out = cmd[cmd.index("--output") + 1]
+        if late:
+            self.say(f"{what}: stopped after {limit_s:g} s; its finished requests are kept")
+            with open(out[:-4] + ".timeout", "w") as f:
+                f.write(f"{limit_s:g}\n")
+        elif rc != 0:
+            raise RuntimeError(f"{what} failed (exit status {rc})")
 
     def calibrate(self) -> float:
         a, out = self.a, os.path.join(self.a.results_dir, "calibration.csv")
@@ -114,11 +149,13 @@ class Harness:
         for name, tenant in (("alone", None), ("cotenant", a.burners)):
             out = f"{stem}_{name}.csv"
             self.say(f"[{i}/{n}] trial {k} {config}: capacity {name} (c={CONCURRENCY}) -> {out}")
-            self.must(served(a, config, out, generator(a, config, out, antagonist=tenant)), f"capacity {name}")
+            self.must(served(a, config, out, generator(a, config, out, antagonist=tenant)), f"capacity {name}",
+                      a.capacity_limit_s)
         out = f"{stem}_phases.csv"
         self.say(f"[{i}/{n}] trial {k} {config}: phases {a.schedule} at {rate:.3f} req/s -> {out}")
+        span = sum(secs for _, secs in phases.parse_schedule(a.schedule))
         self.must(served(a, config, out, generator(a, config, out, rate=rate, antagonist=self.tenant,
-                                                   schedule=a.schedule)), "phases")
+                                                   schedule=a.schedule)), "phases", span + a.capacity_limit_s)
 
     def run(self):
         a = self.a
@@ -164,6 +201,9 @@ def parse_args(argv):
     p.add_argument("--slo", type=cli.checked_by(arrivals.parse_slo), default=DEFAULT_SLO, help="goodput SLO")
     p.add_argument("--max-new-tokens", type=num(int, ge=1), default=50, help="tokens per request")
     p.add_argument("--capacity-requests", type=num(int, ge=1), default=8, help="requests per capacity run (c=8)")
+    p.add_argument("--capacity-limit-s", type=num(gt=0), default=120.0,
+                   help="stop a capacity run after this long (e.g. a starved idle service), and the phased run this "
+                        "long after its schedule; the requests finished by then count")
     p.add_argument("--reference-seconds", type=num(gt=0), default=15.0, help="the co-tenant alone, per trial")
     p.add_argument("--cgroup-name", default=configs.CGROUP_NAME, type=cli.checked_by(_cgroup_name),
                    help="the service cgroup")

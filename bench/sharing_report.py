@@ -28,12 +28,19 @@ def read_json(path: str):
 
 
 def throughput(csv_path: str) -> float:
-    """ok requests per second of a closed-loop run (metrics.summarize's throughput_rps); NaN if unreadable."""
+    """ok requests per second of a closed-loop run (metrics.summarize's throughput_rps); for a run stopped at its
+    time limit (a <stem>.timeout file beside it), the ok requests / that limit; NaN if unreadable."""
     import pandas as pd
     try:
-        return float(metrics.summarize(pd.read_csv(csv_path))["throughput_rps"])
-    except (OSError, ValueError, KeyError):
-        return math.nan
+        with open(csv_path[:-4] + ".timeout") as f:
+            limit_s = float(f.read())
+    except (OSError, ValueError):
+        limit_s = None
+    try:
+        s = metrics.summarize(pd.read_csv(csv_path))
+    except (OSError, ValueError, KeyError, pd.errors.EmptyDataError):
+        return 0.0 if limit_s else math.nan
+    return s["n_ok"] / limit_s if limit_s else float(s["throughput_rps"])
 
 
 def _phase_lengths(schedule) -> dict:

@@ -56,3 +56,22 @@ def test_smoke_run_writes_the_summary(tmp_path):
             ("with", "goodput_rps"), ("with", "probe_p99_ms")} <= got
     assert (tmp_path / "timeline_share.png").exists() and (tmp_path / "frontier.png").exists()
     assert "calibration:" in p.stderr and "[1/1] trial 1 share: phases" in p.stderr
+
+
+def test_bounded_stops_a_run_past_its_limit(tmp_path):
+    import sys
+    rc, late = sharing.bounded([sys.executable, "-c", "import time; time.sleep(30)"], 0.5)
+    assert late and rc != 0
+    assert sharing.bounded([sys.executable, "-c", "pass"], 30) == (0, False)
+
+
+def test_a_stopped_capacity_run_counts_its_requests_over_the_limit(tmp_path):
+    from bench.sharing_report import throughput
+    out = tmp_path / "x_alone.csv"
+    pd.DataFrame({"status": ["ok", "ok", "failed"], "t_submit_s": [0.0, 0.0, 0.0], "t_end_s": [1.0, 2.0, 2.0],
+                  "t_dequeue_s": 0.0, "t_admit_s": 0.0, "t_start_s": 0.0, "t_first_token_s": 0.5,
+                  "output_tokens": 4}).to_csv(out, index=False)
+    assert throughput(str(out)) == pytest.approx(1.0)                    # 2 ok over a 2 s span
+    (tmp_path / "x_alone.timeout").write_text("100\n")
+    assert throughput(str(out)) == pytest.approx(0.02)                   # 2 ok within the 100 s limit
+    assert throughput(str(tmp_path / "y_alone.csv")) != throughput(str(tmp_path / "y_alone.csv"))   # NaN

@@ -108,7 +108,7 @@ class Cotenant:
         self.workers, self.command = (arg, None) if self.kind == "cpu" else (None, arg)
         self.probe_spec = self.ring = None
         if self.kind == "mix":
-            self.workers, self.probe_spec = arg["cpu"], arg["probe"]
+            self.workers, self.probe_spec, self.command = arg["cpu"], arg["probe"], None
         self.paused = False
         if not cgroups.NAME_RE.match(name):
             raise ValueError(f"bad cgroup name {name!r} (letters, digits, _ . - only)")
