@@ -196,7 +196,8 @@ def _set_sharing(info, weight, idle, burst_us):
 
 def describe_sharing(sharing):
     """', weight 10, idle, burst 20000 us' for the controls that differ from the kernel's defaults."""
-    parts = [f"weight {sharing['cpu_weight']}" if sharing.get("cpu_weight") not in (None, 100) else "",
+    weighted = sharing.get("cpu_weight") not in (None, 100) and not sharing.get("cpu_idle")  # idle: the least weight
+    parts = [f"weight {sharing['cpu_weight']}" if weighted else "",
              "idle" if sharing.get("cpu_idle") else "",
              f"burst {sharing['cpu_burst_us']} us" if sharing.get("cpu_burst_us") else ""]
     return "".join(f", {p}" for p in parts if p)
