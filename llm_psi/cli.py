@@ -129,6 +129,22 @@ def add_service_options(p, defaults=ServiceConfig) -> None:
                 "not counted); refused at arrival when wait > "
                 "T, Retry-After = wait - T. Observed: a request still waiting for admission after T ms is "
                 "refused then. One log line when shedding starts, one when it stops (None: never)")
+    g = p.add_argument_group(
+        "sharing", "share (control/sharing.py): every --share-interval-ms read 'others stall', the share of the "
+        "interval in which other work on the host waited for CPU (siblings: the largest cpu.pressure some "
+        "share among the service cgroup's v2 siblings; system: the system's some share minus the service "
+        "cgroup's own throttled share; auto: siblings where there is a v2 cgroup); at or above "
+        "--share-high-pct halve the service cgroup's own CPU quota (cpu.max / cfs_quota_us), not below "
+        "--share-floor-pct; at or below --share-low-pct double it, not above --share-ceiling-pct; else keep "
+        "it. It starts at the ceiling. One log line per change. Needs a cgroup made for the service.")
+    option(g, defaults, "--sharing", choices=["off", "share"])
+    option(g, defaults, "--share-floor-pct", type=finite_number(float, gt=0), help="percent of one CPU")
+    option(g, defaults, "--share-ceiling-pct", type=finite_number(float, gt=0),
+           help="percent of one CPU (None: every CPU of the host)")
+    option(g, defaults, "--share-high-pct", type=PERCENT)
+    option(g, defaults, "--share-low-pct", type=PERCENT)
+    option(g, defaults, "--share-interval-ms", type=DURATION_MS)
+    option(g, defaults, "--share-signal", choices=["auto", "siblings", "system"])
 
 
 def resolve(a: dict, defaults=ServiceConfig, keep_none=()) -> None:
@@ -152,6 +168,11 @@ def resolve(a: dict, defaults=ServiceConfig, keep_none=()) -> None:
     if not a["adaptive_low_pct"] < a["adaptive_high_pct"]:
         raise UsageError(f"need --adaptive-low-pct < --adaptive-high-pct, got "
                          f"{a['adaptive_low_pct']} and {a['adaptive_high_pct']}")
+    if not a["share_low_pct"] < a["share_high_pct"]:
+        raise UsageError(f"need --share-low-pct < --share-high-pct, got {a['share_low_pct']} and {a['share_high_pct']}")
+    if a["share_ceiling_pct"] is not None and a["share_ceiling_pct"] < a["share_floor_pct"]:
+        raise UsageError(f"need --share-floor-pct <= --share-ceiling-pct, got {a['share_floor_pct']} and "
+                         f"{a['share_ceiling_pct']}")
     if a["torch_threads"] not in (None, "auto", "default"):
         if not str(a["torch_threads"]).isdigit() or int(a["torch_threads"]) < 1:
             raise UsageError(f"--torch-threads must be a positive integer, 'auto' or 'default', "

@@ -56,7 +56,24 @@ CONFIGS = {
     "psi_cgroup": dict(limited=True, admission="gate", psi_source="cgroup"),
     # The paper's gate with no quota: what pressure-aware admission alone does next to a co-tenant.
     "psi_unlimited": dict(limited=False, admission="gate"),
+    # Sharing a host (issue 21). ``cgroup`` presets the kernel's sharing controls of the service cgroup
+    # (cgroup_lib.py run --cpu-weight/--cpu-idle/--cpu-burst-us); the runner's wrap() applies them.
+    # weight: no quota; cpu.weight 33 against the co-tenant's default 100. On a 2-CPU host under full
+    # contention that gives the service 33/133 = 25% of the CPU, half a CPU: what the paper's quota gives
+    # it, so beside the co-tenant it sits where the quota sits, and alone it has every CPU. A probe at a tenth
+    # of the default (10, cpu.shares 102) starved it beside two burners (0.06 req/s): too low.
+    "weight": dict(limited=False, cgroup=dict(weight=33)),
+    # idle: SCHED_IDLE for the whole service cgroup; it runs only on CPU time the others leave.
+    "idle": dict(limited=False, cgroup=dict(idle=True)),
+    # burst: the paper's quota (50 ms per 100 ms) plus a burst of one quota, the most the kernel allows.
+    "burst": dict(limited=True, cgroup=dict(burst_us=50000)),
+    # share: our controller (control/sharing.py) moves the service cgroup's own quota between the paper's
+    # quota (floor) and every CPU from the stall of others; share_batch adds continuous batching.
+    "share": dict(limited=False, cgroup=dict(own=True), sharing="share"),
+    "share_batch": dict(limited=False, cgroup=dict(own=True), sharing="share", batching="dynamic"),
 }
+
+CGROUP_KEYS = ("weight", "idle", "burst_us", "own")  # what a preset's ``cgroup`` may name
 
 # Varied prompts of 27-41 characters, as in the paper.
 PROMPTS = [
@@ -79,8 +96,21 @@ def is_limited(label: str) -> bool:
 
 
 def preset(label: str) -> dict:
-    """The service options ``label`` sets (without ``limited``); KeyError for an unknown label."""
-    return {k: v for k, v in CONFIGS[label].items() if k != "limited"}
+    """The service options ``label`` sets (without ``limited`` and ``cgroup``); KeyError for an unknown label."""
+    return {k: v for k, v in CONFIGS[label].items() if k not in ("limited", "cgroup")}
+
+
+def cgroup_settings(label: str) -> dict:
+    """The kernel's sharing controls ``label`` presets for the service cgroup: weight (cpu.weight), idle
+    (cpu.idle), burst_us (the quota's burst), own (it needs a cgroup of its own: its controller writes the
+    cgroup's quota); {} for none or an unknown label."""
+    return dict(CONFIGS.get(label, {}).get("cgroup", {}))
+
+
+def needs_own_cgroup(label: str) -> bool:
+    """True if cells of ``label`` must run in a cgroup made for them: under a quota, with kernel sharing
+    controls, or with a controller that writes the cgroup's own limits."""
+    return is_limited(label) or bool(cgroup_settings(label))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +142,13 @@ class ServiceConfig:
     adaptive_max: int = 8            # adaptive limit's ceiling (the batch size when batching)
     max_waiting: int | None = None   # refuse a request that would wait while this many wait (None: never)
     max_queue_delay_ms: float | None = None  # refuse a request whose wait would exceed this (None: never)
+    sharing: str = "off"             # off | share: our controller of the service cgroup's quota (control/sharing.py)
+    share_floor_pct: float = CPU_QUOTA_PCT   # its lowest quota, percent of one CPU (the paper's quota)
+    share_ceiling_pct: float | None = None   # its highest, percent of one CPU (None: every CPU of the host)
+    share_high_pct: float = 10.0     # halve the quota when others stall at least this share of the time (%)
+    share_low_pct: float = 3.0       # double it when they stall at most this share (%)
+    share_interval_ms: float = 1000.0
+    share_signal: str = "auto"       # auto | siblings | system: where "others stall" is read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +176,7 @@ class RunConfig(ServiceConfig):
     wait_ready_s: float = 0.0        # with --target: wait this long for the service to become ready
     antagonist: str | None = None    # co-tenant: cpu:N built-in burners or a command
     antagonist_quota: float | None = None  # its CPU quota, percent of one CPU (None: unlimited)
+    antagonist_schedule: str | None = None  # "off:45,on:60,off:45": the co-tenant comes and goes (None: always on)
     trial: int | None = None         # run only this trial of the cell (sweeps interleave cells trial by trial)
     run_index: int | None = None     # this run's position in its sweep, recorded with the trial
     force: bool = False

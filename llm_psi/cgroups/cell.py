@@ -17,8 +17,9 @@ import sys
 import tempfile
 import time
 
-from llm_psi.cgroups.fs import (CELL_ENV, CgroupError, _read, _root, _write, cgroup_dirs, cgroup_info, counter_delta,
-                                detect_mode, procs, read_counters, read_limits)
+from llm_psi.cgroups.fs import (CELL_ENV, CgroupError, _read, _root, _write, cgroup_dirs, cgroup_info, check_sharing,
+                                counter_delta, detect_mode, procs, read_counters, read_limits, read_sharing,
+                                weight_to_shares)
 
 STOP_GRACE_S = 5.0               # after a forwarded signal, before the cgroup is killed
 
@@ -110,9 +111,11 @@ def remove(directories, log):
 
 
 def create(name, cpu_quota_pct=50.0, cpu_period_us=100000, memory_max_bytes=4 << 30,
-           root=None, log=print, stop_orphans=False):
-    """Create cgroup `name` with the limits (None: no CPU quota / no memory limit); returns
-    (info, created_dirs).
+           root=None, log=print, stop_orphans=False, cpu_weight=None, cpu_idle=False, cpu_burst_us=None):
+    """Create cgroup `name` with the limits (None: no CPU quota / no memory limit) and the kernel's sharing
+    controls (cpu_weight 1..10000: v2 cpu.weight, v1 cpu.shares = weight * 1024 / 100 as systemd maps it;
+    cpu_idle: cpu.idle = 1; cpu_burst_us: v2 cpu.max.burst, v1 cpu.cfs_burst_us, needs a quota; None/False:
+    the kernel's defaults, untouched); returns (info, created_dirs). Bad sharing values: ValueError.
 
     A leftover of the same name (an earlier run that did not clean up, e.g. killed) is removed, and
     reported. With processes in it, it is refused, unless stop_orphans: run() passes it because it
@@ -120,6 +123,8 @@ def create(name, cpu_quota_pct=50.0, cpu_period_us=100000, memory_max_bytes=4 <<
     run's orphans and are stopped. On failure everything created here is removed again.
     """
     _check_name(name)
+    quota = None if cpu_quota_pct is None else round(cpu_period_us * cpu_quota_pct / 100)
+    check_sharing(cpu_weight, cpu_idle, cpu_burst_us, quota)
     root = _root(root)
     mode = detect_mode(root)
     info = cgroup_info(mode, root, name, name, name)
@@ -146,7 +151,6 @@ def create(name, cpu_quota_pct=50.0, cpu_period_us=100000, memory_max_bytes=4 <<
             except OSError as e:
                 raise CgroupError(f"cannot create cgroup {d}: {e.strerror}") from e
             created.append(d)
-        quota = None if cpu_quota_pct is None else round(cpu_period_us * cpu_quota_pct / 100)
         if mode == "v2":
             _write(os.path.join(info["cpu"], "cpu.max"),
                    f"{'max' if quota is None else quota} {cpu_period_us}")
@@ -163,11 +167,40 @@ def create(name, cpu_quota_pct=50.0, cpu_period_us=100000, memory_max_bytes=4 <<
         if (got["cpu_quota_us"], got["cpu_period_us"], got["memory_max_bytes"]) != (
                 quota, cpu_period_us, want_mem):
             raise CgroupError(f"limits read back from {info['cpu']} differ from those written: {got}")
+        _set_sharing(info, cpu_weight, cpu_idle, cpu_burst_us)
     except BaseException:
         remove(created, log)
         raise
     return info, created
 
+
+
+def _set_sharing(info, weight, idle, burst_us):
+    """Write the sharing controls that are set into the cpu cgroup and check them read back."""
+    v2, d = info["mode"] == "v2", info["cpu"]
+    want = {}
+    if weight is not None:
+        key, value = ("cpu_weight", weight) if v2 else ("cpu_shares", weight_to_shares(weight))
+        _write(os.path.join(d, "cpu.weight" if v2 else "cpu.shares"), value)
+        want[key] = value
+    if idle:
+        _write(os.path.join(d, "cpu.idle"), 1)
+        want["cpu_idle"] = 1
+    if burst_us is not None:
+        _write(os.path.join(d, "cpu.max.burst" if v2 else "cpu.cfs_burst_us"), burst_us)
+        want["cpu_burst_us"] = burst_us
+    got = read_sharing(info)
+    if any(got[k] != v for k, v in want.items()):
+        raise CgroupError(f"sharing controls read back from {d} differ from those written: {got}, wanted {want}")
+
+
+def describe_sharing(sharing):
+    """', weight 10, idle, burst 20000 us' for the controls that differ from the kernel's defaults."""
+    weighted = sharing.get("cpu_weight") not in (None, 100) and not sharing.get("cpu_idle")  # idle: the least weight
+    parts = [f"weight {sharing['cpu_weight']}" if weighted else "",
+             "idle" if sharing.get("cpu_idle") else "",
+             f"burst {sharing['cpu_burst_us']} us" if sharing.get("cpu_burst_us") else ""]
+    return "".join(f", {p}" for p in parts if p)
 
 
 def place(directories, cmd, ready_fd=None):
@@ -229,9 +262,9 @@ def merge_meta(path, record, log):
 
 
 
-def run(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, cmd, meta=None, log=print):
-    """Run cmd inside a fresh cgroup `name` (None limits: unlimited); tear down on every exit path.
-    Returns exit status.
+def run(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, cmd, meta=None, log=print, **sharing):
+    """Run cmd inside a fresh cgroup `name` (None limits: unlimited; sharing: create()'s cpu_weight, cpu_idle,
+    cpu_burst_us); tear down on every exit path. Returns exit status.
 
     SIGINT/SIGTERM/SIGHUP are forwarded to cmd (started in its own process group, with
     $CGROUP_LIB_CELL=name); after STOP_GRACE_S whatever is left in the cgroup is killed, the cgroup
@@ -253,11 +286,12 @@ def run(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, cmd, meta=None, lo
     rc = None
     try:
         info, created = create(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, log=log,
-                               stop_orphans=True)
+                               stop_orphans=True, **sharing)
         try:
-            limits = read_limits(info)
+            limits, shares = read_limits(info), read_sharing(info)
             log(f"cgroup: {info['mode']} {name}: cpu {limits['cpu_quota_us'] or 'max'}/"
-                f"{limits['cpu_period_us']} us, memory {limits['memory_max_bytes'] or 'max'} bytes")
+                f"{limits['cpu_period_us']} us, memory {limits['memory_max_bytes'] or 'max'} bytes"
+                f"{describe_sharing(shares)}")
             before, t0 = read_counters(info), time.monotonic()
             if not received:
                 try:
@@ -278,7 +312,7 @@ def run(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, cmd, meta=None, lo
                 time.sleep(0.1)
             if child is not None and child.poll() is not None:
                 record = {"mode": info["mode"], "name": name, "dirs": created, "limits": limits,
-                          "counters": counter_delta(before, read_counters(info)),
+                          "sharing": shares, "counters": counter_delta(before, read_counters(info)),
                           "wall_s": round(time.monotonic() - t0, 3), "exit_status": child.returncode,
                           "stopped_by": signal.Signals(received[0][0]).name if received else None}
                 merge_meta(meta, record, log)

@@ -2,8 +2,8 @@
 
   cgroup_lib.py detect
   cgroup_lib.py run --name llm_service --cpu-quota 50 --cpu-period-us 100000 --memory-max 4G
-                    [--meta CELL.json] -- CMD...
-  cgroup_lib.py run --name llm_service --unlimited [--meta CELL.json] -- CMD...
+                    [--cpu-weight N | --cpu-idle] [--cpu-burst-us N] [--meta CELL.json] -- CMD...
+  cgroup_lib.py run --name llm_service --unlimited [--cpu-weight N | --cpu-idle] [--meta CELL.json] -- CMD...
   cgroup_lib.py cleanup --name llm_service
 
 Bad numbers or arguments: one line `cgroup_lib.py ...: error: ...` on stderr, exit status 2.
@@ -13,7 +13,7 @@ import os
 import sys
 
 from llm_psi.cgroups.cell import cleanup, run
-from llm_psi.cgroups.fs import CgroupError, describe_mode, parse_bytes
+from llm_psi.cgroups.fs import MAX_WEIGHT, CgroupError, check_sharing, describe_mode, parse_bytes
 from llm_psi.cli import OneLineParser, finite_number
 
 def _memory_size(text):
@@ -44,6 +44,17 @@ def main(argv=None):
     p_run.add_argument("--unlimited", action="store_true",
                        help="no CPU quota and no memory limit: a baseline cell with counters of its own "
                             "(conflicts with --cpu-quota and --memory-max)")
+    p_run.add_argument("--cpu-weight", type=finite_number(int, ge=1, le=MAX_WEIGHT), default=None,
+                       help=f"the cgroup's CPU weight beside its siblings (default 100), 1..{MAX_WEIGHT}: v2 "
+                            "cpu.weight; v1 cpu.shares = N * 1024 / 100 (systemd's mapping), clamped to 2..262144 "
+                            "(default: the kernel's, untouched)")
+    p_run.add_argument("--cpu-idle", action="store_true",
+                       help="cpu.idle = 1: SCHED_IDLE for the whole cgroup, it runs only when its siblings leave "
+                            "CPU time unused (Linux >= 5.15; conflicts with --cpu-weight; default off)")
+    p_run.add_argument("--cpu-burst-us", type=finite_number(int, ge=0), default=None,
+                       help="unused quota the cgroup may carry over into a later period, in microseconds, at most "
+                            "the quota: v2 cpu.max.burst, v1 cpu.cfs_burst_us (Linux >= 5.14; needs a quota, so "
+                            "not with --unlimited; default: none)")
     p_run.add_argument("--meta", help="cell JSON: append the cell's counters to its list 'cgroup_runs'")
     p_run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command to run, after --")
     args = parser.parse_args(argv)
@@ -53,6 +64,12 @@ def main(argv=None):
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:
             p_run.error("no command given after --")
+        quota_pct = None if args.unlimited else getattr(args, "cpu_quota", 50.0)
+        try:
+            check_sharing(args.cpu_weight, args.cpu_idle, args.cpu_burst_us,
+                          None if quota_pct is None else round(args.cpu_period_us * quota_pct / 100))
+        except ValueError as e:
+            p_run.error(str(e))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     try:
         if args.command == "detect":
@@ -65,7 +82,8 @@ def main(argv=None):
             return 0
         quota, memory = (None, None) if args.unlimited else (
             getattr(args, "cpu_quota", 50.0), getattr(args, "memory_max", 4 << 30))
-        return run(args.name, quota, args.cpu_period_us, memory, cmd, args.meta, log)
+        return run(args.name, quota, args.cpu_period_us, memory, cmd, args.meta, log, cpu_weight=args.cpu_weight,
+                   cpu_idle=args.cpu_idle, cpu_burst_us=args.cpu_burst_us)
     except CgroupError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2

@@ -196,6 +196,47 @@ def read_limits(info):
 
 
 
+MAX_WEIGHT = 10000              # v2 cpu.weight range 1..10000 (default 100)
+V1_SHARES_RANGE = (2, 262144)    # v1 cpu.shares range (default 1024)
+
+
+def weight_to_shares(weight):
+    """v1 cpu.shares for a v2 cpu.weight, as systemd maps CPUWeight= on v1: weight * 1024 / 100, clamped."""
+    return min(max(weight * 1024 // 100, V1_SHARES_RANGE[0]), V1_SHARES_RANGE[1])
+
+
+def check_sharing(cpu_weight=None, cpu_idle=False, cpu_burst_us=None, quota_us=None):
+    """Raise ValueError (one line) unless the kernel's sharing controls make sense together: a weight of
+    1..MAX_WEIGHT, idle without a weight (idle replaces it), a burst of 0..quota that needs a quota."""
+    if cpu_weight is not None and not (isinstance(cpu_weight, int) and 1 <= cpu_weight <= MAX_WEIGHT):
+        raise ValueError(f"--cpu-weight (cpu_weight) must be a whole number from 1 to {MAX_WEIGHT}, got {cpu_weight!r}")
+    if cpu_idle and cpu_weight is not None:
+        raise ValueError("--cpu-idle and --cpu-weight exclude each other (an idle cgroup has the lowest weight)")
+    if cpu_burst_us is not None:
+        if not (isinstance(cpu_burst_us, int) and cpu_burst_us >= 0):
+            raise ValueError(f"--cpu-burst-us (cpu_burst_us) must be a whole number of microseconds >= 0, got {cpu_burst_us!r}")
+        if quota_us is None:
+            raise ValueError("--cpu-burst-us needs a CPU quota, not --unlimited (a burst carries unused quota over)")
+        if cpu_burst_us > quota_us:
+            raise ValueError(f"--cpu-burst-us {cpu_burst_us} exceeds the quota of {quota_us} us per period")
+
+
+def read_sharing(info):
+    """The kernel's CPU-sharing controls as read from the files: cpu_weight (v2 cpu.weight; on v1 derived from
+    cpu.shares), cpu_shares (v1 only), cpu_idle (0/1), cpu_burst_us (v2 cpu.max.burst, v1 cpu.cfs_burst_us);
+    None where the kernel has no such file."""
+    d = info["cpu"]
+    if info["mode"] == "v2":
+        weight, shares = _int_or_none(_read(os.path.join(d, "cpu.weight"))), None
+        burst = _int_or_none(_read(os.path.join(d, "cpu.max.burst")))
+    else:
+        shares = _int_or_none(_read(os.path.join(d, "cpu.shares")))
+        weight = None if shares is None else max(1, round(shares * 100 / 1024))
+        burst = _int_or_none(_read(os.path.join(d, "cpu.cfs_burst_us")))
+    return {"cpu_weight": weight, "cpu_shares": shares, "cpu_idle": _int_or_none(_read(os.path.join(d, "cpu.idle"))),
+            "cpu_burst_us": burst}
+
+
 def read_counters(info):
     """nr_periods, nr_throttled, throttled_usec, usage_usec, memory_peak_bytes, oom_kill (None = n/a)."""
     cpu = _keyed(os.path.join(info["cpu"], "cpu.stat"))
@@ -236,11 +277,11 @@ class CgroupProbe:
     why there are none is in `error` or `note`."""
 
     def __init__(self, root=None):
-        self.info = self.limits = self.error = self.note = None
+        self.info = self.limits = self.sharing = self.error = self.note = None
         self.own = False
         try:
             self.info = own_cgroup(root)
-            self.limits = read_limits(self.info)
+            self.limits, self.sharing = read_limits(self.info), read_sharing(self.info)
             self.own = bool(own_cell_cgroup(self.info))
         except Exception as e:  # recorded, never fatal
             self.error = f"{type(e).__name__}: {e}"
@@ -259,7 +300,7 @@ class CgroupProbe:
             return None
 
     def describe(self):
-        return {"info": self.info, "limits": self.limits, "own": self.own, "note": self.note, "error": self.error}
+        return {"info": self.info, "limits": self.limits, "sharing": self.sharing, "own": self.own, "note": self.note, "error": self.error}
 
 
 

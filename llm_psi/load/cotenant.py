@@ -37,6 +37,7 @@ from llm_psi import cli
 from llm_psi.cgroups import CgroupError
 from llm_psi.cli import OneLineParser, finite_number
 from llm_psi import REPO
+from llm_psi.load import probe
 
 UNIT_ITERS = 16000        # one unit of burner work: ~1 ms of pure-Python integer arithmetic
 MAX_BURNERS = 1024
@@ -45,16 +46,29 @@ SHELL_CHARS = set("|&;<>()$`\\\"'*?[]{}#~=%!\n")   # a command with none of thes
 
 
 def parse_spec(text):
-    """'cpu:N' -> ('cpu', N), N >= 1 built-in burners; any other non-empty string -> ('command', text)."""
+    """'cpu:N' -> ('cpu', N), N >= 1 built-in burners; burners and/or a probe joined by '+' (cpu:2+probe:100:10,
+    probe:100:10) -> ('mix', {'cpu': N (0: none), 'probe': (period_ms, work_ms)}); any other non-empty string ->
+    ('command', text)."""
     text = (text or "").strip()
     if not text:
-        raise ValueError("empty co-tenant spec (expected cpu:N or a shell command)")
-    if text.lower().startswith("cpu:"):
-        n = text[4:].strip()
+        raise ValueError("empty co-tenant spec (expected cpu:N, probe:PERIOD_MS:WORK_MS, both joined by +, or a "
+                         "shell command)")
+    parts = [p.strip() for p in text.split("+")]
+    if not all(p.lower().startswith(("cpu:", "probe:")) for p in parts):
+        return "command", text
+    mix = {"cpu": 0, "probe": None}
+    for part in parts:
+        kind = part.split(":")[0].lower()
+        if (kind == "cpu" and mix["cpu"]) or (kind == "probe" and mix["probe"]):
+            raise ValueError(f"bad co-tenant spec {text!r}: at most one cpu:N and one probe")
+        if kind == "probe":
+            mix["probe"] = probe.parse(part.lower())
+            continue
+        n = part[4:].strip()
         if not (n.isascii() and n.isdigit() and 1 <= int(n) <= MAX_BURNERS):
             raise ValueError(f"bad co-tenant spec {text!r}: cpu:N needs a whole number N from 1 to {MAX_BURNERS}")
-        return "cpu", int(n)
-    return "command", text
+        mix["cpu"] = int(n)
+    return ("cpu", mix["cpu"]) if mix["probe"] is None else ("mix", mix)
 
 
 def _burner(fd, slot):
@@ -92,6 +106,10 @@ class Cotenant:
         self.kind, arg = parse_spec(spec)
         self.spec, self.log = spec.strip(), log
         self.workers, self.command = (arg, None) if self.kind == "cpu" else (None, arg)
+        self.probe_spec = self.ring = None
+        if self.kind == "mix":
+            self.workers, self.probe_spec, self.command = arg["cpu"], arg["probe"], None
+        self.paused = False
         if not cgroups.NAME_RE.match(name):
             raise ValueError(f"bad cgroup name {name!r} (letters, digits, _ . - only)")
         if quota_pct is not None and not (math.isfinite(quota_pct) and quota_pct > 0):
@@ -117,10 +135,16 @@ class Cotenant:
                 argv = ["/bin/sh", "-c", self.command] if SHELL_CHARS & set(self.command) else self.command.split()
                 self.procs.append(cgroups.spawn(self.dirs, argv, **common))
             else:
+                if self.probe_spec:
+                    self.ring = probe.ProbeRing()
+                    self.procs.append(cgroups.spawn(
+                        self.dirs, [sys.executable, "-m", "llm_psi.load.probe", str(self.ring.fd),
+                                    *map(str, self.probe_spec)], pass_fds=(self.ring.fd,), cwd=REPO, **common))
+                    self.ring.close_fd()
                 fd = os.memfd_create("cotenant_units")
                 try:
-                    os.ftruncate(fd, 8 * self.workers)
-                    self._counts = memoryview(mmap.mmap(fd, 8 * self.workers)).cast("Q")
+                    os.ftruncate(fd, 8 * max(1, self.workers))
+                    self._counts = memoryview(mmap.mmap(fd, 8 * max(1, self.workers))).cast("Q")
                     for slot in range(self.workers):
                         self.procs.append(cgroups.spawn(
                             self.dirs, [sys.executable, "-m", "llm_psi.load.cotenant", "--burner", str(fd), str(slot)],
@@ -152,9 +176,29 @@ class Cotenant:
             os.close(self._lock)
             self._lock = None
 
+    def pause(self):
+        """Stop every co-tenant process (SIGSTOP to its process group): the co-tenant leaves the host."""
+        if self.state == "running" and not self.paused:
+            for p in self.procs:
+                _signal_group(p.pid, signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self):
+        """Continue them (the probe starts a fresh schedule): the co-tenant comes back."""
+        if self.state == "running" and self.paused:
+            if self.ring is not None:
+                self.ring.bump()
+            for p in self.procs:
+                _signal_group(p.pid, signal.SIGCONT)
+            self.paused = False
+
+    def probe_records(self, start=0):
+        """(the probe's (wake_ms, done_ms) records from index start on, the next index); ([], 0) without one."""
+        return self.ring.since(start) if self.ring is not None else ([], 0)
+
     def units(self):
         """Units the burners completed so far (None for a command co-tenant)."""
-        if self.kind != "cpu":
+        if self.kind == "command":
             return None
         counts = self._counts
         return self._final_units if counts is None else sum(counts)
@@ -175,6 +219,8 @@ class Cotenant:
         try:
             self.state = "stopping"
             atexit.unregister(self.stop)
+            for p in self.procs:                 # a paused co-tenant must run to die of SIGTERM
+                _signal_group(p.pid, signal.SIGCONT)
             self._kill()
             self._final_units, self._counts = self.units(), None
             self._final_cpu_s = self.cpu_usage_s() if self.info else None
@@ -186,7 +232,7 @@ class Cotenant:
                 signal.signal(signal.SIGINT, old)
 
     def _kill(self):
-        first = signal.SIGTERM if self.kind == "command" else signal.SIGKILL
+        first = signal.SIGTERM if self.kind == "command" else signal.SIGKILL   # burners and probe: at once
         for p in self.procs:                     # each child leads its own process group
             _signal_group(p.pid, first)
         deadline = time.monotonic() + STOP_GRACE_S
@@ -216,7 +262,8 @@ class Cotenant:
     def describe(self):
         """What a run's JSON records of the co-tenant."""
         return {"spec": self.spec, "kind": self.kind, "workers": self.workers, "command": self.command,
-                "unit_iters": UNIT_ITERS if self.kind == "cpu" else None, "state": self.state,
+                "unit_iters": UNIT_ITERS if self.kind != "command" else None, "state": self.state,
+                "probe": None if not self.probe_spec else dict(zip(("period_ms", "work_ms"), self.probe_spec)),
                 "pids": [p.pid for p in self.procs], "cgroup_name": self.name if self.dirs else None,
                 "cgroup_mode": self.info["mode"] if self.info else None, "cgroup_dirs": list(self.dirs),
                 "cpu_pressure": self.pressure, "quota_pct": self.quota_pct, "period_us": self.period_us,
@@ -287,7 +334,8 @@ def main(argv=None):
     p = OneLineParser(prog="cotenant.py", description="Run the co-tenant alone for --seconds and print its "
                       "reference throughput as one JSON line.")
     p.add_argument("--antagonist", type=cli.checked_by(parse_spec), default="cpu:1",
-                   help="cpu:N (N built-in burner processes) or a shell command (default %(default)s)")
+                   help="cpu:N (N built-in burner processes), probe:PERIOD_MS:WORK_MS, both joined by +, or a "
+                        "shell command (default %(default)s)")
     p.add_argument("--seconds", type=finite_number(gt=0), default=10.0, help="run time (default %(default)s)")
     p.add_argument("--antagonist-quota", type=finite_number(gt=0), metavar="PCT",
                    help="CPU quota in percent of one CPU (default: unlimited)")
@@ -314,6 +362,7 @@ def main(argv=None):
             except KeyboardInterrupt:
                 interrupted = True
             elapsed, units, cpu_s = time.monotonic() - t0, co.units(), co.cpu_usage_s()
+            delays = probe.summarize(co.probe_records()[0]) if co.probe_spec else None
     except KeyboardInterrupt:
         log("cotenant: interrupted while starting or stopping; stopped")
         return 130
@@ -322,7 +371,7 @@ def main(argv=None):
         return 2
     result = {"antagonist": co.spec, "seconds": args.seconds, "elapsed_s": round(elapsed, 3), "units": units,
               "units_per_s": _rate(0, units, elapsed), "cpu_s": None if cpu_s is None else round(cpu_s, 4),
-              "cpu_share": _rate(0, cpu_s, elapsed), "interrupted": interrupted,
+              "cpu_share": _rate(0, cpu_s, elapsed), "probe": delays, "interrupted": interrupted,
               "series": sampler.stop(), "cotenant": co.describe()}
     line = json.dumps(result)
     print(line, flush=True)

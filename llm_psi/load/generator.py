@@ -90,9 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
          help="with --target: wait up to this long for the service's /health to say ready")
     g = p.add_argument_group("co-tenant", "other work on the host, in a sibling cgroup of its own, started after "
                                           "the warm-up; its throughput is sampled every second")
-    _opt(g, "--antagonist", help="cpu:N built-in CPU burner processes, or a command such as 'stress-ng --cpu 2'")
+    _opt(g, "--antagonist", help="cpu:N built-in CPU burner processes, probe:PERIOD_MS:WORK_MS (an interactive program that "
+              "wakes every period and computes WORK_MS; its wake-up and completion delays are recorded), both "
+              "joined by + (cpu:2+probe:100:10), or a command such as 'stress-ng --cpu 2'")
     _opt(g, "--antagonist-quota", type=finite_number(float, gt=0),
          help="its CPU quota, percent of one CPU (None: unlimited)")
+    _opt(g, "--antagonist-schedule", help="'off:45,on:60,off:45': seconds off and on from each trial's start "
+                                          "(paused with SIGSTOP while off; the last state stays; None: always on)")
     g = p.add_argument_group("requests")
     _opt(g, "--max-new-tokens", type=COUNT, help="exact tokens per request")
     g.add_argument("--prompts", dest="prompts_file", default=None, help="file with one prompt per line "
@@ -140,8 +144,15 @@ def _check_load(a: dict) -> None:
                 check(a[key])
             except ValueError as e:
                 raise UsageError(f"--{key}: {e}") from None
-    if a["antagonist"] is None and a["antagonist_quota"] is not None:
-        raise UsageError("--antagonist-quota needs --antagonist")
+    for key in ("antagonist_quota", "antagonist_schedule"):
+        if a["antagonist"] is None and a[key] is not None:
+            raise UsageError(f"--{key.replace('_', '-')} needs --antagonist")
+    if a["antagonist_schedule"] is not None:
+        from llm_psi.analysis import phases
+        try:
+            phases.parse_schedule(a["antagonist_schedule"])
+        except ValueError as e:
+            raise UsageError(f"--antagonist-schedule: {e}") from None
     if a["target"] is not None:
         from urllib.parse import urlparse
         u = urlparse(a["target"])

@@ -74,19 +74,31 @@ class Stopped(Exception):
 
 
 def wrap(cmd, limited, *, name=config.CGROUP_NAME, meta=None, quota=config.CPU_QUOTA_PCT,
-         period_us=config.CPU_PERIOD_US, memory_max=config.MEMORY_MAX, root=None, python=None):
+         period_us=config.CPU_PERIOD_US, memory_max=config.MEMORY_MAX, root=None, python=None,
+         cpu_weight=None, cpu_idle=False, cpu_burst_us=None, own=False):
     """argv that runs cmd in a cgroup made for it by `cgroup_lib.py run`: limited (a bool, or a config label
-    that config.is_limited() judges) under the quota, period and memory limit; otherwise, as root (root=None:
-    this process's euid), in an --unlimited cgroup of its own, and not root: cmd itself, in no cgroup."""
+    whose config.is_limited() and config.cgroup_settings() preset this and the sharing controls) under the
+    quota, period and memory limit; otherwise, as root (root=None: this process's euid), in an --unlimited
+    cgroup of its own. cpu_weight, cpu_idle, cpu_burst_us: cgroup_lib's --cpu-weight, --cpu-idle,
+    --cpu-burst-us (a label's preset fills those not given). Not root, with no quota, no sharing control and
+    no need of a cgroup of its own (own): cmd itself, in no cgroup."""
     if isinstance(limited, str):
+        preset = config.cgroup_settings(limited)
+        cpu_weight = preset.get("weight") if cpu_weight is None else cpu_weight
+        cpu_idle = cpu_idle or bool(preset.get("idle"))
+        cpu_burst_us = preset.get("burst_us") if cpu_burst_us is None else cpu_burst_us
+        own = own or bool(preset.get("own"))
         limited = config.is_limited(limited)
+    sharing = ((["--cpu-weight", str(cpu_weight)] if cpu_weight is not None else [])
+               + (["--cpu-idle"] if cpu_idle else [])
+               + (["--cpu-burst-us", str(cpu_burst_us)] if cpu_burst_us is not None else []))
     root = os.geteuid() == 0 if root is None else root
-    if not limited and not root:
+    if not limited and not root and not sharing and not own:
         return list(cmd)
     limits = (["--cpu-quota", _number(quota), "--cpu-period-us", str(period_us), "--memory-max", str(memory_max)]
               if limited else ["--unlimited"])
     return [python or sys.executable, os.path.join(REPO, "cgroup_lib.py"), "run", "--name", name, *limits,
-            *(["--meta", meta] if meta else []), "--", *cmd]
+            *sharing, *(["--meta", meta] if meta else []), "--", *cmd]
 
 
 def _number(value):
@@ -236,8 +248,11 @@ class Sweep:
         self.in_cgroup = self.limited[cfg] or root
         where = (f"in cgroup {o['cgroup_name']}" if self.limited[cfg] else
                  f"in unlimited cgroup {o['cgroup_name']}" if root else "unlimited")
+        sharing = config.cgroup_settings(cfg)
         served = wrap(served, self.limited[cfg], name=o["cgroup_name"], meta=out[:-4] + ".json",
-                      quota=o["cpu_quota"], period_us=o["cpu_period_us"], memory_max=o["memory_max"], root=root)
+                      quota=o["cpu_quota"], period_us=o["cpu_period_us"], memory_max=o["memory_max"], root=root,
+                      cpu_weight=sharing.get("weight"), cpu_idle=bool(sharing.get("idle")),
+                      cpu_burst_us=sharing.get("burst_us"), own=bool(sharing.get("own")))
         if o["mode"] == "service":
             return cmd, served, f"service {where}, generator outside it", out
         return served, None, where, out
@@ -312,7 +327,7 @@ def prepare(script, argv, default_configs):
     generator = os.environ.get("SWEEP_GENERATOR") or os.path.join(REPO, "request_generator.py")
     cells, limited = load_cells(o, generator)
     root = os.geteuid() == 0
-    if any(limited[cell.split(":")[0]] for cell in cells) and not root:
+    if any(limited[cell.split(":")[0]] or config.needs_own_cgroup(cell.split(":")[0]) for cell in cells) and not root:
         raise Die("must run as root to create the service cgroup for config(s) other than baseline; try: "
                   f"sudo bash {script} {' '.join(argv)}")
     if root:

@@ -14,6 +14,7 @@ from llm_psi.analysis import metrics
 from llm_psi.cgroups import counter_delta
 from llm_psi.config import RunConfig
 from llm_psi.load import cotenant
+from llm_psi.load.probe import summarize as probe_summary
 from llm_psi.service import lifecycle as service
 from llm_psi.service.lifecycle import Service
 
@@ -48,11 +49,17 @@ class Trial:
         self.counts = {s: 0 for s in metrics.STATUSES}
         self.t0 = 0.0  # set by the caller just before run(): the trial's clock origin
         self.tenant = None  # the co-tenant, whose cumulative work goes into the timeline
+        self._probe_at = 0  # the probe records the timeline has seen
 
     def state(self) -> dict:
         st = {"in_flight": self.in_flight, **(self.client.state() or {})}
         if self.tenant is not None:
-            st.update(cotenant_units=self.tenant.units(), cotenant_cpu_s=self.tenant.cpu_usage_s())
+            st.update(cotenant_units=self.tenant.units(), cotenant_cpu_s=self.tenant.cpu_usage_s(),
+                      cotenant_on=0 if self.tenant.paused else 1)
+            if self.tenant.probe_spec:
+                records, self._probe_at = self.tenant.probe_records(self._probe_at)
+                s = probe_summary(records)  # over the last interval; NaN where the probe did not run
+                st.update(probe_wake_p99_ms=round(s["wake_p99_ms"], 3), probe_delay_p99_ms=round(s["delay_p99_ms"], 3))
         return st
 
     def _now(self) -> float:
@@ -146,12 +153,49 @@ def _slo(cfg: RunConfig):
     return arrivals.parse_slo(cfg.slo)
 
 
+def probe_phases(records, t0: float, schedule_text) -> dict:
+    """The probe's delays over the trial ('probe') and, with a schedule, per phase ('probe_phases'); records
+    are (monotonic t_s, wake_ms, done_ms)."""
+    out = {"probe": probe_summary(records)}
+    if schedule_text:
+        from llm_psi.analysis import phases
+        schedule = phases.parse_schedule(schedule_text)
+        by = {p: [r for r in records if phases.phase_of(r[0] - t0, schedule) == p] for p in phases.PHASES}
+        out["probe_phases"] = {p: probe_summary(rs) for p, rs in by.items()}
+    return out
+
+
 def cotenant_summary(rows: list[dict]) -> dict:
     """The co-tenant's throughput during a trial: its per-second samples and their mean."""
     rates = [r["units_per_s"] for r in rows if r.get("units_per_s") is not None]
     shares = [r["cpu_share"] for r in rows if r.get("cpu_share") is not None]
     return {"mean_units_per_s": sum(rates) / len(rates) if rates else None,
             "mean_cpu_share": sum(shares) / len(shares) if shares else None, "per_second": rows}
+
+
+class Schedule:
+    """Daemon thread: the co-tenant on and off on cfg.antagonist_schedule from t0 (pause/resume)."""
+
+    def __init__(self, text, tenant, t0):
+        from llm_psi.analysis import phases
+        self.items, self.tenant, self.t0 = phases.boundaries(phases.parse_schedule(text)), tenant, t0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cotenant-schedule", daemon=True)
+
+    def _run(self):
+        for start, state in self.items:
+            if self._stop.wait(max(0.0, self.t0 + start - time.monotonic())):
+                return
+            (self.tenant.resume if state == "on" else self.tenant.pause)()
+
+    def start(self):
+        (self.tenant.resume if self.items[0][1] == "on" else self.tenant.pause)()  # before the first request
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
 
 
 def run_trial(cfg: RunConfig, client, prompts, sink, trial: int, stop, probe, tenant, on_record) -> None:
@@ -169,6 +213,9 @@ def run_trial(cfg: RunConfig, client, prompts, sink, trial: int, stop, probe, te
         t.t0 = wall0 = time.monotonic()  # one clock origin for the rows and the timeline
         sampler = make_timeline(cfg, trial, t.t0, t.state)
         tenant_rate = cotenant.ThroughputSampler(tenant, t0=t.t0) if tenant is not None else None
+        schedule = (Schedule(cfg.antagonist_schedule, tenant, t.t0).start()
+                    if tenant is not None and cfg.antagonist_schedule else None)
+        probe_start = tenant.probe_records()[1] if tenant is not None else 0
         sampler.start()
         if tenant_rate is not None:
             tenant_rate.start()
@@ -178,8 +225,13 @@ def run_trial(cfg: RunConfig, client, prompts, sink, trial: int, stop, probe, te
         finally:
             sampler.stop()
             wall = time.monotonic() - wall0
+            if schedule is not None:
+                schedule.stop()
             if tenant_rate is not None:
                 record["cotenant"] = cotenant_summary(tenant_rate.stop())
+                if tenant.probe_spec:
+                    record["cotenant"].update(probe_phases(tenant.probe_records(probe_start)[0], t.t0,
+                                                           cfg.antagonist_schedule))
             after = probe.counters()
             record.update(wall_s=wall, peak_in_flight=t.peak_in_flight, counts=dict(t.counts),
                           cgroup_delta=counter_delta(before, after))

@@ -35,19 +35,28 @@ log = logging.getLogger("service")
 
 
 def check_limits(label: str) -> None:
-    """A limited configuration must run under a CPU quota; otherwise its cells would be mislabelled."""
-    if not configs.is_limited(label):
+    """A limited configuration must run under a CPU quota, and one with kernel sharing controls (config
+    cgroup_settings) in a cgroup of its own that has them; otherwise its cells would be mislabelled."""
+    settings = configs.cgroup_settings(label)
+    if not configs.is_limited(label) and not settings:
         return
+    how = (f"run it in a sweep (sudo bash run_experiments.sh --configs {label}) or as: sudo python cgroup_lib.py run "
+           f"--name llm_service ... -- python request_generator.py --config {label} ... (or ... -- python "
+           f"llm_server.py serve --config {label})")
+    from llm_psi import cgroups
     try:
-        from llm_psi import cgroups
-        cores = cgroups.cpu_quota_cores()
+        info = cgroups.own_cgroup()
+        cores, got, own = cgroups.cpu_quota_cores(info), cgroups.read_sharing(info), cgroups.own_cell_cgroup(info)
     except Exception:
-        cores = None
-    if cores is None:
-        raise UsageError(f"config {label!r} is limited, but no CPU quota is in force for this process; run it "
-                         f"in a sweep (sudo bash run_experiments.sh --configs {label}) or as: sudo python "
-                         f"cgroup_lib.py run --name llm_service -- python request_generator.py --config "
-                         f"{label} ... (or ... -- python llm_server.py serve --config {label})")
+        cores, got, own = None, {}, None
+    if configs.is_limited(label) and cores is None:
+        raise UsageError(f"config {label!r} is limited, but no CPU quota is in force for this process; {how}")
+    wanted = {"weight": ("cpu_weight", settings.get("weight")), "idle": ("cpu_idle", 1 if settings.get("idle") else None),
+              "burst_us": ("cpu_burst_us", settings.get("burst_us"))}
+    missing = [f"{key} {want}" for key, (field, want) in wanted.items() if want is not None and got.get(field) != want]
+    if missing or (settings and own is None):
+        why = f"its cgroup lacks {', '.join(missing)}" if missing else "it runs in no cgroup made for it"
+        raise UsageError(f"config {label!r} needs a cgroup of its own with {settings}, but {why}; {how}")
 
 
 def build_admission(cfg: ServiceConfig, read=None):
@@ -124,11 +133,19 @@ class Service:
                        "abandoned": 0}
         self.closed = False
         self.overload = _shedder(cfg)
+        self.sharing = None              # the controller of the cgroup's own quota (control.sharing), if any
 
     @classmethod
     def start(cls, cfg: ServiceConfig, engine=None) -> "Service":
-        """Load the engine (unless given) and build the controller: admission fails before any request."""
-        return cls(cfg, engine if engine is not None else load_engine(cfg), build_admission(cfg))
+        """Load the engine (unless given) and build the controllers: admission and sharing fail before any
+        request (UsageError where the sharing controller has no cgroup of its own)."""
+        svc = cls(cfg, engine if engine is not None else load_engine(cfg), build_admission(cfg))
+        from llm_psi.control import sharing
+        try:
+            svc.sharing = sharing.build(cfg)
+        except (ValueError, OSError) as e:
+            raise UsageError(str(e)) from None
+        return svc
 
     def renew_admission(self) -> None:
         """A fresh controller and counters (trials are independent repeats)."""
@@ -144,6 +161,7 @@ class Service:
         return {**(self.admission.state() if self.admission is not None else {}),
                 **(self.engine.state() if hasattr(self.engine, "state") else {}),
                 **(self.overload.state() if self.overload is not None else {}),
+                **(self.sharing.state() if self.sharing is not None else {}),
                 "in_flight": self.running, "waiting": self.waiting}
 
     def submit(self, prompt: str, max_tokens: int, *, seed: int = 0, stop=None, on_token=None) -> Outcome:
@@ -275,6 +293,8 @@ class Service:
             self.engine.close()
         if self.admission is not None:
             self.admission.close()
+        if self.sharing is not None:
+            self.sharing.close()
 
     def identity(self) -> dict:
         return {"config": self.cfg.config, "limited": configs.is_limited(self.cfg.config),

@@ -7,6 +7,7 @@ end in ``_total``, no unit-less ``_us``):
   llm_requests_running, llm_requests_waiting                                    gauges
   llm_admission_<key>                       the admission controller's numeric state (e.g. its limit)
   llm_overload_predicted_wait_seconds, llm_overload_shedding                   --max-queue-delay-ms
+  llm_share_quota_cores, llm_share_others_stall_ratio      the sharing controller (--sharing share)
   llm_psi_cpu_some_avg10_ratio{source}      PSI "some" avg10 of the system and of the service cgroup, 0-1
   llm_psi_cpu_some_stall_seconds_total{source}   PSI "some" total= (time with a task stalled)
   llm_cgroup_cpu_{periods,throttled_periods}_total, llm_cgroup_cpu_{throttled,usage}_seconds_total
@@ -74,6 +75,12 @@ class ServiceCollector(Collector):
             for key, value in svc.admission.state().items():
                 if key != "waiting" and isinstance(value, (int, float)) and key.isidentifier():
                     yield _gauge(f"llm_admission_{key}", f"admission controller state: {key}", value)
+        if svc is not None and getattr(svc, "sharing", None) is not None:   # the sharing controller (control.sharing)
+            st = svc.sharing.state()
+            yield _gauge("llm_share_quota_cores", "the sharing controller's quota of the service cgroup, CPUs",
+                         st["share_quota_cores"])
+            yield _gauge("llm_share_others_stall_ratio", "the share of the last interval in which other work "
+                         "waited for CPU, as the sharing controller read it (0-1)", st["share_others_pct"] / 100)
         if svc is not None and getattr(svc, "overload", None) is not None:
             st = svc.overload.state()
             yield _gauge("llm_overload_predicted_wait_seconds", "predicted wait of a request arriving now "

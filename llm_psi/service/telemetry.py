@@ -13,7 +13,9 @@ log = logging.getLogger("timeline")
 TIMELINE_COLUMNS = ["t_s", "trial", "sys_cpu_some_avg10", "sys_cpu_some_total_us", "sys_cpu_some_pct",
                     "cg_cpu_some_avg10", "cg_cpu_some_total_us", "cg_cpu_some_pct",
                     "nr_periods", "nr_throttled", "throttled_usec", "in_flight", "waiting", "limit", "batch",
-                    "cotenant_units", "cotenant_cpu_s"]
+                    "cotenant_units", "cotenant_cpu_s",
+                    # sharing a host: the co-tenant's schedule and probe, our sharing controller's state
+                    "cotenant_on", "probe_wake_p99_ms", "probe_delay_p99_ms", "share_quota_cores", "share_others_pct"]
 
 
 class TimelineSampler:
