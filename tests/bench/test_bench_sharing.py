@@ -42,6 +42,7 @@ def test_refuses_to_overwrite_without_force(tmp_path):
     assert (tmp_path / "plan.json").read_text() == "{}"
 
 
+@pytest.mark.slow
 @real_cgroups
 def test_smoke_run_writes_the_summary(tmp_path):
     p = run_script("bench.sharing", "--tiny", "--quick", "--results-dir", tmp_path, "--configs", "share",

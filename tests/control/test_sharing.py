@@ -317,6 +317,7 @@ def _cpu_dir():
     (["--unlimited", "--cpu-idle"], {"v2": ("cpu.idle", "1"), "v1": ("cpu.idle", "1")}, {"cpu_idle": 1}),
     (["--cpu-burst-us", "20000"], {"v2": ("cpu.max.burst", "20000"), "v1": ("cpu.cfs_burst_us", "20000")},
      {"cpu_burst_us": 20000})])
+@pytest.mark.slow
 def test_real_sharing_controls_show_in_the_files_and_the_meta(tmp_path, args, files, recorded):
     meta = tmp_path / "cell.json"
     meta.write_text("{}")
@@ -353,6 +354,7 @@ def test_metrics_show_the_controllers_state():
     assert families["llm_share_quota_cores"] == 0.5 and families["llm_share_others_stall_ratio"] == 0.42
 
 
+@pytest.mark.slow
 def test_a_probe_cell_records_its_delays_in_json_and_timeline(generate, fake_cgroupfs):
     from conftest import read_cell
     _, out = generate("--arrival", "poisson", "--rate", "4", "--duration", "3", "--max-new-tokens", "4",
