@@ -4,27 +4,19 @@ DIR/timeline_<config>.png (its first trial) and DIR/frontier.png."""
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import re
 
 from llm_psi.analysis import metrics, phases, stats
 from llm_psi.load import arrivals
+from bench.cotenant_report import read_json  # noqa: F401  (one reader of a JSON that may be missing)
 
 CONFIGS = ("baseline", "cgroups", "psi", "weight", "idle", "burst", "share", "share_batch")
 DEFAULT_SLO = "ttft:5000,e2e:15000"
 METRICS = ("capacity_alone_rps", "capacity_cotenant_rps", "cotenant_share", "probe_p99_ms", "e2e_p95_s",
            "ttft_p95_s", "goodput_rps", "react_arrive_s", "react_leave_s")
 COLUMNS = ["config", "phase", "metric", "mean", "ci_lo", "ci_hi", "n_trials"]
-
-
-def read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def throughput(csv_path: str) -> float:
