@@ -36,7 +36,7 @@ from llm_psi.cli import OneLineParser, finite_number
 
 PROG = "python -m bench.threads"
 PROMPT = "Explain the theory of relativity."
-POLICIES = ("passive", "active")
+POLICIES = ("unset", "passive", "active")   # unset: no OMP_WAIT_POLICY, as the paper's code runs
 QUOTA = ["--cpu-quota", "50", "--cpu-period-us", "100000", "--memory-max", "4G"]
 COLUMNS = ["engine", "torch_threads", "omp_wait_policy", "constrained", "proc", "request", "service_s", "wall_s",
            "cpu_s", "nr_periods", "nr_throttled", "throttled_ms", "run_ms", "wait_ms", "timeslices", "run_ms_main",
@@ -66,8 +66,9 @@ def build_parser():
     p.add_argument("--requests", type=finite_number(int, ge=1), default=3,
                    help="timed requests per process, one after the other (default: 3)")
     p.add_argument("--threads", type=words(int), default=[1, 2], metavar="LIST", help="torch threads (default: 1 2)")
-    p.add_argument("--policies", type=words(allowed=POLICIES), default=list(POLICIES), metavar="LIST",
-                   help="OMP_WAIT_POLICY values (default: passive active)")
+    p.add_argument("--policies", type=words(allowed=POLICIES), default=["passive", "active"], metavar="LIST",
+                   help="OMP_WAIT_POLICY values, of unset passive active; unset leaves the variable out of the "
+                        "worker's environment, as the paper's code runs (default: passive active)")
     p.add_argument("--engines", type=words(allowed=ENGINES), default=["loop"], metavar="LIST",
                    help=f"engines, of {' '.join(ENGINES)} (default: loop)")
     p.add_argument("--tokens", type=finite_number(int, ge=1), default=50, help="tokens per request (default: 50)")
@@ -150,10 +151,19 @@ def worker(args) -> int:
 
 
 # --- the parent: processes, CSV, summary ---------------------------------------------------------------
+def worker_env(threads: int, policy: str, base=None) -> dict:
+    """The worker's environment: the thread count, and OMP_WAIT_POLICY set, or left out for "unset"."""
+    env = dict(os.environ if base is None else base, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.pop("OMP_WAIT_POLICY", None)
+    if policy != "unset":
+        env["OMP_WAIT_POLICY"] = policy.upper()
+    return env
+
+
 def run_proc(args, engine, threads, policy, proc, constrained) -> list[dict]:
     from bench.collapse import run_child
     n = str(threads)
-    env = dict(os.environ, OMP_WAIT_POLICY=policy.upper(), OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
+    env = worker_env(threads, policy)
     cmd = [sys.executable, "-m", "bench.threads", "--worker", "--engines", engine, "--threads", n,
            "--requests", str(args.requests), "--tokens", str(args.tokens)] + (["--tiny"] if args.tiny else [])
     if constrained:

@@ -28,6 +28,14 @@ def test_tiny_run_of_fresh_processes(tmp_path):
     assert "| loop | 2 | passive | 2 |" in (tmp_path / "summary.md").read_text()
 
 
+def test_worker_env_sets_the_policy_or_leaves_it_out():
+    base = {"OMP_WAIT_POLICY": "ACTIVE", "PATH": "/bin"}
+    assert threads.worker_env(2, "passive", base)["OMP_WAIT_POLICY"] == "PASSIVE"
+    unset = threads.worker_env(2, "unset", base)
+    assert "OMP_WAIT_POLICY" not in unset and unset["OMP_NUM_THREADS"] == "2" and unset["PATH"] == "/bin"
+    assert base["OMP_WAIT_POLICY"] == "ACTIVE"   # the caller's mapping is left alone
+
+
 def test_split_needs_a_wide_gap_with_two_on_each_side():
     assert threads.split([3.1, 3.2, 6.0, 6.2, 3.0]) == pytest.approx((3.2 + 6.0) / 2)
     assert threads.split([3.0, 3.1, 3.2, 3.3]) is None          # no gap of 1.3x
