@@ -225,6 +225,8 @@ def test_figures_and_paper(tmp_path, capsys):
         text = subprocess.run(["pdftotext", "-layout", str(paper), "-"], capture_output=True, text=True).stdout
         assert "Table I" in text and "4605.4" in text and "cgroups+PSI" in text
         assert f"{np.percentile(E2E * 3000, 95):.1f}" in text
+        assert "Findings at a glance" in text and "Table 1." in text and "Figure 1." in text
+        assert "Appendix A" in text and not [line for line in text.splitlines() if line.startswith("|")]
 
 
 def table_line(table, start):
