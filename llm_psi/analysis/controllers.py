@@ -41,7 +41,7 @@ def controller_table(an: Analysis) -> list[str]:
             for metric in ("e2e", "service"):
                 row.append(p95_text(an, config, c, metric))
                 row.append("reference" if config == REFERENCE else interval(*an.ratio(config, REFERENCE, c, metric)))
-            rows.append(row + [str(r["n_rejected"])])
+            rows.append(row + [str(int(r["n_rejected"]))])
     return md_table(["config", "c", "trials", "p95 e2e s [95%]", "÷ cgroups-only [95%]", "p95 service s [95%]",
                      "÷ cgroups-only [95%]", "rejected"], rows)
 

@@ -22,7 +22,7 @@ WIDTH = PAGE[0] - 2 * MARGIN
 BODY, CAPTION, LEAD = 9.5, 8.5, 1.38    # points; line height / font size
 HEADINGS = {"# ": (15.0, 0.22), "## ": (12.0, 0.16), "### ": (10.5, 0.1)}   # size, space above (in)
 TABLE_MAX, TABLE_MIN = 8.5, 5.0        # table font sizes (pt)
-FIGURE_DPI = 200
+FIGURE_DPI = 150
 _TTP = TextToPath()
 
 

@@ -333,7 +333,7 @@ def write_paper(an, figures: dict, path: str, controllers=None) -> None:
     files, differences, figures, then the per-cell tables in an appendix. controllers: the Analysis of a
     controller sweep (analyze(..., controllers=True)), or None."""
     more = [] if controllers is None else [
-        "## Controllers against cgroups-only, in one interleaved sweep",
+        "### Controllers against cgroups-only, in one interleaved sweep",
         f"From {controllers.results_dir}: every further configuration and cgroups-only at the same levels, "
         "interleaved trial by trial; the ratios are within one run of the host.",
         "Table: p95 (s) of every configuration of the controller sweep, and its ratio to cgroups-only at the same "

@@ -35,7 +35,7 @@ def test_controller_sweep_has_its_own_table_and_speedups(tmp_path, capsys):
     assert sorted(set(zip(vs.config, vs.concurrency))) == [("batch", 1), ("batch", 8), ("limit1", 1), ("limit1", 8)]
     batch = vs[(vs.config == "batch") & (vs.concurrency == 8) & (vs.metric == "e2e")].iloc[0]
     assert batch.ratio == pytest.approx(0.25, rel=0.05) and batch.ci_lo < batch.ratio < batch.ci_hi
-    assert "batch" not in (tmp_path / "table.md").read_text()   # the main table reads only its own folder
+    assert "| batch " not in (tmp_path / "table.md").read_text()   # the main table reads only its own folder
     assert "controller table" in capsys.readouterr().err
 
 
