@@ -51,8 +51,7 @@ def analyze(results_dir: str, include_incomplete: bool = False, service_dir: str
     an = Analysis(results_dir, cells, summarize_cells(cells, ideal_ms), published, reference, ideal_ms,
                   include_incomplete, art, artifact.files(art, paper),
                   None if collapse is None else artifact.collapse_slowdowns(collapse))
-    missing = [f"{k}_c{c}" for c in an.concurrencies for k in order(set(LABELS) | {k[0] for k in cells})
-               if (k, c) not in cells]
+    missing = [f"{k}_c{c}" for c in an.concurrencies for k in order(LABELS) if (k, c) not in cells]
     if controllers:
         an = dataclasses.replace(an, speedups=speedup_table(an))
         return dataclasses.replace(an, table_md=render_controllers(an))

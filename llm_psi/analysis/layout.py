@@ -79,9 +79,10 @@ class Layout:
     def put(self, x: float, text: str, size: float, ha: str = "left", **props) -> None:
         self.pages[-1].text(x / PAGE[0], self.y / PAGE[1], text, fontsize=size, va="top", ha=ha, **props)
 
-    def rule(self, width: float = 0.6) -> None:
+    def rule(self, width: float = 0.6, right: float = PAGE[0] - MARGIN) -> None:
+        """A horizontal line from the left margin to ``right`` (inches)."""
         y = self.y / PAGE[1]
-        self.pages[-1].add_artist(Line2D([MARGIN / PAGE[0], 1 - MARGIN / PAGE[0]], [y, y], lw=width, color="black"))
+        self.pages[-1].add_artist(Line2D([MARGIN / PAGE[0], right / PAGE[0]], [y, y], lw=width, color="black"))
 
     def lines(self, lines: list[str], size: float, indent: float = 0.0, first: str = "", **props) -> None:
         step = size * LEAD / 72
@@ -128,9 +129,10 @@ class Layout:
         self.lines(caption, CAPTION, weight="bold")
         self.y -= 0.03
         xs = MARGIN + np.concatenate([[0.0], np.cumsum([w + 2 * pad for w in cols])])
+        rule = lambda width: self.rule(width, right=xs[-1])   # noqa: E731  (the table's own width)
 
         def draw_header():
-            self.rule(0.9)
+            rule(0.9)
             self.y -= 0.03
             top = self.y
             for j, head in enumerate(heads):
@@ -140,13 +142,13 @@ class Layout:
                     self.put(x, line, size, ha=ha, weight="bold")
                     self.y -= step
             self.y = top - max(map(len, heads)) * step - 0.01
-            self.rule(0.5)
+            rule(0.5)
             self.y -= 0.03
 
         draw_header()
         for row in body:
             if not self.fits(step + 0.05):
-                self.rule(0.9)
+                rule(0.9)
                 self.new_page()
                 draw_header()
             for j, cell in enumerate(row):
@@ -154,7 +156,7 @@ class Layout:
                 self.put(x, cell, size, ha=ha)
             self.y -= step
         self.y -= 0.01
-        self.rule(0.9)
+        rule(0.9)
         self.y -= 0.18
 
     @staticmethod

@@ -359,7 +359,7 @@ def write_paper(an, figures: dict, path: str, controllers=None) -> None:
         *demote(artifact.section(an.artifact, an.artifact_files, an.service_s, an.collapse,
                                  os.path.join(an.results_dir, "collapse.csv"))),
         "## 6 Differences from the paper's stated method", *("• " + d for d in differences(an)),
-        "## 7 Figures", *figure_lines(figures),
+        "\f", "## 7 Figures", *figure_lines(figures),
         "\f", "# Appendix A: every cell", *demote(cell_sections(an)),
         *([] if controllers is None else ["\f", "# Appendix B: every cell of the controller sweep",
                                           *demote(cell_sections(controllers))])])

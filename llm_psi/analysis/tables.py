@@ -109,8 +109,8 @@ def drift_lines(an: Analysis) -> list[str]:
         for config in an.configs:
             for c in sorted(k[1] for k in an.cells if k[0] == config):
                 d = an.drift[(config, c)]
-                slope = f"{d['slope_pct']:+.1f} [{d['slope_ci_lo_pct']:+.1f} to {d['slope_ci_hi_pct']:+.1f}]"
-                test = [f"{d['rho']:.2f}", f"{d['p']:.3g}", slope] if "rho" in d else ["—"] * 3
+                slope = lambda: f"{d['slope_pct']:+.1f} [{d['slope_ci_lo_pct']:+.1f} to {d['slope_ci_hi_pct']:+.1f}]"
+                test = [f"{d['rho']:.2f}", f"{d['p']:.3g}", slope()] if "rho" in d else ["—"] * 3
                 rows.append([label(config), str(c), str(d.get("n", "—")), *test, d["status"]])
         lines += md_table(["config", "c", "trials", "rho", "p", "slope %/trial [95%]", "drift"], rows)
     mixed = an.interleave

@@ -13,6 +13,7 @@ E2E = np.arange(1, 21, dtype=float)
 
 
 def sweep(d):
+    d.mkdir()
     for c in (1, 8):
         write_cell(d, "cgroups", c, E2E * c, trials=3, scale=[1.0, 1.1, 0.9])
         write_cell(d, "batch", c, E2E * c / 4, trials=3, scale=[1.0, 0.95, 1.05])
