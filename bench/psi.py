@@ -1,7 +1,8 @@
 """PSI benchmark: admit() overhead and how soon each pressure detector (poll-avg10, poll-total, kernel
 trigger) sees a CPU step load started inside a temporary cgroup with a 50% one-CPU quota (root).
 
-    sudo python psi_bench.py [--threshold PCT] [--seconds S] [-v]     # one JSON line
+    sudo python -m bench.psi [--threshold PCT] [--seconds S] [-v]     # one JSON line
+    sudo python -m bench.psi --output results/psi_bench/psi_bench.json  # also kept as a file, with its provenance
 
 Bad input: one error line, exit status 2; PSI or cgroup errors: 1; Ctrl-C: 130. The load and the cgroup
 are removed on every exit path: normal end, exception, Ctrl-C, SIGTERM or SIGHUP (both raise
@@ -9,6 +10,8 @@ KeyboardInterrupt while the bench runs)."""
 from __future__ import annotations
 
 import collections
+import datetime
+import json
 import logging
 import os
 import signal
@@ -139,9 +142,33 @@ def main(argv=None) -> int:
                    help="percent in (0, 100], besides the paper's 95 (default 50)")
     p.add_argument("--seconds", type=cli.finite_number(gt=0, le=300), default=40.0,
                    help="longest step load, seconds in (0, 300] (default 40)")
+    p.add_argument("--output", metavar="FILE", default=None,
+                   help="also write the result to FILE as indented JSON, with the command, the code's commit and the "
+                        "time (default: stdout only)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output file (default: refuse)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every decision and trigger event")
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
-    return run_cli("psi_bench.py", a.verbose, lambda: bench(a.threshold, a.seconds))
+    if a.output and os.path.exists(a.output) and not a.force:
+        p.error(f"{a.output} exists; --force replaces it")
+
+    def action() -> dict:
+        result = bench(a.threshold, a.seconds)
+        if a.output:
+            write_output(a.output, result, argv)
+        return result
+    return run_cli("psi_bench.py", a.verbose, action)
+
+
+def write_output(path: str, result: dict, argv: list[str]) -> None:
+    """The result with its provenance: the command line, the code's git state, when it finished (UTC)."""
+    from llm_psi.load.environment import code_state
+    record = {"command": " ".join(["python -m bench.psi", *argv]), **code_state(),
+              "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **result}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
 
 
 if __name__ == "__main__":

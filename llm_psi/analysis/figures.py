@@ -13,7 +13,6 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 
 
 DPI = 120
-PAGE, MARGIN = (11.69, 8.27), 0.6  # A4 landscape, inches
 RC = {"pdf.fonttype": 42, "font.size": 10, "axes.titlesize": 10}  # TrueType: the PDF's text is extractable
 TITLES = {"e2e": "end-to-end latency (submission → last token)",
           "service": "service time (generation start → last token)"}

@@ -1,19 +1,24 @@
-"""paper.pdf: environment and method as run (from the cell JSONs), the tables, findings phrased from the
-measured numbers and the paper's raw files, then the figures. ``an`` is the analysis (view.Analysis)."""
+"""paper.pdf: the findings against the published values on its first page, then the environment and method as
+run (from the cell JSONs), the tables, the findings phrased from the measured numbers and the paper's raw files,
+the figures with captions, and the per-cell tables in an appendix. ``an`` is the analysis (view.Analysis);
+layout.py sets the text on pages."""
 from __future__ import annotations
 
 import math
-import textwrap
+import os
 
 import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_pdf import PdfPages
-from matplotlib.figure import Figure
 
+from llm_psi.analysis import artifact
 from llm_psi.analysis import metrics
-from llm_psi.analysis.figures import MARGIN, PAGE, RC
-from llm_psi.analysis.markdown import md_table
+from llm_psi.analysis.controllers import controller_table
+from llm_psi.analysis.figures import RC
+from llm_psi.analysis.layout import Layout
+from llm_psi.analysis.markdown import interval, md_table
+from llm_psi.analysis.tables import cell_sections, ratio_lines, table_one
 
 
 # The paper's method as it states it (reference/README.md): what the run is compared with.
@@ -21,40 +26,6 @@ PAPER_METHOD = {"cpu_count": 4, "num_requests": 20, "trials": 1, "max_new_tokens
                 "spacing_ms": 100.0, "quota_cores": 0.5, "memory_gib": 4.0, "psi_threshold": 95.0,
                 "psi_interval_ms": 500.0, "psi_max_checks": 10}
 
-
-
-def text_pages(text: str) -> list[Figure]:
-    """A markdown-like text (#/## headings, paragraphs, | table lines) laid out on A4 pages; a section
-    (heading to heading) that fits on one page is not split across two."""
-    width, sections, table = 72 * (PAGE[0] - 2 * MARGIN), [[]], []
-    for line in text.splitlines() + [""]:  # blocks: (font size, lines, text properties, space after)
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        if table:
-            size = min(9.0, width / (0.61 * max(map(len, table))))
-            sections[-1].append((size, table, {"family": "DejaVu Sans Mono"}, 0.08))
-            table = []
-        if line.startswith("#"):
-            sections.append([(15 if line.startswith("# ") else 12, [line.lstrip("# ")], {"weight": "bold"}, 0.04)])
-        elif line:
-            sections[-1].append((10, textwrap.wrap(line, width=int(width / 5.4)), {}, 0.06))
-    pages, y = [], 0.0
-    height = lambda blocks: sum(len(ls) * size * 1.45 / 72 + after + 0.15 for size, ls, _, after in blocks)
-    for section in sections:
-        if not pages or y - min(height(section), PAGE[1] - 2 * MARGIN) < MARGIN:
-            pages.append(Figure(figsize=PAGE))
-            y = PAGE[1] - MARGIN
-        for size, lines, props, after in section:
-            y -= 0.15 if "weight" in props else 0
-            for line in lines:
-                if y - size * 1.45 / 72 < MARGIN:
-                    pages.append(Figure(figsize=PAGE))
-                    y = PAGE[1] - MARGIN
-                pages[-1].text(MARGIN / PAGE[0], y / PAGE[1], line, fontsize=size, va="top", **props)
-                y -= size * 1.45 / 72
-            y -= after
-    return pages
 
 
 def distinct(values) -> str:
@@ -241,8 +212,13 @@ def drift_findings(an) -> list[str]:
     if not tested:
         return ["No cell records its trials' run order: drift over the sweep is not measured."]
     flagged = [f"{an.label(k)} c={c}" for (k, c), d in sorted(tested.items()) if d["status"] == "drift"]
+    lo = min(d["slope_ci_lo_pct"] for d in tested.values())
+    hi = max(d["slope_ci_hi_pct"] for d in tested.values())
     out = [f"Drift over the run order (per-trial median service time, Spearman p < 0.05): {len(flagged)} of "
-           f"{len(tested)} cells" + (f" ({', '.join(flagged)})." if flagged else ".")]
+           f"{len(tested)} cells" + (f" ({', '.join(flagged)})." if flagged else ".") +
+           f" The least-squares slopes per trial position run from {min(d['slope_pct'] for d in tested.values()):+.1f}"
+           f"% to {max(d['slope_pct'] for d in tested.values()):+.1f}% of the cell's mean; their 95% intervals span "
+           f"{lo:+.1f}% to {hi:+.1f}% per trial, so with this many trials a trend of that size is not excluded."]
     if an.interleave:
         out.append(f"{an.interleave[0]} of {an.interleave[1]} consecutive trials switch configuration "
                    f"({100 * an.interleave[0] / an.interleave[1]:.0f}%).")
@@ -282,21 +258,112 @@ def differences(an) -> list[str]:
     return out
 
 
-def write_paper(an, figures: dict, path: str) -> None:
-    """The report: environment, method as run, tables beside the published ones, findings, differences, figures."""
+def at_a_glance(an, controllers=None) -> list[str]:
+    """The first page's findings: each ratio with its 95% interval over trials, beside the published value."""
+    cs = an.concurrencies
+    published = lambda a, b, c: an.paper(a, c) / an.paper(b, c)
+    per_c = lambda a, b, metric="e2e": "; ".join(
+        f"c={c}: {interval(*an.ratio(a, b, c, metric))}× (paper {published(a, b, c):.1f}×)" for c in cs
+        if np.isfinite(an.ratio(a, b, c, metric)[0]))
+    trials = sorted({int(r["n_trials"]) for r in an.used_summary().to_dict("records")})
+    out = [f"Every cell ran {distinct(run.meta.get('config', {}).get('num_requests') for run in an.cells.values())} "
+           f"requests per trial and {'/'.join(map(str, trials))} trials, interleaved; intervals are 95% t-intervals "
+           "over trials. The paper's values are one trial each."]
+    if per_c("cgroups", "baseline"):
+        out.append("Static limits, p95 end-to-end, cgroups-only / baseline: " + per_c("cgroups", "baseline") + ". On "
+                   "service time (what the paper's raw files hold): " + per_c("cgroups", "baseline", "service") + ".")
+    if per_c("cgroups", "psi"):
+        out.append("The PSI gate, p95 end-to-end, cgroups-only / cgroups+PSI (above 1: the gate helps): "
+                   + per_c("cgroups", "psi") + ".")
+    if controllers is not None and not controllers.speedups.empty:
+        e2e = controllers.speedups[(controllers.speedups["metric"] == "e2e")
+                                   & (controllers.speedups["reference_config"] == "cgroups")]
+        for c, g in e2e.groupby("concurrency"):
+            best = g.loc[g["ratio"].idxmin()]
+            out.append(f"Controllers at c={c} (one interleaved sweep, {controllers.results_dir}): the lowest p95 "
+                       f"end-to-end is {an.label(best['config'])}'s, {interval(best['ratio'], best['ci_lo'], best['ci_hi'])}"
+                       "× cgroups-only's.")
+    return out
+
+
+def glance_table(an) -> list[str]:
+    """Table 1: p95 end-to-end (s) of the paper's three configurations and the gate's speedup, ours with
+    intervals beside the published values."""
+    s = lambda v: f"{v / 1000:.2f}" if np.isfinite(v) else "—"
+    rows = []
+    for c in an.concurrencies:
+        row = [str(c)]
+        for k in ("baseline", "cgroups", "psi"):
+            r = an.pooled(k, c)
+            row += ["—" if r is None else interval(*(r[f"p95_e2e_trial_{x}_ms"] for x in ("mean", "ci_low", "ci_high")),
+                                                   show=s), s(an.paper(k, c))]
+        row += [interval(*an.ratio("cgroups", "psi", c)), f"{an.paper('cgroups', c) / an.paper('psi', c):.2f}"]
+        rows.append(row)
+    return md_table(["c", "baseline", "paper", "cgroups-only", "paper", "cgroups+PSI", "paper", "speedup", "paper"], rows)
+
+
+CAPTIONS = {"p95_vs_concurrency": "p95 latency against concurrency: ours (the mean of per-trial p95s; bars: 95% "
+                                  "t-intervals over trials) and the published Table I (dashed).",
+            "latency_cdf": "Latency distributions at the highest concurrency, all trials pooled; the dotted line "
+                           "marks p95.",
+            "timeline": "CPU pressure (system and cgroup), requests in flight and throttled periods over the first "
+                        "trial at the highest concurrency.",
+            "latency_breakdown": "Where the end-to-end time goes: the mean queue, defer, scheduling and service "
+                                 "time of ok requests, per configuration and concurrency.",
+            "artifact_timeline": "The paper's raw files: each request's service time against the time it was "
+                                 "recorded."}
+
+
+def figure_lines(figures: dict) -> list[str]:
+    out = []
+    for path in figures:
+        name = path.rsplit("/", 1)[-1].removesuffix(".png")
+        caption = next((text for key, text in CAPTIONS.items() if name.startswith(key)), name)
+        out += [f"Figure caption: {caption}", f"Figure: {path}"]
+    return out
+
+
+def demote(lines: list[str]) -> list[str]:
+    """Section headings one level down (## → ###), for tables.md sections set inside a paper section."""
+    return ["#" + line if line.startswith("## ") else line for line in lines]
+
+
+def write_paper(an, figures: dict, path: str, controllers=None) -> None:
+    """The report: the findings at a glance (page 1), environment, method, tables, findings, the paper's raw
+    files, differences, figures, then the per-cell tables in an appendix. controllers: the Analysis of a
+    controller sweep (analyze(..., controllers=True)), or None."""
+    more = [] if controllers is None else [
+        "### Controllers against cgroups-only, in one interleaved sweep",
+        f"From {controllers.results_dir}: every further configuration and cgroups-only at the same levels, "
+        "interleaved trial by trial; the ratios are within one run of the host.",
+        "Table: p95 (s) of every configuration of the controller sweep, and its ratio to cgroups-only at the same "
+        "concurrency (below 1: faster), with 95% intervals over trials.", *controller_table(controllers)]
     text = "\n".join([
-        "# GPT-2 inference latency under cgroup limits and a PSI admission gate",
+        "# GPT-2 inference latency under cgroup limits and a PSI admission gate: a reproduction",
         "A reproduction of Table I of 'Pressure-Aware Resource Management for Resident LLM Services in Operating "
         f"Systems', generated by analyze_results.py from {len(an.cells)} cells in {an.results_dir}. Every number "
         "below is computed from the measured per-request timestamps.",
-        "## Environment", *environment(an), "## Method as run",
+        "## Findings at a glance", *("• " + f for f in at_a_glance(an, controllers)),
+        "Table: p95 end-to-end latency (s) beside the published Table I; speedup = cgroups-only / cgroups+PSI. "
+        "Ours: mean of per-trial p95 [95% interval over trials].", *glance_table(an),
+        "\f", "## 1 Environment", *environment(an), "## 2 Method as run",
         "A thread pool of c workers receives the prompts at fixed spacing; each request is timed from submission "
-        "through admission and generation to its last token (metrics.py defines every span). Per configuration:",
-        *method(an), an.table_md,
-        "# Findings", *("• " + f for f in findings(an) + drift_findings(an)),
-        "# What the paper's raw files show", *("• " + f for f in raw_file_findings(an)),
-        "# Differences from the paper's stated method", *("• " + d for d in differences(an))])
+        "through admission and generation to its last token (metrics.py defines every span).",
+        "Table: The method as run, per configuration (from the cells' JSON).", *method(an),
+        "## 3 Results", "### p95 end-to-end latency (ms): submission to last token, what the paper says it reports",
+        *table_one(an, "e2e"),
+        "### p95 service time (ms): generation start to last token, what the paper's raw files hold",
+        *table_one(an, "service"), *demote(ratio_lines(an)), *more,
+        "## 4 Findings", *("• " + f for f in findings(an) + drift_findings(an)),
+        "## 5 What the paper's raw files show", *("• " + f for f in raw_file_findings(an)),
+        *demote(artifact.section(an.artifact, an.artifact_files, an.service_s, an.collapse,
+                                 os.path.join(an.results_dir, "collapse.csv"))),
+        "## 6 Differences from the paper's stated method", *("• " + d for d in differences(an)),
+        "\f", "## 7 Figures", *figure_lines(figures),
+        "\f", "# Appendix A: every cell", *demote(cell_sections(an)),
+        *([] if controllers is None else ["\f", "# Appendix B: every cell of the controller sweep",
+                                          *demote(cell_sections(controllers))])])
     metadata = {"CreationDate": None, "Title": "Table I, reproduced"}  # no date: rebuilding gives the same file
     with matplotlib.rc_context(RC), PdfPages(path, metadata=metadata) as pdf:
-        for page in text_pages(text) + list(figures.values()):
+        for page in Layout(figures).add(text).finish():
             pdf.savefig(page)

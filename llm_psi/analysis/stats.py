@@ -3,7 +3,8 @@ drift checks are computed over per-trial values, never over pooled requests.
 
     t_interval    mean of per-trial values with a t-interval
     trial_ratio   ratio of geometric means of two sets of per-trial values, Welch interval on the log scale
-    drift         per-trial medians against the run order: Spearman's rho and p, least-squares slope
+    drift         per-trial medians against the run order: Spearman's rho and p, least-squares slope with its
+                  t-interval
     interleaving  how often consecutive trials of a sweep switch configuration
 """
 from __future__ import annotations
@@ -61,8 +62,9 @@ def spearman(x, y) -> tuple[float, float]:
 def drift(runs: pd.DataFrame, rows: pd.DataFrame) -> dict:
     """Each trial's median ok service_ms against its place in the sweep (``runs``: trial, run_index,
     started_at; run_index is used when every trial has one, else started_at): Spearman's rho and p, and the
-    least-squares slope in % of the mean per trial position. status: drift (p < 0.05), none found, or why
-    there is no test."""
+    least-squares slope in % of the mean per trial position with its 95% t-interval (scipy.stats.linregress's
+    standard error, n - 2 df), which says how large a trend the data still allow where p does not reject.
+    status: drift (p < 0.05), none found, or why there is no test."""
     runs = runs.dropna(subset=["trial"])
     key = next((k for k in ("run_index", "started_at") if len(runs) and runs[k].notna().all()), None)
     if key is None:
@@ -73,8 +75,12 @@ def drift(runs: pd.DataFrame, rows: pd.DataFrame) -> dict:
         return {"status": f"{len(runs)} trials: too few"}
     y, x = median.loc[runs["trial"]].to_numpy(float), np.arange(len(runs))
     rho, p = spearman(x, y)
+    fit = stats.linregress(x, y)
+    half = stats.t.ppf(0.5 + LEVEL / 2, len(y) - 2) * fit.stderr
+    pct = lambda v: float(100 * v / y.mean())
     return {"status": "drift" if p < 0.05 else "none found", "n": len(y), "rho": rho, "p": p,
-            "slope_pct": 100 * np.polyfit(x, y, 1)[0] / y.mean(), "order": key}
+            "slope_pct": pct(fit.slope), "slope_ci_lo_pct": pct(fit.slope - half),
+            "slope_ci_hi_pct": pct(fit.slope + half), "order": key}
 
 
 def interleaving(runs_by_config) -> tuple[int, int] | None:

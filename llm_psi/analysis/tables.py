@@ -19,6 +19,7 @@ from llm_psi.analysis.view import Analysis
 
 # (config, reference): the ratios written to speedups.csv, each where both cells have >= 2 trials
 PAIRS = [("cgroups", "baseline"), ("psi", "cgroups"), ("limit1", "cgroups"), ("cgroups_threads", "cgroups"),
+         ("psi_threads", "cgroups"), ("adaptive", "cgroups"), ("batch", "cgroups"), ("batch_psi", "cgroups"),
          ("psi_threads", "cgroups_threads"), ("limit1", "cgroups_threads"), ("adaptive", "cgroups_threads"),
          ("batch", "cgroups_threads"), ("batch_psi", "batch")]
 SPEEDUP_COLUMNS = ["config", "reference_config", "concurrency", "metric", "ratio", "ci_lo", "ci_hi", "n_trials"]
@@ -97,8 +98,9 @@ def drift_lines(an: Analysis) -> list[str]:
     lines = ["## Drift over the run order", "",
              "Per cell: each trial's median ok service time against its place in the sweep (run_index, else "
              f"started_at); Spearman's rho and two-sided p (exact permutation p up to {EXACT_P_MAX} trials, "
-             "scipy.stats.spearmanr's above); slope: least squares, in % of the cell's mean per trial position. "
-             "drift: p < 0.05.", ""]
+             "scipy.stats.spearmanr's above); slope: least squares, in % of the cell's mean per trial position, with "
+             "its 95% t-interval (n - 2 df): with few trials p rarely falls below 0.05, and the interval shows how "
+             "large a trend the trials still allow. drift: p < 0.05.", ""]
     if all(d["status"] == "no run order recorded" for d in an.drift.values()):
         lines += ["No cell records its trials' run order (run_index or started_at): no run order recorded, drift "
                   "not measured."]
@@ -107,9 +109,10 @@ def drift_lines(an: Analysis) -> list[str]:
         for config in an.configs:
             for c in sorted(k[1] for k in an.cells if k[0] == config):
                 d = an.drift[(config, c)]
-                test = [f"{d['rho']:.2f}", f"{d['p']:.3g}", f"{d['slope_pct']:+.1f}"] if "rho" in d else ["—"] * 3
+                slope = lambda: f"{d['slope_pct']:+.1f} [{d['slope_ci_lo_pct']:+.1f} to {d['slope_ci_hi_pct']:+.1f}]"
+                test = [f"{d['rho']:.2f}", f"{d['p']:.3g}", slope()] if "rho" in d else ["—"] * 3
                 rows.append([label(config), str(c), str(d.get("n", "—")), *test, d["status"]])
-        lines += md_table(["config", "c", "trials", "rho", "p", "slope %/trial", "drift"], rows)
+        lines += md_table(["config", "c", "trials", "rho", "p", "slope %/trial [95%]", "drift"], rows)
     mixed = an.interleave
     return lines + ["", "Interleaving: " + (
         f"{mixed[0]} of {mixed[1]} consecutive trials (all cells, by started_at) switch configuration "
@@ -117,15 +120,21 @@ def drift_lines(an: Analysis) -> list[str]:
 
 
 def render(an: Analysis) -> str:
-    s, used = an.summary[an.summary["trial"] == "all"], an.used_summary()
     lines = ["# Table I, reproduced", "", *NOTES, "",
              "## p95 end-to-end latency (ms): submission to last token, what the paper says it reports", "",
              *table_one(an, "e2e"), "",
              "## p95 service time (ms): generation start to last token, what the paper's raw files hold", "",
              *table_one(an, "service"), "", *ratio_lines(an), "",
              *artifact.section(an.artifact, an.artifact_files, an.service_s, an.collapse,
-                               os.path.join(an.results_dir, "collapse.csv")), "",
-             *drift_lines(an), "", "## Every cell, pooled over trials (ms)", "",
+                               os.path.join(an.results_dir, "collapse.csv")), "", *cell_sections(an)]
+    return "\n".join(lines) + "\n"
+
+
+def cell_sections(an: Analysis) -> list[str]:
+    """The sections every table.md ends with: drift, every cell pooled, the per-trial p95s, the ideal server,
+    the gate and throttling."""
+    s, used = an.summary[an.summary["trial"] == "all"], an.used_summary()
+    lines = [*drift_lines(an), "", "## Every cell, pooled over trials (ms)", "",
              "check: incomplete (left out of the other tables unless --include-incomplete) or limits ≠ label (the "
              "cgroup limits read back do not match the cell's limited label).", ""]
     check = lambda r: ", ".join([w for w, bad in (("incomplete", not r.complete),
@@ -169,7 +178,7 @@ def render(an: Analysis) -> str:
                         f"{r.gate_mean_checks:.2f}" if np.isfinite(r.gate_mean_checks) else "—", str(r.gate_timeouts),
                         str(r.n_rejected), num(r.nr_throttled), pct(r.throttled_share)] for r in gate.itertuples()]
                       ) if len(gate) else ["— (no limited or gated cells)"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def mode_table(an: Analysis, service_dir: str) -> tuple[pd.DataFrame, list[str]]:

@@ -28,6 +28,14 @@ def _read(path: str) -> str | None:
         return None
 
 
+def code_state() -> dict:
+    """The commit of the code and whether tracked code differs from it (the data aside: a sweep into results/
+    changes tracked cells while it runs)."""
+    return {"git_commit": _git("rev-parse", "HEAD"),
+            "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                   ":(exclude)results", ":(exclude)paper.pdf"))}
+
+
 def environment(identity: dict) -> dict:
     """Facts about the host and software that a reader needs to interpret the numbers."""
     import numpy
@@ -38,10 +46,7 @@ def environment(identity: dict) -> dict:
     mem = next((int(line.split()[1]) * 1024 for line in (_read("/proc/meminfo") or "").splitlines()
                 if line.startswith("MemTotal:")), None)
     return {
-        "git_commit": _git("rev-parse", "HEAD"),
-        # the code, not the data: a sweep into results/ changes tracked cells while it runs
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                               ":(exclude)results", ":(exclude)paper.pdf")),
+        **code_state(),
         "hostname": socket.gethostname(),
         "python": platform.python_version(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -225,6 +225,8 @@ def test_figures_and_paper(tmp_path, capsys):
         text = subprocess.run(["pdftotext", "-layout", str(paper), "-"], capture_output=True, text=True).stdout
         assert "Table I" in text and "4605.4" in text and "cgroups+PSI" in text
         assert f"{np.percentile(E2E * 3000, 95):.1f}" in text
+        assert "Findings at a glance" in text and "Table 1." in text and "Figure 1." in text
+        assert "Appendix A" in text and not [line for line in text.splitlines() if line.startswith("|")]
 
 
 def table_line(table, start):
@@ -312,7 +314,8 @@ def test_drift_table_and_interleaving(tmp_path, capsys):
     analyze(tmp_path, capsys)
     table = (tmp_path / "table.md").read_text()
     base = [x.strip() for x in table_line(table, "| baseline     | 1 |").split("|")[3:8]]
-    assert base == ["4", "1.00", f"{2 / 24:.3g}", f"{100 * 0.1 / 1.15:+.1f}", "none found"]  # 4 points: p ≥ 2/24
+    assert base[:3] + base[4:] == ["4", "1.00", f"{2 / 24:.3g}", "none found"]  # 4 points: p ≥ 2/24
+    assert base[3].startswith(f"{100 * 0.1 / 1.15:+.1f} [")       # the slope, then its interval
     assert table_line(table, "| cgroups+PSI  | 1 |").rstrip(" |").endswith("no run order recorded")
     assert "Interleaving: 7 of 7 consecutive trials (all cells, by started_at) switch configuration (100%)." in table
 

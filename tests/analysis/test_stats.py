@@ -70,6 +70,17 @@ def test_drift_against_run_order():
     assert ts.drift(*runs_and_rows([1.0, 2.0], run_index=[0, 1]))["status"] == "2 trials: too few"
 
 
+def test_drift_slope_has_a_t_interval():
+    # medians 10, 12, 11, 14, 13 in run order: slope 0.8 per trial, residual SS 3.6 on 3 df, stderr sqrt(1.2 / 10),
+    # t(0.975, 3) = 3.1824; in % of the mean 12
+    d = ts.drift(*runs_and_rows([10.0, 12.0, 11.0, 14.0, 13.0], run_index=[0, 1, 2, 3, 4]))
+    half = 3.182446305 * (1.2 / 10) ** 0.5
+    assert d["slope_pct"] == pytest.approx(100 * 0.8 / 12)
+    assert (d["slope_ci_lo_pct"], d["slope_ci_hi_pct"]) == pytest.approx((100 * (0.8 - half) / 12,
+                                                                          100 * (0.8 + half) / 12))
+    assert d["status"] == "none found" and d["slope_ci_lo_pct"] < 0 < d["slope_ci_hi_pct"]
+
+
 def test_interleaving_share():
     at = lambda *s: pd.DataFrame({"started_at": pd.to_datetime(list(s), unit="s", utc=True)})
     assert ts.interleaving([("a", at(0, 2, 4)), ("b", at(1, 3, 5))]) == (5, 5)

@@ -421,3 +421,18 @@ def test_generator_records_rejected_rows(tmp_path, fake_cgroupfs):
         with open(str(out).replace(".csv", "_timeline.csv")) as f:
             timeline = list(csv.DictReader(f))
         assert len(timeline) >= 1 and {r["sys_cpu_some_avg10"] for r in timeline} == {"99.0"}
+
+
+def test_bench_output_file_keeps_the_result_with_its_provenance(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(psi_bench, "bench", lambda threshold, seconds: {"reaction_s": {"system": threshold}})
+    out = tmp_path / "psi" / "psi_bench.json"
+    assert psi_bench.main(["--threshold", "80", "--output", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["reaction_s"] == {"system": 80.0} and record["command"].endswith(f"--output {out}")
+    assert {"git_commit", "git_dirty", "finished_at"} <= set(record)
+    assert json.loads(capsys.readouterr().out) == {"reaction_s": {"system": 80.0}}
+    with pytest.raises(SystemExit) as exit_info:           # an existing file is not overwritten without --force
+        psi_bench.main(["--output", str(out)])
+    assert exit_info.value.code == 2 and "exists" in capsys.readouterr().err
+    assert psi_bench.main(["--threshold", "70", "--output", str(out), "--force"]) == 0
+    assert json.loads(out.read_text())["reaction_s"] == {"system": 70.0}
