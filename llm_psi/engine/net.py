@@ -73,16 +73,17 @@ def set_precision(model, dtype: str = "float32", quantize: str = "none") -> None
             raise RuntimeError("quantize_dynamic quantized no layer")
 
 
-def onednn_linear():
-    """oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, a private op of x86 torch builds), or None
-    where this torch build lacks it. MKL's sgemm, which serves ``addmm``/``F.linear``, is slow for 2-8 rows
+def onednn_linear(dtype: str = "float32"):
+    """oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, a private op of x86 torch builds) for tensors of
+    ``dtype``, or None where this torch build or CPU lacks it (bfloat16 needs AVX-512 BF16 or AMX: on an AVX2-only
+    CPU oneDNN has no bfloat16 inner product). MKL's sgemm, which serves ``addmm``/``F.linear``, is slow for 2-8 rows
     here: measured on this host's AMD EPYC with 1 thread, all GPT-2 block weights take 52 ms at 8 rows (addmm)
     against 39 ms (oneDNN), and the 50257-row output projection 30 ms against 18 ms; at 1 row addmm is the
     faster for the blocks."""
     import torch
     try:
-        op = torch.ops.mkldnn._linear_pointwise
-        op(torch.ones(2, 4), torch.ones(3, 4), None, "none", [], "")
+        op, t = torch.ops.mkldnn._linear_pointwise, getattr(torch, dtype)
+        op(torch.ones(2, 4, dtype=t), torch.ones(3, 4, dtype=t), None, "none", [], "")
     except (AttributeError, RuntimeError):
         return None
     return lambda x, weight, bias: op(x, weight, bias, "none", [], "")
@@ -106,6 +107,9 @@ class Forward:
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.embed_dim = cfg.n_embd
         self.dtype = model.transformer.wte.weight.dtype   # of activations and the KV cache
+        # the model's own nn.Linear layers (bfloat16) on oneDNN only where it has a kernel for their dtype
+        self._dnn_model = self._dnn if self._dnn is None or self.dtype == torch.float32 else \
+            onednn_linear(str(self.dtype).removeprefix("torch."))
         # GPT-2's gelu_new is five elementwise ops in Python; outside exact float32, the fused kernel of
         # the same formula (differences at the last bit, far below bfloat16's or int8's own)
         exact = self.dtype == torch.float32 and quantized_linears(model) == 0
@@ -120,8 +124,8 @@ class Forward:
             if self._dnn is None or x.shape[0] == 1:
                 return self._torch.addmm(layer.bias, x, layer.weight)
             return self._dnn(x, layer.weight.t(), layer.bias)
-        if self._dnn is not None and type(layer) is self._torch.nn.Linear:
-            return self._dnn(x, layer.weight, layer.bias)
+        if self._dnn_model is not None and type(layer) is self._torch.nn.Linear:
+            return self._dnn_model(x, layer.weight, layer.bias)
         return layer(x)
 
     def embed(self, ids, positions):
@@ -142,9 +146,9 @@ class Forward:
         h = self.model.transformer.ln_f(h)
         head = self.model.get_output_embeddings()
         fp32_row = h.shape[0] == 1 and h.dtype == self._torch.float32   # the module's call: MKL, hooks fire
-        if self._dnn is None or fp32_row or type(head) is not self._torch.nn.Linear:
+        if self._dnn_model is None or fp32_row or type(head) is not self._torch.nn.Linear:
             return head(h).float()
-        return self._dnn(h, head.weight, head.bias).float()
+        return self._dnn_model(h, head.weight, head.bias).float()
 
 
 class DecodeBatch:

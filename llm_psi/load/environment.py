@@ -43,6 +43,8 @@ def environment(identity: dict) -> dict:
     import transformers
     cpu_model = next((line.split(":", 1)[1].strip() for line in (_read("/proc/cpuinfo") or "").splitlines()
                       if line.startswith("model name")), platform.processor() or None)
+    flags = next((set(line.split(":", 1)[1].split()) for line in (_read("/proc/cpuinfo") or "").splitlines()
+                  if line.startswith("flags")), set())
     mem = next((int(line.split()[1]) * 1024 for line in (_read("/proc/meminfo") or "").splitlines()
                 if line.startswith("MemTotal:")), None)
     return {
@@ -55,6 +57,7 @@ def environment(identity: dict) -> dict:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "thread_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")},
         "cpu_model": cpu_model,
+        "cpu_simd": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}),
         "cpu_count": os.cpu_count(),
         "mem_total_bytes": mem,
         "kernel": platform.release(),

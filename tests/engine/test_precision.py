@@ -144,3 +144,32 @@ def test_dtype_defaults_paper_float32_batching_and_serve_int8():
     assert precision(parse_serve(["--dtype", "bfloat16"])[0]) == ("bfloat16", "none")
     assert precision(parse_config(["--config", "batch", "--dtype", "bfloat16"])) == ("bfloat16", "none")
     assert precision(parse_config(["--config", "batch", "--quantize", "none"])) == ("float32", "none")
+
+
+def test_bf16_without_a_onednn_kernel_falls_back(engines, monkeypatch):
+    """On a CPU where oneDNN has no bfloat16 inner product (AVX2 only), a bfloat16 model's layers take torch's
+    own kernels, and the batched step gives the same logits as on oneDNN's (where this CPU has it)."""
+    from llm_psi.engine.net import DecodeBatch, Forward
+    e = engines[("bfloat16", "none")]
+    torch = e.torch
+    plain = net.onednn_linear
+
+    def without_bf16(dtype="float32"):
+        return None if dtype == "bfloat16" else plain(dtype)
+    monkeypatch.setattr(net, "onednn_linear", without_bf16)
+    fallback = Forward(e.model)
+    assert fallback._dnn_model is None
+    ids = e.encode(PROMPT).repeat(2, 1)
+    with torch.inference_mode():
+        db = DecodeBatch(fallback)
+        logits, rows = db.prefill_many(ids)
+        db.add(*rows)
+        step = db.step(logits.argmax(-1, keepdim=True))
+    assert step.shape[0] == 2 and step.dtype == torch.float32 and torch.isfinite(step).all()
+    monkeypatch.setattr(net, "onednn_linear", plain)
+    if plain("bfloat16") is not None:
+        with torch.inference_mode():
+            db = DecodeBatch(Forward(e.model))
+            logits2, rows = db.prefill_many(ids)
+            db.add(*rows)
+            assert (db.step(logits2.argmax(-1, keepdim=True)) - step).abs().max().item() < 0.05

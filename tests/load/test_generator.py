@@ -70,10 +70,11 @@ def test_metadata(cell_c4):
     assert meta["config"]["concurrency"] == 4 and meta["config"]["tiny"] is True
     env = meta["environment"]
     for key in ["git_commit", "git_dirty", "python", "versions", "torch_threads", "torch_interop_threads",
-                "thread_env", "cpu_model", "cpu_count", "mem_total_bytes", "kernel", "proc_self_cgroup",
+                "thread_env", "cpu_model", "cpu_simd", "cpu_count", "mem_total_bytes", "kernel", "proc_self_cgroup",
                 "model"]:
         assert key in env, key
     assert set(env["versions"]) == {"torch", "transformers", "numpy"}
+    assert set(env["cpu_simd"]) <= {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}
     assert env["model"]["init_seed"] == 0 and env["model"]["pretrained"] is False
     assert meta["counts"] == {"ok": 16, "rejected": 0, "failed": 0}
     assert [t["trial"] for t in meta["trials"]] == [1, 2]
