@@ -73,7 +73,8 @@ def write_outputs(an: Analysis) -> None:
     if an.modes is not None:
         an.modes.to_csv(os.path.join(d, "modes.csv"), index=False)
     an.summary.to_csv(os.path.join(d, "summary.csv"), index=False)
-    an.speedups.to_csv(os.path.join(d, "speedups.csv"), index=False)
+    # 12 significant digits: the last bits of a Welch interval differ between CPUs (vector widths)
+    an.speedups.to_csv(os.path.join(d, "speedups.csv"), index=False, float_format="%.12g")
     keys = ["config", "concurrency", "trial", "request_id", "status"]
     long = pd.concat([cell.rows.assign(config=cell.config, concurrency=cell.concurrency)[keys + metrics.METRICS]
                       .melt(id_vars=keys, var_name="metric", value_name="value_ms") for cell in an.cells.values()])
