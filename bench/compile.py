@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 
-from llm_psi.cli import OneLineParser, finite_number
+from llm_psi.cli import OneLineParser, finite_number, int_list
 
 PROMPT = "Explain the theory of relativity."
 
@@ -106,18 +106,9 @@ def measure(args) -> list[dict]:
     return rows
 
 
-def batches(text: str) -> list[int]:
-    """argparse type: batch sizes, integers >= 1."""
-    import argparse
-    values = [finite_number(int, ge=1)(x) for x in text.replace(",", " ").split()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected a list of integers >= 1, got {text!r}")
-    return values
-
-
 def main(argv=None) -> int:
     p = OneLineParser(prog="python -m bench.compile", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batches", type=batches, default=[1, 16], metavar="LIST", help="(default: 1 16)")
+    p.add_argument("--batches", type=int_list, default=[1, 16], metavar="LIST", help="(default: 1 16)")
     p.add_argument("--tokens", type=finite_number(int, ge=1), default=20, help="steps per run (default: 20)")
     p.add_argument("--repeats", type=finite_number(int, ge=1), default=3, help="runs per setting (default: 3)")
     p.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")

@@ -13,13 +13,12 @@ table, speedups.csv and the per-cell sections to <results-dir>/table.md for resu
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 
 from llm_psi import REPO
-from llm_psi.cli import OneLineParser, finite_number
+from llm_psi.cli import OneLineParser, finite_number, int_list
 
 CONTROLLERS = ["cgroups", "cgroups_threads", "psi_threads", "limit1", "adaptive", "batch", "batch_psi"]
 
@@ -44,14 +43,6 @@ def table(results_dir: str) -> list[str]:
     return controller_table(an)
 
 
-def levels(text: str) -> list[int]:
-    """argparse type: concurrency levels, integers >= 1, space- or comma-separated."""
-    values = [finite_number(int, ge=1)(x) for x in text.replace(",", " ").split()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected a list of integers >= 1, got {text!r}")
-    return values
-
-
 def main(argv=None) -> int:
     p = OneLineParser(prog="python -m bench.controllers", description=__doc__.split("\n\n")[0])
     p.add_argument("--results-dir", default=os.path.join("runs", "controllers"),
@@ -60,7 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="replace existing cells there")
     p.add_argument("--resume", action="store_true", help="complete existing cells there")
     p.add_argument("--from-results", metavar="DIR", help="print the table from existing cells; run nothing")
-    p.add_argument("--concurrency", type=levels, default=[1, 8], metavar="LIST",
+    p.add_argument("--concurrency", type=int_list, default=[1, 8], metavar="LIST",
                    help="levels of every configuration (default: 1 8)")
     p.add_argument("--num-requests", type=finite_number(int, ge=1), default=20, help="per trial (default: 20)")
     p.add_argument("--max-new-tokens", type=finite_number(int, ge=1), default=50, help="(default: 50)")

@@ -38,6 +38,14 @@ def finite_number(kind=float, gt=None, ge=None, le=None):
 
 
 
+def int_list(text: str) -> list[int]:
+    """argparse type: a space- or comma-separated list of integers >= 1 (concurrency levels, batch sizes)."""
+    values = [finite_number(int, ge=1)(x) for x in text.replace(",", " ").split()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a list of integers >= 1, got {text!r}")
+    return values
+
+
 def checked_by(check):
     """argparse type: the stripped text, once ``check(text)`` accepted it (its ValueError is the error)."""
     def parse(text):
