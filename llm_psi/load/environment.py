@@ -41,10 +41,10 @@ def environment(identity: dict) -> dict:
     import numpy
     import torch
     import transformers
-    cpu_model = next((line.split(":", 1)[1].strip() for line in (_read("/proc/cpuinfo") or "").splitlines()
-                      if line.startswith("model name")), platform.processor() or None)
-    flags = next((set(line.split(":", 1)[1].split()) for line in (_read("/proc/cpuinfo") or "").splitlines()
-                  if line.startswith("flags")), set())
+    cpuinfo = (_read("/proc/cpuinfo") or "").splitlines()
+    cpu_model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                     platform.processor() or None)
+    flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
     mem = next((int(line.split()[1]) * 1024 for line in (_read("/proc/meminfo") or "").splitlines()
                 if line.startswith("MemTotal:")), None)
     return {
