@@ -72,13 +72,27 @@ def generator(a, config: str, out: str, *, rate=None, antagonist=None, schedule=
     return cmd + (["--antagonist", antagonist] if antagonist else []) + ["--tiny"] * a.tiny
 
 
-def bounded(cmd: list, limit_s: float) -> tuple[int, bool]:
+STARTUP_LIMIT_S = 600.0  # a service that has not opened its cell by then is stopped (the clock never started)
+
+
+def bounded(cmd: list, limit_s: float, started: str | None = None) -> tuple[int, bool]:
     """Run cmd (in its own process group, dying with this process) for at most limit_s: then SIGTERM (the
-    generator keeps its finished rows; cgroup_lib forwards it and removes the cgroup). (exit status, timed
-    out). A Ctrl-C here reaches it once and raises KeyboardInterrupt after it stopped."""
+    generator keeps its finished rows; cgroup_lib forwards it and removes the cgroup). With started (a path),
+    the limit counts from the moment that file exists (the generator writes its cell JSON once the service is
+    up, so the model's load under a quota does not eat the limit), and a run whose file never appears within
+    STARTUP_LIMIT_S is stopped too. (exit status, timed out). A Ctrl-C here reaches it once and raises
+    KeyboardInterrupt after it stopped."""
     proc = cgroups.spawn([], cmd, process_group=0)
     try:
         try:
+            if started is not None:
+                give_up = time.monotonic() + STARTUP_LIMIT_S
+                while not os.path.exists(started) and proc.poll() is None and time.monotonic() < give_up:
+                    time.sleep(0.2)
+                if proc.poll() is not None:
+                    return proc.returncode, False
+                if not os.path.exists(started):
+                    raise subprocess.TimeoutExpired(cmd, STARTUP_LIMIT_S)
             return proc.wait(timeout=limit_s), False
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGTERM)
@@ -109,14 +123,15 @@ class Harness:
         print(f"[{(time.monotonic() - self.t0) / 60:5.1f} min] {msg}", file=sys.stderr, flush=True)
 
     def must(self, cmd, what, limit_s=None):
-        """Run cmd; a failure raises. With limit_s, a run past it is stopped and its finished rows kept, and
-        <output stem>.timeout records the limit (the report counts the requests finished within it)."""
+        """Run cmd; a failure raises. With limit_s, a run past it (counted from the service being up: its cell
+        JSON exists) is stopped and its finished rows kept, and <output stem>.timeout records the limit (the
+        report counts the requests finished within it)."""
         if limit_s is None:
             if call(cmd) != 0:
                 raise RuntimeError(f"{what} failed")
             return
-        rc, late = bounded(cmd, limit_s)
         out = cmd[cmd.index("--output") + 1]
+        rc, late = bounded(cmd, limit_s, started=out[:-4] + ".json")
         if late:
             self.say(f"{what}: stopped after {limit_s:g} s; its finished requests are kept")
             with open(out[:-4] + ".timeout", "w") as f:
@@ -184,32 +199,36 @@ def parse_args(argv):
     p = cli.OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     num = cli.finite_number
-    p.add_argument("--results-dir", default=os.path.join("results", "sharing"), help="where every file goes")
-    p.add_argument("--force", action="store_true", help="replace the results of an earlier run in --results-dir")
-    p.add_argument("--report-only", action="store_true", help="summary and figures from existing files; run nothing")
-    p.add_argument("--configs", type=_config_list, default=",".join(CONFIGS), help="comma-separated configurations")
-    p.add_argument("--trials", type=num(int, ge=1), default=3, help="trials per configuration")
-    p.add_argument("--seed", type=num(int, ge=0), default=0, help="the interleaved order, arrivals, sampling")
-    p.add_argument("--schedule", type=cli.checked_by(phases.parse_schedule), default="off:30,on:45,off:30",
-                   help="the co-tenant's phases in the phased run (seconds)")
-    p.add_argument("--burners", type=cli.checked_by(cotenant.parse_spec), default="cpu:2",
-                   help="the co-tenant's batch work (also the capacity run's co-tenant)")
-    p.add_argument("--probe", type=cli.checked_by(probe.parse), default="probe:100:10",
-                   help="the co-tenant's interactive program, probe:PERIOD_MS:WORK_MS")
-    p.add_argument("--load", type=num(gt=0), default=0.7, help="phased arrival rate / the static quota's capacity")
-    p.add_argument("--rate", type=num(gt=0), default=None, help="phased arrival rate in req/s (default: calibrated)")
-    p.add_argument("--slo", type=cli.checked_by(arrivals.parse_slo), default=DEFAULT_SLO, help="goodput SLO")
-    p.add_argument("--max-new-tokens", type=num(int, ge=1), default=50, help="tokens per request")
-    p.add_argument("--capacity-requests", type=num(int, ge=1), default=8, help="requests per capacity run (c=8)")
-    p.add_argument("--capacity-limit-s", type=num(gt=0), default=120.0,
-                   help="stop a capacity run after this long (e.g. a starved idle service), and the phased run this "
-                        "long after its schedule; the requests finished by then count")
-    p.add_argument("--reference-seconds", type=num(gt=0), default=15.0, help="the co-tenant alone, per trial")
-    p.add_argument("--cgroup-name", default=configs.CGROUP_NAME, type=cli.checked_by(_cgroup_name),
-                   help="the service cgroup")
-    p.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
-    p.add_argument("--quick", action="store_true", help="smoke run: phases off:4,on:6,off:4, 4 tokens, 4 capacity "
-                                                        "requests, 3 s reference (explicit options win)")
+    run = p.add_argument_group("run")
+    run.add_argument("--results-dir", default=os.path.join("results", "sharing"), help="where every file goes")
+    run.add_argument("--force", action="store_true", help="replace the results of an earlier run in --results-dir")
+    run.add_argument("--report-only", action="store_true", help="summary and figures from existing files; run nothing")
+    run.add_argument("--configs", type=_config_list, default=",".join(CONFIGS), help="comma-separated configurations")
+    run.add_argument("--trials", type=num(int, ge=1), default=3, help="trials per configuration")
+    run.add_argument("--seed", type=num(int, ge=0), default=0, help="the interleaved order, arrivals, sampling")
+    run.add_argument("--quick", action="store_true", help="smoke run: phases off:4,on:6,off:4, 4 tokens, 4 capacity "
+                                                          "requests, 3 s reference (explicit options win)")
+    tenant = p.add_argument_group("co-tenant")
+    tenant.add_argument("--schedule", type=cli.checked_by(phases.parse_schedule), default="off:30,on:45,off:30",
+                        help="the co-tenant's phases in the phased run (seconds)")
+    tenant.add_argument("--burners", type=cli.checked_by(cotenant.parse_spec), default="cpu:2",
+                        help="the co-tenant's batch work (also the capacity run's co-tenant)")
+    tenant.add_argument("--probe", type=cli.checked_by(probe.parse), default="probe:100:10",
+                        help="the co-tenant's interactive program, probe:PERIOD_MS:WORK_MS")
+    tenant.add_argument("--reference-seconds", type=num(gt=0), default=15.0, help="the co-tenant alone, per trial")
+    load = p.add_argument_group("load")
+    load.add_argument("--load", type=num(gt=0), default=0.7, help="phased arrival rate / the static quota's capacity")
+    load.add_argument("--rate", type=num(gt=0), default=None, help="phased arrival rate in req/s (default: calibrated)")
+    load.add_argument("--slo", type=cli.checked_by(arrivals.parse_slo), default=DEFAULT_SLO, help="goodput SLO")
+    load.add_argument("--max-new-tokens", type=num(int, ge=1), default=50, help="tokens per request")
+    load.add_argument("--capacity-requests", type=num(int, ge=1), default=8, help="requests per capacity run (c=8)")
+    load.add_argument("--capacity-limit-s", type=num(gt=0), default=120.0,
+                      help="stop a capacity run this long after its service is up (e.g. a starved idle service), "
+                           "and the phased run this long after its schedule; the requests finished by then count")
+    svc = p.add_argument_group("service")
+    svc.add_argument("--cgroup-name", default=configs.CGROUP_NAME, type=cli.checked_by(_cgroup_name),
+                     help="the service cgroup")
+    svc.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
     a = p.parse_args(argv)
     if a.quick:
         given = set(argv)

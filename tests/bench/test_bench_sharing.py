@@ -76,3 +76,15 @@ def test_a_stopped_capacity_run_counts_its_requests_over_the_limit(tmp_path):
     (tmp_path / "x_alone.timeout").write_text("100\n")
     assert throughput(str(out)) == pytest.approx(0.02)                   # 2 ok within the 100 s limit
     assert throughput(str(tmp_path / "y_alone.csv")) != throughput(str(tmp_path / "y_alone.csv"))   # NaN
+
+
+def test_bounded_counts_the_limit_from_the_started_file(tmp_path):
+    import sys
+    import time
+    flag = tmp_path / "cell.json"
+    slow_start = f"import time, pathlib; time.sleep(1.5); pathlib.Path({str(flag)!r}).touch(); time.sleep(30)"
+    t0 = time.monotonic()
+    rc, late = sharing.bounded([sys.executable, "-c", slow_start], 0.5, started=str(flag))
+    assert late and flag.exists() and time.monotonic() - t0 >= 1.5       # the 0.5 s began after the file
+    never = tmp_path / "never.json"
+    assert sharing.bounded([sys.executable, "-c", "pass"], 30, started=str(never)) == (0, False)
