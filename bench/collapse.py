@@ -11,15 +11,14 @@ than ``--slow-s``. Service time is the engine's own: generation start to last to
 Writes a CSV of service times (rows kept if interrupted) and a markdown table of slowdown factors (median under
 the quota / median unconstrained) beside the artifact's, and prints the table.
 
-    python bench_collapse.py                                    # full grid (long): results/collapse.{csv,md}
-    python bench_collapse.py --tiny --threads "1 2" --reps 1 --no-quota --output-csv /tmp/c.csv --output-md /tmp/c.md
+    python -m bench.collapse                                    # full grid (long): results/collapse.{csv,md}
+    python -m bench.collapse --tiny --threads "1 2" --reps 1 --no-quota --output-csv /tmp/c.csv --output-md /tmp/c.md
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
-import math
 import os
 import signal
 import statistics
@@ -27,7 +26,7 @@ import subprocess
 import sys
 
 from llm_psi.analysis import artifact
-from llm_psi import REPO
+from llm_psi import REPO, cli
 from llm_psi.load import runner
 
 PROMPT = "Explain the theory of relativity."
@@ -43,15 +42,13 @@ COLUMNS = ["engine", "omp_wait_policy", "torch_threads", "condition", "reps", "m
            "service_times_s", "cpu_quota_cores", "model", "max_new_tokens"]
 
 
+PROG = "python -m bench.collapse"
+
+
 def usage_error(message):
     """Bad input: one line on stderr, exit status 2."""
-    print(f"bench_collapse.py: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        usage_error(message)
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -66,48 +63,22 @@ def _on_sigterm(signum, frame):
     raise _Terminate()
 
 
-def positive(cast):
-    """An argparse type: a finite number > 0, of type ``cast``."""
-    def parse(text):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {cast.__name__}, got {text!r}") from None
-        if not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-        return value
-    return parse
-
-
-def words(cast=str, allowed=None):
-    """An argparse type: a space- or comma-separated list of ``cast`` items, each one of ``allowed`` if given."""
-    def parse(text):
-        values = [cast(x) for x in text.replace(",", " ").split()]
-        if not values:
-            raise argparse.ArgumentTypeError("empty list")
-        bad = [v for v in values if allowed and v not in allowed]
-        if bad:
-            raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {', '.join(allowed)}")
-        return list(dict.fromkeys(values))
-    return parse
-
-
 def build_parser():
     from llm_psi.config import ENGINES
-    p = _Parser(prog="bench_collapse.py", description=__doc__, formatter_class=_Help)
+    p = cli.OneLineParser(prog=PROG, description=__doc__, formatter_class=_Help)
     grid = p.add_argument_group("grid (every combination is measured)")
-    grid.add_argument("--threads", type=words(positive(int)), default="1 2 4 8", metavar="LIST",
+    grid.add_argument("--threads", type=cli.int_list, default="1 2 4 8", metavar="LIST",
                       help="torch threads (also OMP_NUM_THREADS and MKL_NUM_THREADS)")
-    grid.add_argument("--policies", type=words(allowed=POLICIES), default="passive active", metavar="LIST",
+    grid.add_argument("--policies", type=cli.word_list(POLICIES), default="passive active", metavar="LIST",
                       help="OMP_WAIT_POLICY values")
-    grid.add_argument("--engines", type=words(allowed=ENGINES), default=" ".join(ENGINES), metavar="LIST",
+    grid.add_argument("--engines", type=cli.word_list(ENGINES), default=" ".join(ENGINES), metavar="LIST",
                       help="engine.py engines")
     run = p.add_argument_group("measurement")
-    run.add_argument("--reps", type=positive(int), default=3, metavar="N",
+    run.add_argument("--reps", type=cli.finite_number(int, gt=0), default=3, metavar="N",
                      help="timed requests per combination")
-    run.add_argument("--slow-s", type=positive(float), default=30.0, metavar="S",
+    run.add_argument("--slow-s", type=cli.finite_number(gt=0), default=30.0, metavar="S",
                      help="end a combination's timed requests once one takes longer (seconds)")
-    run.add_argument("--max-new-tokens", type=positive(int), default=50, metavar="N",
+    run.add_argument("--max-new-tokens", type=cli.finite_number(int, gt=0), default=50, metavar="N",
                      help="tokens per request")
     run.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (smoke tests)")
     run.add_argument("--no-quota", action="store_true", help="skip the runs under the 50%% CPU quota")
@@ -238,7 +209,7 @@ def check_outputs(args):
 def bench(args) -> int:
     skipped = "--no-quota given" if args.no_quota else None if os.geteuid() == 0 else "not root"
     if skipped:
-        print(f"bench_collapse.py: quota column skipped: {skipped}", file=sys.stderr)
+        print(f"{PROG}: quota column skipped: {skipped}", file=sys.stderr)
     conditions = ["unconstrained"] + ([] if skipped else ["quota"])
     combos = [(e, p, t, c) for e in args.engines for p in args.policies for t in args.threads for c in conditions]
     if os.path.exists(args.output_md):
@@ -259,10 +230,10 @@ def bench(args) -> int:
                     print(f"[{i}/{len(combos)}] {e} engine, OMP_WAIT_POLICY={p}, {t} thread(s), {c}: median "
                           f"{row['median_service_s']:.2f} s over {row['reps']} request(s)", file=sys.stderr)
     except (KeyboardInterrupt, _Terminate):
-        print(f"bench_collapse.py: interrupted; finished rows kept in {args.output_csv}", file=sys.stderr)
+        print(f"{PROG}: interrupted; finished rows kept in {args.output_csv}", file=sys.stderr)
         return 130
     except RuntimeError as e:
-        print(f"bench_collapse.py: error: {e}; finished rows kept in {args.output_csv}", file=sys.stderr)
+        print(f"{PROG}: error: {e}; finished rows kept in {args.output_csv}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, old_term)

@@ -43,7 +43,7 @@ import tempfile
 import time
 
 from llm_psi import REPO
-from llm_psi.cli import OneLineParser, finite_number
+from llm_psi.cli import OneLineParser, finite_number, int_list, word_list
 
 PROG = "python -m bench.engines"
 ENGINES = ("ours", "hf-generate", "onnxruntime", "ctranslate2")
@@ -57,32 +57,11 @@ class Skip(Exception):
     """A setting that cannot run here; the message says why."""
 
 
-def words(allowed=None, cast=str):
-    def parse(text):
-        values = [cast(x) for x in text.replace(",", " ").split()]
-        bad = [v for v in values if allowed and v not in allowed]
-        if not values or bad:
-            raise argparse.ArgumentTypeError(f"expected words from {', '.join(allowed)}, got {text!r}" if allowed
-                                             else f"expected a list, got {text!r}")
-        return list(dict.fromkeys(values))
-    return parse
-
-
-def batch_list(text):
-    try:
-        values = words(cast=int)(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}") from None
-    if min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
 def build_parser():
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engines", type=words(ENGINES), default=list(ENGINES), metavar="LIST",
+    p.add_argument("--engines", type=word_list(ENGINES), default=list(ENGINES), metavar="LIST",
                    help=f"engines to measure (default: {' '.join(ENGINES)})")
-    p.add_argument("--batches", type=batch_list, metavar="LIST", help="batch sizes (default: 1 8 16 32)")
+    p.add_argument("--batches", type=int_list, metavar="LIST", help="batch sizes (default: 1 8 16 32)")
     p.add_argument("--tokens", type=finite_number(int, ge=1), help="new tokens per sequence (default: 50)")
     p.add_argument("--repeats", type=finite_number(int, ge=1), help="timed runs per row, the median kept (default: 3)")
     p.add_argument("--guard-steps", type=finite_number(int, ge=1), help="steps of the accuracy guard (default: 50)")

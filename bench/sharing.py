@@ -232,7 +232,8 @@ def parse_args(argv):
     a = p.parse_args(argv)
     if a.quick:
         given = set(argv)
-        for flag, key, value in (("--schedule", "schedule", "off:4,on:6,off:4"), ("--max-new-tokens", "max_new_tokens", 4),
+        for flag, key, value in (("--schedule", "schedule", "off:4,on:6,off:4"),
+                                 ("--max-new-tokens", "max_new_tokens", 4),
                                  ("--capacity-requests", "capacity_requests", 4),
                                  ("--reference-seconds", "reference_seconds", 3.0)):
             if flag not in given:

@@ -138,4 +138,12 @@ def report(d: str) -> str:
     for r in frame.itertuples():
         ci = f"[{r.ci_lo:.3g}, {r.ci_hi:.3g}]" if math.isfinite(r.ci_lo) else "-"
         lines.append(f"{r.config:<12} {r.phase:<9} {r.metric:<22} {r.mean:>9.3g} {ci:>21} {r.n_trials}")
+    stopped = stopped_runs(d)
+    if stopped:
+        lines.append(f"stopped at their time limit (their finished requests / the limit count): {', '.join(stopped)}")
     return "\n".join(lines) + f"\nwritten: {os.path.join(d, 'summary.csv')}, timeline_<config>.png, frontier.png\n"
+
+
+def stopped_runs(d: str) -> list[str]:
+    """The runs under d/trials that bench.sharing stopped at their time limit (a <stem>.timeout beside them)."""
+    return sorted(os.path.basename(p)[:-len(".timeout")] for p in glob.glob(os.path.join(d, "trials", "*.timeout")))

@@ -32,7 +32,7 @@ import sys
 import time
 
 from llm_psi import REPO
-from llm_psi.cli import OneLineParser, finite_number
+from llm_psi.cli import OneLineParser, finite_number, int_list, word_list
 
 PROG = "python -m bench.threads"
 PROMPT = "Explain the theory of relativity."
@@ -44,20 +44,6 @@ COLUMNS = ["engine", "torch_threads", "omp_wait_policy", "constrained", "proc", 
 SPLIT = 1.3   # a gap between consecutive sorted times of at least this ratio splits a setting's times in two
 
 
-def words(cast=str, allowed=None):
-    def parse(text):
-        try:
-            values = [cast(x) for x in text.replace(",", " ").split()]
-        except ValueError:
-            values = []
-        bad = [v for v in values if (allowed and v not in allowed) or (cast is int and v < 1)]
-        if not values or bad:
-            want = ", ".join(allowed) if allowed else "integers >= 1"
-            raise argparse.ArgumentTypeError(f"expected a list of {want}, got {text!r}")
-        return list(dict.fromkeys(values))
-    return parse
-
-
 def build_parser():
     from llm_psi.config import ENGINES
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,11 +51,11 @@ def build_parser():
                    help="fresh processes per setting (default: 20)")
     p.add_argument("--requests", type=finite_number(int, ge=1), default=3,
                    help="timed requests per process, one after the other (default: 3)")
-    p.add_argument("--threads", type=words(int), default=[1, 2], metavar="LIST", help="torch threads (default: 1 2)")
-    p.add_argument("--policies", type=words(allowed=POLICIES), default=["passive", "active"], metavar="LIST",
+    p.add_argument("--threads", type=int_list, default=[1, 2], metavar="LIST", help="torch threads (default: 1 2)")
+    p.add_argument("--policies", type=word_list(POLICIES), default=["passive", "active"], metavar="LIST",
                    help="OMP_WAIT_POLICY values, of unset passive active; unset leaves the variable out of the "
                         "worker's environment, as the paper's code runs (default: passive active)")
-    p.add_argument("--engines", type=words(allowed=ENGINES), default=["loop"], metavar="LIST",
+    p.add_argument("--engines", type=word_list(ENGINES), default=["loop"], metavar="LIST",
                    help=f"engines, of {' '.join(ENGINES)} (default: loop)")
     p.add_argument("--tokens", type=finite_number(int, ge=1), default=50, help="tokens per request (default: 50)")
     p.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")

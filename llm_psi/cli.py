@@ -40,10 +40,21 @@ def finite_number(kind=float, gt=None, ge=None, le=None):
 
 def int_list(text: str) -> list[int]:
     """argparse type: a space- or comma-separated list of integers >= 1 (concurrency levels, batch sizes)."""
-    values = [finite_number(int, ge=1)(x) for x in text.replace(",", " ").split()]
+    values = list(dict.fromkeys(finite_number(int, ge=1)(x) for x in text.replace(",", " ").split()))
     if not values:
         raise argparse.ArgumentTypeError(f"expected a list of integers >= 1, got {text!r}")
     return values
+
+
+def word_list(allowed):
+    """argparse type: a space- or comma-separated list of words from ``allowed``, in order, each once."""
+    def parse(text):
+        values = list(dict.fromkeys(text.replace(",", " ").split()))
+        bad = [v for v in values if v not in allowed]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"expected words from {', '.join(allowed)}, got {text!r}")
+        return values
+    return parse
 
 
 def checked_by(check):

@@ -84,3 +84,25 @@ def test_llm_server_serve(opt, value, capsys, monkeypatch):
     monkeypatch.setattr(http_api, "serve", lambda *a, **k: pytest.fail("the server was about to start"))
     rc = exit_status(llm_server.main, ["serve", "--tiny", f"{opt}={value}"])
     one_line_exit_2(rc, capsys.readouterr().err)
+
+
+def test_list_types_take_spaces_or_commas_once_each_and_refuse_the_rest():
+    import argparse
+    from llm_psi import cli
+    assert cli.int_list("8, 1 8,2") == [8, 1, 2]
+    assert cli.word_list(("loop", "generate"))("generate,loop generate") == ["generate", "loop"]
+    for bad in ("", "1 x", "0", "1 -2", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.int_list(bad)
+    for bad in ("", "loop nope"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected words from loop, generate"):
+            cli.word_list(("loop", "generate"))(bad)
+
+
+@pytest.mark.parametrize("bench, argv", [("bench.threads", ["--threads", "1 0"]), ("bench.threads", ["--policies", "x"]),
+                                         ("bench.collapse", ["--engines", "x"]), ("bench.collapse", ["--reps", "0"]),
+                                         ("bench.engines", ["--batches", "1,a"]), ("bench.engines", ["--engines", "x"])])
+def test_bench_list_options_exit_2_in_one_line(bench, argv):
+    import sys
+    p = subprocess.run([sys.executable, "-m", bench, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    one_line_exit_2(p.returncode, p.stderr)

@@ -2,7 +2,7 @@
 
 load() reads the twelve files; files() gives one row per file (Table I recomputed, recording times, the
 server's idle time between requests); section() writes the table.md part that puts their single-request
-service times beside ours and, when a results directory holds collapse.csv (bench_collapse.py), the
+service times beside ours and, when a results directory holds collapse.csv (python -m bench.collapse), the
 single-request slowdown measured here per engine, wait policy and threads.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ def distribution(values_s) -> dict:
 
 
 def load_collapse(path: str) -> pd.DataFrame | None:
-    """collapse.csv as written by bench_collapse.py, or None when the file is not there."""
+    """collapse.csv as written by python -m bench.collapse, or None when the file is not there."""
     if not os.path.exists(path):
         return None
     try:
@@ -176,7 +176,7 @@ def section(art: pd.DataFrame, table: pd.DataFrame, ours, bench: pd.DataFrame | 
     lines += md_table(["source", "under the quota", "unconstrained", "median s", "median s", "slowdown"], slow)
     lines += ["", "## Single-request collapse bench (collapse.csv)", ""]
     if bench is None:
-        return lines + [f"{collapse_path} is not there: bench_collapse.py has not been run for these results."]
+        return lines + [f"{collapse_path} is not there: python -m bench.collapse has not been run for these results."]
     lines += md_table(COLLAPSE_KEYS + ["unconstrained median s", "quota median s", "slowdown"],
                       [[*map(str, r[:3]), _s(r[3]), _s(r[4]), _factor(r[5])] for r in bench.itertuples(index=False)])
     if bench["slowdown"].isna().all():

@@ -198,7 +198,8 @@ def raw_file_findings(an) -> list[str]:
 
 def collapse_finding(bench: pd.DataFrame | None, artifact_factor: float) -> str:
     if bench is None:
-        return "The single-request collapse bench (bench_collapse.py, collapse.csv) has not been run on these results."
+        return ("The single-request collapse bench (python -m bench.collapse, collapse.csv) has not been run on "
+                "these results.")
     if bench["slowdown"].isna().all():
         return "The collapse bench has no setting measured both unconstrained and under the quota."
     top = bench.loc[bench["slowdown"].idxmax()]

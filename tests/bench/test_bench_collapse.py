@@ -1,4 +1,4 @@
-"""bench_collapse.py: the tiny grid end to end without the quota, its refusals, and the computed verdict."""
+"""bench/collapse.py: the tiny grid end to end without the quota, its refusals, and the computed verdict."""
 from types import SimpleNamespace
 
 import pandas as pd
@@ -40,7 +40,7 @@ def test_refuses_to_overwrite_without_force(tmp_path):
     md_path.write_text("keep me")
     proc = run_script("bench.collapse", "--output-csv", tmp_path / "c.csv", "--output-md", md_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"bench_collapse.py: error: {md_path} exists; use --force to overwrite it"
+    assert proc.stderr.strip() == f"python -m bench.collapse: error: {md_path} exists; use --force to overwrite it"
     assert md_path.read_text() == "keep me"
 
 

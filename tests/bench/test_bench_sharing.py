@@ -88,3 +88,12 @@ def test_bounded_counts_the_limit_from_the_started_file(tmp_path):
     assert late and flag.exists() and time.monotonic() - t0 >= 1.5       # the 0.5 s began after the file
     never = tmp_path / "never.json"
     assert sharing.bounded([sys.executable, "-c", "pass"], 30, started=str(never)) == (0, False)
+
+
+def test_report_names_the_runs_stopped_at_their_limit(tmp_path):
+    from bench.sharing_report import stopped_runs
+    (tmp_path / "trials").mkdir()
+    assert stopped_runs(str(tmp_path)) == []
+    for name in ("idle_t2_cotenant.timeout", "idle_t1_cotenant.timeout", "idle_t1_cotenant.csv"):
+        (tmp_path / "trials" / name).write_text("120\n")
+    assert stopped_runs(str(tmp_path)) == ["idle_t1_cotenant", "idle_t2_cotenant"]
