@@ -64,14 +64,15 @@ def frontier(frame, path: str) -> None:
         r = frame[(frame.config == config) & (frame.phase == phase) & (frame.metric == metric)]
         return (math.nan,) * 3 if r.empty else tuple(r.iloc[0][["mean", "ci_lo", "ci_hi"]])
     fig, ax = plt.subplots(figsize=(7, 5))
-    for config in dict.fromkeys(frame.config):
+    for config in dict.fromkeys(frame.config):  # labels in the legend: nearby points overlap
         x, y, p95 = get(config, "capacity", "capacity_alone_rps"), get(config, "with", "cotenant_share"), \
             get(config, "with", "e2e_p95_s")[0]
         if math.isnan(x[0]) or math.isnan(y[0]):
             continue
         err = lambda v: [[v[0] - v[1]], [v[2] - v[0]]] if math.isfinite(v[1]) else None  # noqa: E731
-        ax.errorbar([x[0]], [y[0]], xerr=err(x), yerr=err(y), fmt="o", capsize=3)
-        ax.annotate(f"{config} (p95 {p95:.2g} s)", (x[0], y[0]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.errorbar([x[0]], [y[0]], xerr=err(x), yerr=err(y), fmt="o", capsize=3,
+                    label=f"{config} (p95 {p95:.2g} s)")
+    ax.legend(fontsize=8, loc="upper right", title="service's e2e p95 beside the co-tenant", title_fontsize=8)
     ax.set_xlabel("service capacity alone (req/s, closed loop c=8)")
     ax.set_ylabel("co-tenant throughput with the service / alone")
     ax.grid(alpha=0.3)
