@@ -16,7 +16,9 @@ Steps (every file under DIR; an existing DIR with results is refused without --f
       <config>_t<k>_phases.csv      open-loop Poisson arrivals at the rate above for the whole --schedule, the
                                     co-tenant (burners + probe) off, on, off (paused with SIGSTOP while off).
     Every service run is in the service cgroup made by llm_psi.load.runner.wrap (the configuration's quota and
-    sharing controls); the co-tenant in its sibling cgroup.
+    sharing controls); the co-tenant in its sibling cgroup. Each service trial ends at its deadline (the
+    generator's --deadline-s: --capacity-limit-s after a capacity trial starts, or after the schedule), its
+    requests then in flight written as 'cut' rows, so a starved service's cell is still complete.
  2. report: DIR/summary.csv (config, phase, metric, mean, ci_lo, ci_hi, n_trials), DIR/timeline_<config>.png,
     DIR/frontier.png (bench/sharing_report.py).
 Ctrl-C or SIGTERM stops the running step (exit 130); finished trials are kept.
@@ -59,40 +61,33 @@ def plan(config_list, trials: int, seed: int) -> list[tuple[int, str]]:
 
 
 def generator(a, config: str, out: str, *, rate=None, antagonist=None, schedule=None) -> list:
-    """The request generator for a capacity run (closed loop, no rate) or the phased run (open loop)."""
+    """The request generator for a capacity run (closed loop, no rate) or the phased run (open loop); each
+    trial ends at its --deadline-s (--capacity-limit-s after its start, or after the schedule), a complete cell
+    whose requests in flight then are 'cut' rows."""
     cmd = [sys.executable, os.path.join(REPO, "request_generator.py"), "--config", config, "--concurrency",
            str(CONCURRENCY), "--seed", str(a.seed), "--max-new-tokens", str(a.max_new_tokens), "--output", out,
            "--quiet", "--force", "--slo", a.slo]
     if rate is None:
-        cmd += ["--num-requests", str(a.capacity_requests), "--spacing-ms", "0"]
+        cmd += ["--num-requests", str(a.capacity_requests), "--spacing-ms", "0",
+                "--deadline-s", f"{a.capacity_limit_s:g}"]
     else:
         duration = sum(s for _, s in phases.parse_schedule(schedule))
         cmd += ["--arrival", "poisson", "--rate", f"{rate:.4f}", "--duration", f"{duration:g}",
-                "--antagonist-schedule", schedule]
+                "--antagonist-schedule", schedule, "--deadline-s", f"{duration + a.capacity_limit_s:g}"]
     return cmd + (["--antagonist", antagonist] if antagonist else []) + ["--tiny"] * a.tiny
 
 
-STARTUP_LIMIT_S = 600.0  # a service that has not opened its cell by then is stopped (the clock never started)
+HARD_LIMIT_S = 900.0  # beyond a run's deadline: the model's load, the warm-up and the cut (a safety, not a measure)
 
 
-def bounded(cmd: list, limit_s: float, started: str | None = None) -> tuple[int, bool]:
+def bounded(cmd: list, limit_s: float) -> tuple[int, bool]:
     """Run cmd (in its own process group, dying with this process) for at most limit_s: then SIGTERM (the
-    generator keeps its finished rows; cgroup_lib forwards it and removes the cgroup). With started (a path),
-    the limit counts from the moment that file exists (the generator writes its cell JSON once the service is
-    up, so the model's load under a quota does not eat the limit), and a run whose file never appears within
-    STARTUP_LIMIT_S is stopped too. (exit status, timed out). A Ctrl-C here reaches it once and raises
-    KeyboardInterrupt after it stopped."""
+    generator keeps its finished rows, its cell stays incomplete; cgroup_lib forwards it and removes the
+    cgroup). (exit status, timed out). A Ctrl-C here reaches it once and raises KeyboardInterrupt after it
+    stopped."""
     proc = cgroups.spawn([], cmd, process_group=0)
     try:
         try:
-            if started is not None:
-                give_up = time.monotonic() + STARTUP_LIMIT_S
-                while not os.path.exists(started) and proc.poll() is None and time.monotonic() < give_up:
-                    time.sleep(0.2)
-                if proc.poll() is not None:
-                    return proc.returncode, False
-                if not os.path.exists(started):
-                    raise subprocess.TimeoutExpired(cmd, STARTUP_LIMIT_S)
             return proc.wait(timeout=limit_s), False
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGTERM)
@@ -122,27 +117,23 @@ class Harness:
     def say(self, msg):
         print(f"[{(time.monotonic() - self.t0) / 60:5.1f} min] {msg}", file=sys.stderr, flush=True)
 
-    def must(self, cmd, what, limit_s=None):
-        """Run cmd; a failure raises. With limit_s, a run past it (counted from the service being up: its cell
-        JSON exists) is stopped and its finished rows kept, and <output stem>.timeout records the limit (the
-        report counts the requests finished within it)."""
-        if limit_s is None:
+    def must(self, cmd, what, deadline_s=None):
+        """Run cmd; a failure raises. A service run (its trial ends at deadline_s) still running HARD_LIMIT_S
+        past it is stopped, its cell left incomplete (the report leaves it out and names it)."""
+        if deadline_s is None:
             if call(cmd) != 0:
                 raise RuntimeError(f"{what} failed")
             return
-        out = cmd[cmd.index("--output") + 1]
-        rc, late = bounded(cmd, limit_s, started=out[:-4] + ".json")
+        rc, late = bounded(cmd, deadline_s + HARD_LIMIT_S)
         if late:
-            self.say(f"{what}: stopped after {limit_s:g} s; its finished requests are kept")
-            with open(out[:-4] + ".timeout", "w") as f:
-                f.write(f"{limit_s:g}\n")
+            self.say(f"{what}: stopped {HARD_LIMIT_S:g} s past its deadline; its cell is incomplete")
         elif rc != 0:
             raise RuntimeError(f"{what} failed (exit status {rc})")
 
     def calibrate(self) -> float:
         a, out = self.a, os.path.join(self.a.results_dir, "calibration.csv")
         self.say(f"calibration: cgroups (the static quota) alone, closed loop c={CONCURRENCY} -> {out}")
-        self.must(served(a, "cgroups", out, generator(a, "cgroups", out)), "calibration")
+        self.must(served(a, "cgroups", out, generator(a, "cgroups", out)), "calibration", a.capacity_limit_s)
         capacity = throughput(out)
         if not capacity > 0:
             raise RuntimeError(f"no capacity measured in {out}")
@@ -223,8 +214,9 @@ def parse_args(argv):
     load.add_argument("--max-new-tokens", type=num(int, ge=1), default=50, help="tokens per request")
     load.add_argument("--capacity-requests", type=num(int, ge=1), default=8, help="requests per capacity run (c=8)")
     load.add_argument("--capacity-limit-s", type=num(gt=0), default=120.0,
-                      help="stop a capacity run this long after its service is up (e.g. a starved idle service), "
-                           "and the phased run this long after its schedule; the requests finished by then count")
+                      help="a capacity trial ends this long after it starts (the generator's --deadline-s; e.g. a "
+                           "starved idle service), the phased trial this long after its schedule: the requests "
+                           "in flight are cut, and capacity = ok requests / the trial's span")
     svc = p.add_argument_group("service")
     svc.add_argument("--cgroup-name", default=configs.CGROUP_NAME, type=cli.checked_by(_cgroup_name),
                      help="the service cgroup")

@@ -20,19 +20,16 @@ COLUMNS = ["config", "phase", "metric", "mean", "ci_lo", "ci_hi", "n_trials"]
 
 
 def throughput(csv_path: str) -> float:
-    """ok requests per second of a closed-loop run (metrics.summarize's throughput_rps); for a run stopped at its
-    time limit (a <stem>.timeout file beside it), the ok requests / that limit; NaN if unreadable."""
+    """ok requests per second of a closed-loop run: metrics.summarize's throughput_rps (a trial ended by its
+    --deadline-s has 'cut' rows ending at the deadline, so its span runs to it); NaN for a cell that is not
+    complete or cannot be read."""
     import pandas as pd
+    if not (read_json(csv_path[:-4] + ".json") or {}).get("complete"):
+        return math.nan
     try:
-        with open(csv_path[:-4] + ".timeout") as f:
-            limit_s = float(f.read())
-    except (OSError, ValueError):
-        limit_s = None
-    try:
-        s = metrics.summarize(pd.read_csv(csv_path))
+        return float(metrics.summarize(pd.read_csv(csv_path))["throughput_rps"])
     except (OSError, ValueError, KeyError, pd.errors.EmptyDataError):
-        return 0.0 if limit_s else math.nan
-    return s["n_ok"] / limit_s if limit_s else float(s["throughput_rps"])
+        return math.nan
 
 
 def _phase_lengths(schedule) -> dict:
@@ -84,7 +81,7 @@ def trial_rows(stem: str, schedule, slo: dict) -> list[tuple[str, str, float]]:
     p99 = (reference.get("probe") or {}).get("delay_p99_ms")
     out.append(("reference", "probe_p99_ms", math.nan if p99 is None else p99))
     meta = read_json(stem + "_phases.json")
-    if isinstance(meta, dict) and os.path.exists(stem + "_phases.csv"):
+    if isinstance(meta, dict) and meta.get("complete") and os.path.exists(stem + "_phases.csv"):
         tl = stem + "_phases_timeline.csv"
         timeline = pd.read_csv(tl) if os.path.exists(tl) else None
         out += phase_rows(pd.read_csv(stem + "_phases.csv"), meta, timeline, reference, schedule, slo)
@@ -138,12 +135,14 @@ def report(d: str) -> str:
     for r in frame.itertuples():
         ci = f"[{r.ci_lo:.3g}, {r.ci_hi:.3g}]" if math.isfinite(r.ci_lo) else "-"
         lines.append(f"{r.config:<12} {r.phase:<9} {r.metric:<22} {r.mean:>9.3g} {ci:>21} {r.n_trials}")
-    stopped = stopped_runs(d)
-    if stopped:
-        lines.append(f"stopped at their time limit (their finished requests / the limit count): {', '.join(stopped)}")
+    broken = incomplete_runs(d)
+    if broken:
+        lines.append(f"left out, incomplete (stopped past their deadline or interrupted): {', '.join(broken)}")
     return "\n".join(lines) + f"\nwritten: {os.path.join(d, 'summary.csv')}, timeline_<config>.png, frontier.png\n"
 
 
-def stopped_runs(d: str) -> list[str]:
-    """The runs under d/trials that bench.sharing stopped at their time limit (a <stem>.timeout beside them)."""
-    return sorted(os.path.basename(p)[:-len(".timeout")] for p in glob.glob(os.path.join(d, "trials", "*.timeout")))
+def incomplete_runs(d: str) -> list[str]:
+    """The service runs under d/trials whose cell JSON is missing or not complete."""
+    runs = glob.glob(os.path.join(d, "trials", "*.csv"))
+    return sorted(os.path.basename(p)[:-4] for p in runs if not p.endswith("_timeline.csv")
+                  and not (read_json(p[:-4] + ".json") or {}).get("complete"))

@@ -171,6 +171,7 @@ class RunConfig(ServiceConfig):
     burstiness: float = 1.0          # gamma shape (1 = Poisson)
     duration: float | None = None    # open loop: send for this many seconds instead of --num-requests
     max_concurrency: int | None = None  # open loop: cap on requests in flight (None: none)
+    deadline_s: float | None = None  # end each trial this many seconds after its start (None: when all are done)
     slo: str | None = None           # "ttft:MS,e2e:MS": goodput counts the ok requests meeting all
     target: str | None = None        # URL of a running service (llm_server.py serve); None: in-process
     wait_ready_s: float = 0.0        # with --target: wait this long for the service to become ready

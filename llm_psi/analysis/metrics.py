@@ -41,7 +41,7 @@ _SPANS = {  # metric: (later timestamp, earlier timestamp)
     "ttft_ms": ("t_first_token_s", "t_submit_s"),
     "e2e_ms": ("t_end_s", "t_submit_s"),
 }
-STATUSES = ("ok", "rejected", "failed")
+STATUSES = ("ok", "rejected", "failed", "cut")  # cut: in flight at the trial's --deadline-s, stopped there
 SERVER_SPANS = {  # the server's view of one request (seconds): (later step, earlier step)
     "deferral_s": ("t_admit", "t_arrive"), "queue_s": ("t_start", "t_admit"), "ttft_s": ("t_first_token", "t_arrive"),
     "service_s": ("t_end", "t_start"), "e2e_s": ("t_end", "t_arrive")}

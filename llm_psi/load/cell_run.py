@@ -121,7 +121,7 @@ class CellRun:
             self.client.close()
         self.sink.close()  # flushed to the disk before the cell can be marked complete
         meta["end_wall"] = datetime.now(timezone.utc).isoformat()
-        meta["counts"] = {s: sum(t["counts"][s] for t in meta["trials"]) for s in metrics.STATUSES}
+        meta["counts"] = {s: sum(t["counts"].get(s, 0) for t in meta["trials"]) for s in metrics.STATUSES}
         meta["peak_in_flight"] = max((t["peak_in_flight"] for t in meta["trials"]), default=0)
         meta["complete"] = self.cell.is_complete(meta)
         write_json(self.cell.json, meta)

@@ -18,7 +18,10 @@ The run records raw timestamps only (seconds since the trial began, monotonic cl
 come from ``metrics.derive``. Rows are appended and flushed as requests finish, so an interrupted run keeps
 every finished row. A metadata JSON with the same stem holds the frozen run config, the environment, the
 cgroup limits and counters, one record per trial, and ``complete``: false until the last planned trial's
-last row is written and flushed, so a killed run never looks complete.
+last row is written and flushed, so a killed run never looks complete. ``--deadline-s`` ends each trial at
+that time after its start as a complete measurement: nothing is sent after it, and the requests then in
+flight are stopped and written as rows with status ``cut`` ending at the deadline (so a starved service's
+trial still ends, and ok requests / the trial's span is its throughput).
 
 New cells go to runs/ (git-ignored) by default. An existing cell is never overwritten silently: ``--force``
 replaces it, ``--resume`` keeps its finished trials and runs the missing ones (a sweep uses ``--trial K
@@ -57,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(g, "--num-requests", type=COUNT, help="requests per trial")
     _opt(g, "--spacing-ms", type=finite_number(float, ge=0), help="closed loop: time between submissions")
     _opt(g, "--trials", type=COUNT, help="trials planned for the cell")
+    _opt(g, "--deadline-s", type=finite_number(float, gt=0),
+         help="end each trial this many seconds after its start, a complete measurement: nothing is sent "
+              "after it, and the requests in flight are stopped and recorded with status 'cut' (their "
+              "t_end_s is the deadline); None: a trial ends when its last request does")
     g.add_argument("--trial", type=COUNT, default=None,
                    help="run only trial K of the cell (with --resume: add it to the cell's finished trials)")
     g.add_argument("--run-index", type=INDEX, default=None,

@@ -48,6 +48,8 @@ class Trial:
         self.in_flight = self.peak_in_flight = 0
         self.counts = {s: 0 for s in metrics.STATUSES}
         self.t0 = 0.0  # set by the caller just before run(): the trial's clock origin
+        self.halt = threading.Event()  # this trial's requests stop: the run is interrupted or its deadline passed
+        self.cut = False  # the deadline ended the trial: nothing sent after it; the requests it stopped are 'cut' rows
         self.tenant = None  # the co-tenant, whose cumulative work goes into the timeline
         self._probe_at = 0  # the probe records the timeline has seen
 
@@ -72,18 +74,21 @@ class Trial:
         row = dict(trial=self.trial, request_id=rid, config=cfg.config, concurrency=cfg.concurrency,
                    prompt_id=pid, prompt_chars=len(prompt), t_submit_s=t_submit, t_dequeue_s=self._now(),
                    t_intended_s=self.times[rid] if cfg.arrival != "closed" else None)
-        if self.stop.is_set():
-            return
+        if self.halt.is_set():
+            return  # never sent
         with self.lock:
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             seed = metrics.request_seed(cfg.seed, self.trial, rid)
-            out, srv = self.client.send(prompt, cfg.max_new_tokens, seed, self.stop)
+            out, srv = self.client.send(prompt, cfg.max_new_tokens, seed, self.halt)
         except Exception as e:
-            if isinstance(e, service.Interrupted) or self.stop.is_set():
+            if not (isinstance(e, service.Interrupted) or self.halt.is_set()):
+                raise
+            if self.stop.is_set() or not self.cut:
                 return  # an unfinished request of an interrupted run is not a result
-            raise
+            out, srv = service.Outcome(status="cut", error=f"in flight at the deadline ({cfg.deadline_s:g} s)",
+                                       t_end=self.t0 + cfg.deadline_s), None
         finally:
             with self.lock:
                 self.in_flight -= 1
@@ -106,19 +111,31 @@ class Trial:
         workers = cfg.concurrency if cfg.arrival == "closed" else (cfg.max_concurrency or len(self.times))
         pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="worker")
         futures = []
+        end = math.inf if cfg.deadline_s is None else cfg.deadline_s
+        timer = threading.Timer(max(0.0, self.t0 + end - time.monotonic()), self._deadline)
+        if cfg.deadline_s is not None:
+            timer.start()
         try:
             for rid, t in enumerate(self.times):
-                delay = self.t0 + t - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+                if t >= end:
+                    self.cut = True  # the deadline ended the schedule
+                if self.cut or self.halt.wait(max(0.0, self.t0 + t - time.monotonic())):
+                    break  # nothing is sent at or after the deadline
                 futures.append(pool.submit(self._one, rid, self._now()))
             for fut in cf.as_completed(futures):
                 fut.result()
         except BaseException:
-            self.stop.set()  # workers abandon their generation at the next token
+            self.stop.set()
+            self.halt.set()  # workers abandon their generation at the next token
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+        finally:
+            timer.cancel()
         pool.shutdown(wait=True)
+
+    def _deadline(self) -> None:
+        self.cut = True
+        self.halt.set()
 
 
 def send_times(cfg: RunConfig, trial: int) -> list[float]:
@@ -137,7 +154,7 @@ def _summary_line(cfg: RunConfig, trial: int, rows_path: str, wall_s: float, pea
     df = pd.read_csv(rows_path)
     s = metrics.summarize(df[df["trial"] == trial], slo=_slo(cfg))
     line = (f"[{cfg.config} c={cfg.concurrency} trial {trial}/{cfg.trials}] ok {s['n_ok']} rejected "
-            f"{s['n_rejected']} failed {s['n_failed']} | p95 e2e {s['p95_e2e_ms'] / 1000:.2f} s | "
+            f"{s['n_rejected']} failed {s['n_failed']} cut {s['n_cut']} | p95 e2e {s['p95_e2e_ms'] / 1000:.2f} s | "
             f"p95 service {s['p95_service_ms'] / 1000:.2f} s | peak in-flight {peak} | {wall_s:.1f} s wall")
     if cfg.arrival != "closed":
         line += f" | p95 lateness {s.get('p95_lateness_ms', math.nan):.1f} ms"
@@ -233,7 +250,7 @@ def run_trial(cfg: RunConfig, client, prompts, sink, trial: int, stop, probe, te
                     record["cotenant"].update(probe_phases(tenant.probe_records(probe_start)[0], t.t0,
                                                            cfg.antagonist_schedule))
             after = probe.counters()
-            record.update(wall_s=wall, peak_in_flight=t.peak_in_flight, counts=dict(t.counts),
+            record.update(wall_s=wall, peak_in_flight=t.peak_in_flight, counts=dict(t.counts), deadline_hit=t.cut,
                           cgroup_delta=counter_delta(before, after))
             on_record(record)
     print(_summary_line(cfg, trial, cfg.output, wall, t.peak_in_flight), file=sys.stderr)

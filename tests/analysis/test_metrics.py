@@ -94,10 +94,10 @@ def test_summarize_has_no_lateness_without_intended_times():
     assert not any("lateness" in k for k in metrics.summarize(empty))
 
 
-def test_summarize_keeps_every_existing_key_and_adds_throughput():
+def test_summarize_keeps_every_existing_key_and_adds_throughput():  # n_cut: --deadline-s
     s = metrics.summarize(rows())
     assert [k for k in s if k != "throughput_rps"] == (
-        ["n_ok", "n_rejected", "n_failed", "n"] + [f"{p}_{m}" for m in metrics.METRICS
+        ["n_ok", "n_rejected", "n_failed", "n_cut", "n"] + [f"{p}_{m}" for m in metrics.METRICS
                                                   for p in ("p50", "p95", "p99", "mean")])
     assert s["throughput_rps"] == pytest.approx(1 / 4.0)  # one ok request; first submit 0, last end 4
     assert "slo_met" not in s and "goodput_rps" not in s

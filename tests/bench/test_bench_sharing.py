@@ -66,34 +66,38 @@ def test_bounded_stops_a_run_past_its_limit(tmp_path):
     assert sharing.bounded([sys.executable, "-c", "pass"], 30) == (0, False)
 
 
-def test_a_stopped_capacity_run_counts_its_requests_over_the_limit(tmp_path):
+def test_capacity_counts_ok_requests_over_the_span_to_the_deadline_of_complete_cells(tmp_path):
+    import json
     from bench.sharing_report import throughput
     out = tmp_path / "x_alone.csv"
-    pd.DataFrame({"status": ["ok", "ok", "failed"], "t_submit_s": [0.0, 0.0, 0.0], "t_end_s": [1.0, 2.0, 2.0],
+    pd.DataFrame({"status": ["ok", "ok", "cut"], "t_submit_s": [0.0, 0.0, 0.0], "t_end_s": [1.0, 2.0, 100.0],
                   "t_dequeue_s": 0.0, "t_admit_s": 0.0, "t_start_s": 0.0, "t_first_token_s": 0.5,
                   "output_tokens": 4}).to_csv(out, index=False)
-    assert throughput(str(out)) == pytest.approx(1.0)                    # 2 ok over a 2 s span
-    (tmp_path / "x_alone.timeout").write_text("100\n")
-    assert throughput(str(out)) == pytest.approx(0.02)                   # 2 ok within the 100 s limit
+    meta = tmp_path / "x_alone.json"
+    meta.write_text(json.dumps({"complete": False}))
+    assert throughput(str(out)) != throughput(str(out))                  # NaN: an incomplete cell is left out
+    meta.write_text(json.dumps({"complete": True}))
+    assert throughput(str(out)) == pytest.approx(0.02)                   # 2 ok over the 100 s to the deadline
     assert throughput(str(tmp_path / "y_alone.csv")) != throughput(str(tmp_path / "y_alone.csv"))   # NaN
 
 
-def test_bounded_counts_the_limit_from_the_started_file(tmp_path):
-    import sys
-    import time
-    flag = tmp_path / "cell.json"
-    slow_start = f"import time, pathlib; time.sleep(1.5); pathlib.Path({str(flag)!r}).touch(); time.sleep(30)"
-    t0 = time.monotonic()
-    rc, late = sharing.bounded([sys.executable, "-c", slow_start], 0.5, started=str(flag))
-    assert late and flag.exists() and time.monotonic() - t0 >= 1.5       # the 0.5 s began after the file
-    never = tmp_path / "never.json"
-    assert sharing.bounded([sys.executable, "-c", "pass"], 30, started=str(never)) == (0, False)
+def test_capacity_runs_carry_their_deadline():
+    a = sharing.parse_args(["--capacity-limit-s", "90", "--schedule", "off:10,on:20,off:10"])
+    cap = sharing.generator(a, "idle", "x.csv")
+    assert cap[cap.index("--deadline-s") + 1] == "90"
+    phased = sharing.generator(a, "idle", "x.csv", rate=0.1, schedule=a.schedule)
+    assert phased[phased.index("--deadline-s") + 1] == "130"
 
 
-def test_report_names_the_runs_stopped_at_their_limit(tmp_path):
-    from bench.sharing_report import stopped_runs
-    (tmp_path / "trials").mkdir()
-    assert stopped_runs(str(tmp_path)) == []
-    for name in ("idle_t2_cotenant.timeout", "idle_t1_cotenant.timeout", "idle_t1_cotenant.csv"):
-        (tmp_path / "trials" / name).write_text("120\n")
-    assert stopped_runs(str(tmp_path)) == ["idle_t1_cotenant", "idle_t2_cotenant"]
+def test_report_names_the_incomplete_runs(tmp_path):
+    from bench.sharing_report import incomplete_runs
+    d = tmp_path / "trials"
+    d.mkdir()
+    assert incomplete_runs(str(tmp_path)) == []
+    for name in ("idle_t1_cotenant", "idle_t2_cotenant", "idle_t1_alone", "idle_t1_phases"):
+        (d / f"{name}.csv").write_text("x\n")
+    (d / "idle_t1_phases_timeline.csv").write_text("x\n")
+    (d / "idle_t1_alone.json").write_text('{"complete": true}')
+    (d / "idle_t1_phases.json").write_text('{"complete": true}')
+    (d / "idle_t2_cotenant.json").write_text('{"complete": false}')
+    assert incomplete_runs(str(tmp_path)) == ["idle_t1_cotenant", "idle_t2_cotenant"]

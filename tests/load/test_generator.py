@@ -76,7 +76,8 @@ def test_metadata(cell_c4):
     assert set(env["versions"]) == {"torch", "transformers", "numpy"}
     assert set(env["cpu_simd"]) <= {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}
     assert env["model"]["init_seed"] == 0 and env["model"]["pretrained"] is False
-    assert meta["counts"] == {"ok": 16, "rejected": 0, "failed": 0}
+    assert meta["counts"] == {"ok": 16, "rejected": 0, "failed": 0, "cut": 0}
+    assert [t["deadline_hit"] for t in meta["trials"]] == [False, False]
     assert [t["trial"] for t in meta["trials"]] == [1, 2]
     assert meta["warmup_s"] > 0 and meta["start_wall"] <= meta["end_wall"]
     assert meta["interrupted"] is False
