@@ -1,7 +1,7 @@
 """Micro-benchmark of the batching engine: tokens per second and per CPU-second at batch 1, 2, 4, 8.
 
-    python bench_batching.py                      # unconstrained (124M architecture, 50 tokens, 1 torch thread)
-    python bench_batching.py --under-quota 50     # the same, re-run inside a cgroup at 50% of one CPU
+    python -m bench.batching                      # unconstrained (124M architecture, 50 tokens, 1 torch thread)
+    python -m bench.batching --under-quota 50     # the same, re-run inside a cgroup at 50% of one CPU
 
 For each batch size b, b requests with the same prompt (so identical lengths) and different seeds go to a
 ``BatchEngine`` with ``max_batch=b`` at once: b batch-1 prefills, then batched decode steps, exactly the
@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    p = _Parser(prog="bench_batching.py", description=__doc__.splitlines()[0])
+    p = _Parser(prog="python -m bench.batching", description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8], help="batch sizes")
     p.add_argument("--tokens", type=int, default=50, help="new tokens per request")
     p.add_argument("--threads", type=int, default=1, help="torch threads")

@@ -1,7 +1,7 @@
 """The co-tenant experiment: the service beside a CPU co-tenant, under the quota and unlimited.
 
-    sudo .venv/bin/python bench_cotenant.py [--results-dir results/cotenant] [--force|--resume] [--load 0.7]
-    .venv/bin/python bench_cotenant.py --report-only --results-dir DIR    # table + figure from the files
+    sudo .venv/bin/python -m bench.cotenant [--results-dir results/cotenant] [--force|--resume] [--load 0.7]
+    .venv/bin/python -m bench.cotenant --report-only --results-dir DIR    # table + figure from the files
 
 Steps (each keeps its files; with --resume a finished step or cell is skipped):
  1. reference: the co-tenant alone (cotenant.py) -> DIR/reference.json; its units_per_s is the reference.
@@ -36,7 +36,7 @@ from llm_psi import REPO
 from bench.cotenant_report import CONFIGS, DEFAULT_SLO, StepError, capacity_frame, read_json, report, setting
 
 HERE = REPO  # the repository root: the root scripts, reference/, results/
-PROG = "bench_cotenant.py"
+PROG = "python -m bench.cotenant"
 CAPACITY_CONFIG = {"limited": "cgroups", "unlimited": "baseline"}
 CONCURRENCY, CAPACITY_REQUESTS, CPU_QUOTA = 4, 12, configs.CPU_QUOTA_PCT
 

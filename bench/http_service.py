@@ -1,7 +1,7 @@
 """What the HTTP path adds: p95 end-to-end at c=8 under the CPU quota, service over HTTP vs in-process.
 
-    sudo .venv/bin/python bench_http.py                 # 2 trials of each mode, alternating; then the figures
-    .venv/bin/python bench_http.py --from-results runs/http_bench
+    sudo .venv/bin/python -m bench.http_service         # 2 trials of each mode, alternating; then the figures
+    .venv/bin/python -m bench.http_service --from-results runs/http_bench
 
 In-process, the generator and the service share one process inside the cell's cgroup (the paper's way).
 Over HTTP, ``llm_server.py serve`` alone runs in the cgroup (its event loop, SSE encoding and request threads
@@ -23,6 +23,7 @@ from llm_psi.load import runner
 HERE = REPO  # the repository root: the root scripts, reference/, results/
 COUNT = finite_number(int, ge=1)
 MODES = ("in-process", "service")
+PROG = "python -m bench.http_service"
 
 
 def _cell(a, mode) -> str:
@@ -71,7 +72,7 @@ def figures(a) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = OneLineParser(prog="bench_http.py", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--results-dir", default=os.path.join("runs", "http_bench"), help="(default: %(default)s)")
     p.add_argument("--from-results", action="store_true", help="print the figures from existing cells")
     p.add_argument("--config", default="cgroups", help="a limited config (default: %(default)s)")
@@ -91,13 +92,13 @@ def main(argv=None) -> int:
                     run_trial(a, mode, trial)
         print("\n".join(figures(a)))
     except subprocess.CalledProcessError as e:
-        print(f"bench_http.py: error: a trial failed (exit status {e.returncode})", file=sys.stderr)
+        print(f"{PROG}: error: a trial failed (exit status {e.returncode})", file=sys.stderr)
         return e.returncode or 1
     except (OSError, KeyError, ValueError) as e:
-        print(f"bench_http.py: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("bench_http.py: interrupted; finished trials are kept", file=sys.stderr)
+        print(f"{PROG}: interrupted; finished trials are kept", file=sys.stderr)
         return 130
     return 0
 

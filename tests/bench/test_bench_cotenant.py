@@ -1,4 +1,4 @@
-"""bench_cotenant.py: the report from synthetic cell files, the plan, the steps with a fake runner, the CLI."""
+"""bench.cotenant: the report from synthetic cell files, the plan, the steps with a fake runner, the CLI."""
 import json
 import math
 import os
