@@ -63,7 +63,7 @@ def frontier(frame, path: str) -> None:
     def get(config, phase, metric):
         r = frame[(frame.config == config) & (frame.phase == phase) & (frame.metric == metric)]
         return (math.nan,) * 3 if r.empty else tuple(r.iloc[0][["mean", "ci_lo", "ci_hi"]])
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(9, 5))
     for config in dict.fromkeys(frame.config):  # labels in the legend: nearby points overlap
         x, y, p95 = get(config, "capacity", "capacity_alone_rps"), get(config, "with", "cotenant_share"), \
             get(config, "with", "e2e_p95_s")[0]
@@ -72,7 +72,8 @@ def frontier(frame, path: str) -> None:
         err = lambda v: [[v[0] - v[1]], [v[2] - v[0]]] if math.isfinite(v[1]) else None  # noqa: E731
         ax.errorbar([x[0]], [y[0]], xerr=err(x), yerr=err(y), fmt="o", capsize=3,
                     label=f"{config} (p95 {p95:.2g} s)")
-    ax.legend(fontsize=8, loc="upper right", title="service's e2e p95 beside the co-tenant", title_fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="service's e2e p95\nbeside the co-tenant",
+              title_fontsize=8)  # outside the axes: inside, it hid an error bar
     ax.set_xlabel("service capacity alone (req/s, closed loop c=8)")
     ax.set_ylabel("co-tenant throughput with the service / alone")
     ax.grid(alpha=0.3)

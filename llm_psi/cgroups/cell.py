@@ -243,8 +243,11 @@ def spawn(directories, cmd, pass_fds=(), **popen):
 
 def merge_meta(path, record, log):
     """Append record to the list under 'cgroup_runs' (one per run of the cell) in the JSON at path,
-    keeping its other keys."""
-    if not path or not os.path.exists(path):
+    keeping its other keys. A file that does not exist (the command did not write it) is reported, not made."""
+    if not path:
+        return
+    if not os.path.exists(path):
+        log(f"cgroup: not recording the cell counters: {path} does not exist (the command did not write it)")
         return
     try:
         with open(path) as f:

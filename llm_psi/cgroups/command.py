@@ -55,7 +55,8 @@ def main(argv=None):
                        help="unused quota the cgroup may carry over into a later period, in microseconds, at most "
                             "the quota: v2 cpu.max.burst, v1 cpu.cfs_burst_us (Linux >= 5.14; needs a quota, so "
                             "not with --unlimited; default: none)")
-    p_run.add_argument("--meta", help="cell JSON: append the cell's counters to its list 'cgroup_runs'")
+    p_run.add_argument("--meta", help="cell JSON that the command writes: append the cell's counters to its list "
+                       "'cgroup_runs' when the command ends (a missing file is reported, not made)")
     p_run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command to run, after --")
     args = parser.parse_args(argv)
     if args.command == "run":

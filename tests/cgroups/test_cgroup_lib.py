@@ -157,6 +157,13 @@ def test_merge_meta_appends_to_cgroup_runs(tmp_path):
     assert os.listdir(tmp_path) == ["cell.json"]           # written via tmp + os.replace
 
 
+def test_merge_meta_reports_a_missing_file_and_makes_none(tmp_path):
+    said = []
+    cgroups.merge_meta(str(tmp_path / "absent.json"), {"exit_status": 1}, said.append)
+    assert len(said) == 1 and "absent.json does not exist" in said[0]
+    assert os.listdir(tmp_path) == []
+
+
 def test_own_cell_cgroup(monkeypatch):
     info = {"mode": "v2", "cpu": "/sys/fs/cgroup/cell_a", "memory": "/sys/fs/cgroup/cell_a"}
     monkeypatch.delenv(cgroups.CELL_ENV, raising=False)
