@@ -132,3 +132,13 @@ def server():
     yield _start
     for s in started:
         s.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist (``-n 2 --dist loadgroup``, pyproject's addopts): every test that uses the host's real
+    cgroups runs on one worker, one after another, as in a serial run. They share fixed cgroup names (the
+    co-tenant's ``llm_cotenant``, the service's default ``llm_service``) and some start CPU burners; the
+    other worker takes the rest."""
+    for item in items:
+        if item.get_closest_marker("root"):
+            item.add_marker(pytest.mark.xdist_group("real_cgroups"))
