@@ -5,8 +5,8 @@ interleaved sweep, and its table with intervals over trials.
     .venv/bin/python -m bench.controllers --from-results results/controllers      # the table from existing cells
 
 The sweep runs through run_experiments.sh (inside the service cgroup, torn down on every exit path, trials
-interleaved in a seeded order): cgroups-only and cgroups_threads, psi_threads, limit1, adaptive, batch and
-batch_psi at each --concurrency, --trials trials of --num-requests requests. Then it prints the controller
+interleaved in a seeded order): cgroups-only and cgroups_threads, psi_threads, limit1, adaptive, batch, batch_fp32
+(batch in float32: batching without int8) and batch_psi at each --concurrency, --trials trials of --num-requests requests. Then it prints the controller
 table (llm_psi/analysis/controllers.py): each configuration's p95 end-to-end and service time with its ratio to
 cgroups-only at the same level, each with a 95% interval over trials. `analyze_results.py` writes the same
 table, speedups.csv and the per-cell sections to <results-dir>/table.md for results/controllers.
@@ -20,7 +20,7 @@ import sys
 from llm_psi import REPO
 from llm_psi.cli import OneLineParser, finite_number, int_list
 
-CONTROLLERS = ["cgroups", "cgroups_threads", "psi_threads", "limit1", "adaptive", "batch", "batch_psi"]
+CONTROLLERS = ["cgroups", "cgroups_threads", "psi_threads", "limit1", "adaptive", "batch", "batch_fp32", "batch_psi"]
 
 
 def sweep(a) -> None:

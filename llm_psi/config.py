@@ -47,6 +47,8 @@ CONFIGS = {
     "limit1": dict(limited=True, admission="limit", concurrency_limit=1, torch_threads="auto"),
     "adaptive": dict(limited=True, admission="adaptive", torch_threads="auto"),
     "batch": dict(limited=True, batching="dynamic", torch_threads="auto", **FASTEST),
+    # batch in float32: beside batch (int8) and limit1 (float32) it separates batching from precision
+    "batch_fp32": dict(limited=True, batching="dynamic", torch_threads="auto", **FAITHFUL),
     # The batch limit is the adaptive limit: a one-thread service at a 50% quota stalls ~50% of the time on
     # throttling alone, so "low" pressure sits above that floor; batching raises service time by design,
     # so the latency tolerance is wider than for one-at-a-time service.

@@ -283,8 +283,20 @@ def at_a_glance(an, controllers=None) -> list[str]:
             best = g.loc[g["ratio"].idxmin()]
             out.append(f"Controllers at c={c} (one interleaved sweep, {controllers.results_dir}): the lowest p95 "
                        f"end-to-end is {an.label(best['config'])}'s, {interval(best['ratio'], best['ci_lo'], best['ci_hi'])}"
-                       "× cgroups-only's.")
+                       "× cgroups-only's." + _confound(controllers, best["config"], c))
     return out
+
+
+def _confound(controllers, config: str, c) -> str:
+    """A note where a configuration's engine precision differs from cgroups-only's at level c: the ratio then
+    measures the controller and the precision together."""
+    prec = lambda k: next(((cell.meta.get("config", {}).get("dtype"), cell.meta.get("config", {}).get("quantize"))
+                           for key, cell in controllers.cells.items() if key == (k, c)), None)  # noqa: E731
+    mine, ref = prec(config), prec("cgroups")
+    if mine is None or ref is None or mine == ref:
+        return ""
+    return (f" It ran {'/'.join(map(str, mine))} against cgroups-only's {'/'.join(map(str, ref))}: this ratio "
+            "does not separate the controller from the precision.")
 
 
 def glance_table(an) -> list[str]:

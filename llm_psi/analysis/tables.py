@@ -21,7 +21,9 @@ from llm_psi.analysis.view import Analysis
 PAIRS = [("cgroups", "baseline"), ("psi", "cgroups"), ("limit1", "cgroups"), ("cgroups_threads", "cgroups"),
          ("psi_threads", "cgroups"), ("adaptive", "cgroups"), ("batch", "cgroups"), ("batch_psi", "cgroups"),
          ("psi_threads", "cgroups_threads"), ("limit1", "cgroups_threads"), ("adaptive", "cgroups_threads"),
-         ("batch", "cgroups_threads"), ("batch_psi", "batch")]
+         ("batch", "cgroups_threads"), ("batch_psi", "batch"),
+         # batching apart from precision: batch_fp32 is batch in float32
+         ("batch_fp32", "cgroups"), ("batch_fp32", "cgroups_threads"), ("batch", "batch_fp32")]
 SPEEDUP_COLUMNS = ["config", "reference_config", "concurrency", "metric", "ratio", "ci_lo", "ci_hi", "n_trials"]
 RULE = ("Latency statistics use ok requests only: rejected and failed requests are left out of every "
         "percentile and mean, and their counts are shown beside the value where non-zero.")

@@ -45,3 +45,16 @@ def test_an_empty_controllers_dir_given_explicitly_is_an_error(tmp_path, capsys)
     (tmp_path / "none").mkdir()
     assert ar.main(["--results-dir", str(tmp_path), "--no-figures", "--controllers-dir", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.strip().endswith("none: no cell files")
+
+
+def test_the_glance_names_a_precision_confound():
+    """paper.pdf's line on the controllers' best ratio says when that configuration ran another precision than
+    cgroups-only (batch: int8 against float32), and says nothing when they match."""
+    from types import SimpleNamespace
+    from llm_psi.analysis.paper import _confound
+    cell = lambda q: SimpleNamespace(meta={"config": {"dtype": "float32", "quantize": q}})  # noqa: E731
+    ctl = SimpleNamespace(cells={("cgroups", 8): cell("none"), ("batch", 8): cell("int8"),
+                                 ("batch_fp32", 8): cell("none")})
+    assert "float32/int8 against cgroups-only's float32/none" in _confound(ctl, "batch", 8)
+    assert "does not separate the controller from the precision" in _confound(ctl, "batch", 8)
+    assert _confound(ctl, "batch_fp32", 8) == "" and _confound(ctl, "limit1", 8) == ""

@@ -140,6 +140,11 @@ def test_dtype_defaults_paper_float32_batching_and_serve_int8():
     assert precision(parse_config([])) == ("float32", "none")
     for label in ("batch", "batch_psi"):
         assert precision(parse_config(["--config", label])) == ("float32", "int8")
+    # batch_fp32 separates batching from precision: batch's batching in float32, in the controllers' grid
+    fp32 = parse_config(["--config", "batch_fp32"])
+    assert precision(fp32) == ("float32", "none") and fp32.batching == "dynamic"
+    from bench.controllers import CONTROLLERS
+    assert {"batch", "batch_fp32", "limit1"} <= set(CONTROLLERS)
     assert precision(parse_serve([])[0]) == ("float32", "int8") and parse_serve([])[0].config == "baseline"
     assert precision(parse_serve(["--dtype", "bfloat16"])[0]) == ("bfloat16", "none")
     assert precision(parse_config(["--config", "batch", "--dtype", "bfloat16"])) == ("bfloat16", "none")
