@@ -1,30 +1,35 @@
 """Overload by queueing delay: a step of open-loop load past capacity, with no shedding, --max-waiting and
---max-queue-delay-ms.
+--max-queue-delay-ms, in interleaved trials.
 
-    sudo .venv/bin/python -m bench.overload                 # under the quota: results/overload/
-    .venv/bin/python -m bench.overload --tiny --no-quota --capacity-s 5 --phases 0.7:5,1.5:5,0.7:5 --out /tmp/o
+    sudo .venv/bin/python -m bench.overload --force         # under the quota: results/overload/ (~40 min)
+    .venv/bin/python -m bench.overload --quick --out /tmp/o # smoke test: tiny model, no quota, seconds
+    .venv/bin/python -m bench.overload --report-only        # summary.csv/.md, trials.csv, figure from the files
 
 The service (``llm_server.py serve``, a FIFO limit of one request at a time, as the ``limit1`` config) runs in
 a cell under ``cgroup_lib.py run --cpu-quota`` (root; ``--no-quota``: without a cell, labelled ``baseline``).
 First its capacity is measured: ``--capacity-clients`` closed-loop clients for ``--capacity-s`` seconds, capacity
-= requests done per second, S = the mean service time the server reports. Then, for each setting, a fresh
-service takes the same Poisson schedule: ``--phases`` of (multiple of the capacity, seconds), by default 0.7x
-for 60 s, 1.5x for 60 s and 0.7x for 60 s, sent open loop (each request at its intended time, whatever the
-answers). Settings: ``none`` (no shedding), ``max-waiting`` (``--max-waiting N``, by default round(T / S), at
-least 1) and ``queue-delay`` (``--max-queue-delay-ms T``, by default 2 S).
+= requests done per second, S = the mean service time the server reports; every request of it is written to
+``capacity.csv``. Then ``--trials`` trials of every setting, interleaved (trial k of every setting, in a seeded
+order, before trial k+1 of any), each on a fresh service with the same Poisson schedule: ``--phases`` of
+(multiple of the capacity, seconds), by default 0.7x, 1.5x and 0.7x for 60 s each, sent open loop (each request
+at its intended time, whatever the answers), then a drain (no arrivals) until every request has ended.
+Settings: ``none`` (no shedding), ``max-waiting`` (``--max-waiting N``, by default round(T / S), at least 1) and
+``queue-delay`` (``--max-queue-delay-ms T``, by default 2 S).
 
-Per setting and phase: the offered rate, requests sent, done (ok), refused (503) and failed, the throughput
-(ok completions in the phase per second), the goodput (those whose TTFT met the SLO, by default T + S) and
-both against the capacity, and the p50/p99 TTFT of the admitted requests, timed from their intended send.
-Writes ``summary.csv``, ``requests.csv`` (every request), ``summary.md``, ``overload.png`` and the servers' logs;
-refuses to overwrite them without ``--force``.
+Each trial writes ``trials/<setting>_t<k>.csv`` (every request) and ``.json`` (its cell: commit and clean state,
+host, counts, ``complete``); ``plan.json`` holds the plan and the run order. The report
+(bench/overload_report.py) computes per trial and phase the throughput and goodput (completions ending in the
+phase; goodput: TTFT within the SLO, by default T + S) against the capacity and the p50/p99 TTFT of the
+admitted requests, timed from their intended send, and over trials their mean with a 95% interval. Refuses to
+overwrite an earlier run without ``--force``.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import csv
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,17 +37,19 @@ import threading
 import time
 
 from llm_psi import REPO
-from llm_psi.analysis import metrics
 from llm_psi.cli import OneLineParser, finite_number
 from llm_psi.load import arrivals, runner
+from llm_psi.load.cell_files import write_json
+from llm_psi.load.environment import environment
+
+from bench import overload_report as report
 
 SETTINGS = ("none", "max-waiting", "queue-delay")
 PROMPT = "Explain the theory of relativity."
-SUMMARY = ["setting", "phase", "multiple", "duration_s", "offered_rps", "sent", "ok", "refused", "failed",
-           "throughput_rps", "goodput_rps", "throughput_ratio", "goodput_ratio", "p50_ttft_s", "p99_ttft_s",
-           "slo_ttft_s", "capacity_rps", "service_s", "max_waiting", "max_queue_delay_ms"]
-REQUESTS = ["setting", "phase", "t_send_s", "status", "decision", "ttft_s", "e2e_s", "t_end_s", "error"]
-OUTPUTS = ("summary.csv", "requests.csv", "summary.md", "overload.png")
+OUTPUTS = ("plan.json", "capacity.csv", "capacity.json", "trials") + report.OUTPUTS
+LEGACY = ("requests.csv",)  # the one-trial run's file, removed by --force
+QUICK = dict(tiny=True, no_quota=True, capacity_s=3.0, phases=[(0.7, 3.0), (1.5, 3.0), (0.7, 3.0)],
+             max_new_tokens=4, progress_s=1.0)
 
 
 def parse_phases(text: str) -> list[tuple[float, float]]:
@@ -100,30 +107,31 @@ class Service:
         self.log.close()
 
 
-def measure_capacity(svc: Service, a) -> tuple[float, float]:
-    """(requests per second, mean service time s) from closed-loop clients over ``a.capacity_s``."""
+def measure_capacity(svc: Service, a) -> list[dict]:
+    """Every request of ``a.capacity_clients`` closed-loop clients over ``a.capacity_s`` (report.CAPACITY rows,
+    times from the start): capacity and S are computed from them (report.capacity_of)."""
     svc.send(a.max_new_tokens, 0)  # warm-up, not counted
-    done, service = [], []
+    rows = []
     t0 = time.monotonic()
     lock = threading.Lock()
 
     def client(k):
         i = 0
         while time.monotonic() - t0 < a.capacity_s:
+            t_send = time.monotonic() - t0
             out, srv = svc.send(a.max_new_tokens, 1000 * k + i)
+            ok = out.status == "ok"
+            row = {"client": k, "index": i, "t_send_s": t_send, "t_end_s": out.t_end - t0 if ok else None,
+                   "status": out.status, "service_s": srv["end"] - srv["start"] if ok else None}
             i += 1
             with lock:
-                if out.status == "ok":
-                    done.append(out.t_end)
-                    service.append(srv["end"] - srv["start"])
+                rows.append(row)
     threads = [threading.Thread(target=client, args=(k,)) for k in range(a.capacity_clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    if len(done) < 2:
-        raise RuntimeError(f"capacity: only {len(done)} requests finished in {a.capacity_s} s; raise --capacity-s")
-    return len(done) / (max(done) - t0), sum(service) / len(service)
+    return sorted(rows, key=lambda r: (r["t_send_s"], r["client"]))
 
 
 def build_schedule(phases, capacity: float, seed: int) -> list[tuple[float, int]]:
@@ -135,15 +143,16 @@ def build_schedule(phases, capacity: float, seed: int) -> list[tuple[float, int]
     return out
 
 
-def run_step(svc: Service, a, schedule, total_s: float) -> list[dict]:
-    """Send every request at its intended time (open loop); one row per request, times from the start."""
+def run_step(svc: Service, a, schedule, total_s: float, trial: int) -> list[dict]:
+    """Send every request at its intended time (open loop), then wait for every answer (the drain); one row
+    per request (report.REQUESTS), times from the start."""
     rows, lock = [], threading.Lock()
     pool = cf.ThreadPoolExecutor(max_workers=a.max_in_flight, thread_name_prefix="send")
     t0 = time.monotonic()
 
     def one(i, t_send, phase):
         out, _ = svc.send(a.max_new_tokens, 10_000 + i)
-        row = {"setting": svc.setting, "phase": phase, "t_send_s": t_send, "status": out.status,
+        row = {"setting": svc.setting, "trial": trial, "phase": phase, "t_send_s": t_send, "status": out.status,
                "decision": out.decision, "error": out.error[:120],
                "ttft_s": None if out.t_first_token is None else out.t_first_token - t0 - t_send,
                "e2e_s": None if out.t_end is None else out.t_end - t0 - t_send,
@@ -162,7 +171,7 @@ def run_step(svc: Service, a, schedule, total_s: float) -> list[dict]:
     pool.shutdown(wait=True)
     for f in futures:
         f.result()  # a bug in one() surfaces here
-    _progress(svc.setting, total_s, total_s, len(schedule), rows, lock)
+    _progress(svc.setting, time.monotonic() - t0, total_s, len(schedule), rows, lock)
     return sorted(rows, key=lambda r: r["t_send_s"])
 
 
@@ -174,118 +183,76 @@ def _progress(setting, t, total, sent, rows, lock) -> None:
           flush=True)
 
 
-def summarize(rows, phases, capacity, service_s, slo_s, knobs) -> list[dict]:
-    """One row per phase: throughput and goodput by completion time within the phase, TTFT by send time."""
-    out, start = [], 0.0
-    for k, (m, d) in enumerate(phases):
-        sent = [r for r in rows if r["phase"] == k]
-        ok_sent = [r for r in sent if r["status"] == "ok"]
-        done = [r for r in rows if r["status"] == "ok" and start <= r["t_end_s"] < start + d]
-        good = [r for r in done if r["ttft_s"] <= slo_s]
-        ttft = [r["ttft_s"] for r in ok_sent]
-        out.append({"setting": rows[0]["setting"] if rows else "", "phase": k, "multiple": m, "duration_s": d,
-                    "offered_rps": round(len(sent) / d, 4), "sent": len(sent), "ok": len(ok_sent),
-                    "refused": sum(r["status"] == "rejected" for r in sent),
-                    "failed": sum(r["status"] == "failed" for r in sent),
-                    "throughput_rps": round(len(done) / d, 4), "goodput_rps": round(len(good) / d, 4),
-                    "throughput_ratio": round(len(done) / d / capacity, 3),
-                    "goodput_ratio": round(len(good) / d / capacity, 3),
-                    "p50_ttft_s": round(metrics.percentile(ttft, 50), 3),
-                    "p99_ttft_s": round(metrics.percentile(ttft, 99), 3), "slo_ttft_s": round(slo_s, 3),
-                    "capacity_rps": round(capacity, 4), "service_s": round(service_s, 4), **knobs})
-        start += d
+def run_order(settings, trials: int, seed: int) -> list[tuple[str, int]]:
+    """[(setting, trial)]: trial k of every setting, in an order seeded by (seed, k), before trial k+1."""
+    out = []
+    for k in range(1, trials + 1):
+        names = list(settings)
+        random.Random(f"{seed}:{k}").shuffle(names)
+        out += [(s, k) for s in names]
     return out
 
 
-def write_outputs(out_dir, summary, requests, phases) -> None:
-    with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, SUMMARY)
-        w.writeheader()
-        w.writerows(summary)
-    with open(os.path.join(out_dir, "requests.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, REQUESTS)
-        w.writeheader()
-        w.writerows(requests)
-    first = summary[0]
-    lines = [f"Capacity {first['capacity_rps']} req/s (mean service {first['service_s']} s); T = "
-             f"{first['max_queue_delay_ms']} ms, max waiting {first['max_waiting']}; SLO TTFT <= "
-             f"{first['slo_ttft_s']} s (T + S). Ratios are to the capacity; TTFT of the admitted requests.", "",
-             "| setting | phase | load | sent | refused | throughput | goodput | p50 TTFT s | p99 TTFT s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in summary:
-        lines.append(f"| {r['setting']} | {r['phase']} | {r['multiple']}x | {r['sent']} | {r['refused']} | "
-                     f"{r['throughput_ratio']:.2f} | {r['goodput_ratio']:.2f} | {r['p50_ttft_s']:.2f} | "
-                     f"{r['p99_ttft_s']:.2f} |")
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    figure(os.path.join(out_dir, "overload.png"), summary, requests, phases)
+def _cell(a, what: dict, started: float) -> dict:
+    """A cell's metadata: what ran, the code's commit and clean state, the host, and when."""
+    label = "baseline" if a.no_quota else "limit1"
+    return {**what, "argv": sys.argv, "config": label, "cpu_quota_pct": None if a.no_quota else a.cpu_quota,
+            "tiny": a.tiny, "max_new_tokens": a.max_new_tokens, "start_wall": started,
+            "environment": environment({"served_by": "llm_server.py serve", "config": label, "tiny": a.tiny}),
+            "complete": False}
 
 
-def figure(path, summary, requests, phases) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    settings = [s for s in SETTINGS if any(r["setting"] == s for r in summary)]
-    for s in settings:
-        ok = [r for r in requests if r["setting"] == s and r["status"] == "ok"]
-        ax.scatter([r["t_send_s"] for r in ok], [r["ttft_s"] for r in ok], s=6, label=s)
-    edge = 0.0
-    for m, d in phases:
-        ax.axvspan(edge, edge + d, alpha=0.08 if m <= 1 else 0.2, color="grey")
-        ax.text(edge + d / 2, 1.0, f"{m}x", transform=ax.get_xaxis_transform(), ha="center", va="bottom")
-        edge += d
-    ax.axhline(summary[0]["slo_ttft_s"], ls="--", color="k", lw=0.8, label="SLO: T + S")
-    ax.set(xlabel="intended send time (s)", ylabel="TTFT of admitted requests (s)", yscale="log")
-    ax.legend(fontsize=8)
-    worst = max(range(len(phases)), key=lambda k: phases[k][0])
-    rows = [next(r for r in summary if r["setting"] == s and r["phase"] == worst) for s in settings]
-    x = range(len(settings))
-    bx.bar([i - 0.2 for i in x], [r["goodput_ratio"] for r in rows], 0.4, label="goodput / capacity")
-    bx.bar([i + 0.2 for i in x], [r["throughput_ratio"] for r in rows], 0.4, label="throughput / capacity")
-    bx.axhline(0.9, ls="--", color="k", lw=0.8)
-    top = max([1.2] + [1.15 * r[k] for r in rows for k in ("goodput_ratio", "throughput_ratio")])
-    bx.set(xticks=list(x), xticklabels=settings, ylim=(0, top * 1.1),
-           title=f"phase {worst} ({phases[worst][0]}x capacity)")
-    for i, r in enumerate(rows):
-        bx.text(i, top, f"p99 TTFT {r['p99_ttft_s']:.2f} s, {r['refused']} refused", ha="center", fontsize=8)
-    bx.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _counts(rows) -> dict:
+    by = lambda st: sum(r["status"] == st for r in rows)  # noqa: E731
+    return {"sent": len(rows), "ok": by("ok"), "rejected": by("rejected"), "failed": by("failed"),
+            "answered": sum(r["status"] in ("ok", "rejected", "failed") for r in rows)}
 
 
 def run(a) -> int:
-    """Capacity, then the step for every setting on a fresh service; the outputs once all are done."""
-    log = lambda name: os.path.join(a.out, f"server_{name}.log")  # noqa: E731
+    """Capacity, then every trial of every setting, interleaved, each on a fresh service; the report last."""
+    log = lambda name: os.path.join(a.out, "trials", f"server_{name}.log")  # noqa: E731
+    os.makedirs(os.path.join(a.out, "trials"), exist_ok=True)
+    cell = _cell(a, {"run": "capacity", "clients": a.capacity_clients, "seconds": a.capacity_s}, time.time())
+    write_json(os.path.join(a.out, "capacity.json"), cell)
     svc = Service(a, "capacity", [], log("capacity"))
     try:
-        capacity, service_s = measure_capacity(svc, a)
+        rows = measure_capacity(svc, a)
     finally:
         svc.stop()
+    report.write_csv(os.path.join(a.out, "capacity.csv"), report.CAPACITY, rows)
+    capacity, service_s = report.capacity_of(os.path.join(a.out, "capacity.csv"))
+    write_json(os.path.join(a.out, "capacity.json"), {**cell, "counts": _counts(rows), "end_wall": time.time(),
+                                                      "complete": True})
     delay_ms = a.max_queue_delay_ms or round(2000 * service_s)
-    knobs = {"max_waiting": a.max_waiting or max(1, round(delay_ms / 1000 / service_s)),
-             "max_queue_delay_ms": delay_ms}
+    max_waiting = a.max_waiting or max(1, round(delay_ms / 1000 / service_s))
     slo_s = a.slo_ms / 1000 if a.slo_ms else delay_ms / 1000 + service_s
+    order = run_order(a.settings, a.trials, a.seed)
+    write_json(os.path.join(a.out, "plan.json"), {
+        "phases": a.phases, "settings": a.settings, "trials": a.trials, "seed": a.seed, "order": order,
+        "max_queue_delay_ms": delay_ms, "max_waiting": max_waiting, "slo_ttft_s": slo_s})
     print(f"capacity {capacity:.3f} req/s, mean service {service_s:.3f} s; T {delay_ms} ms, max waiting "
-          f"{knobs['max_waiting']}, SLO TTFT {slo_s:.3f} s", file=sys.stderr, flush=True)
+          f"{max_waiting}, SLO TTFT {slo_s:.3f} s", file=sys.stderr, flush=True)
     schedule = build_schedule(a.phases, capacity, a.seed)
     total_s = sum(d for _, d in a.phases)
-    extra = {"none": [], "max-waiting": ["--max-waiting", str(knobs["max_waiting"])],
+    extra = {"none": [], "max-waiting": ["--max-waiting", str(max_waiting)],
              "queue-delay": ["--max-queue-delay-ms", str(delay_ms)]}
-    summary, requests = [], []
-    for setting in a.settings:
-        print(f"{setting}: {len(schedule)} requests over {total_s:.0f} s", file=sys.stderr, flush=True)
-        svc = Service(a, setting, extra[setting], log(setting))
+    for n, (setting, k) in enumerate(order, 1):
+        print(f"[{n}/{len(order)}] {setting} trial {k}: {len(schedule)} requests over {total_s:.0f} s, then the "
+              "drain", file=sys.stderr, flush=True)
+        stem = os.path.join(a.out, "trials", f"{setting}_t{k}")
+        cell = _cell(a, {"setting": setting, "trial": k, "run_index": n, "phases": a.phases}, time.time())
+        write_json(stem + ".json", cell)
+        svc = Service(a, setting, extra[setting], log(f"{setting}_t{k}"))
         try:
             svc.send(a.max_new_tokens, 0)  # warm-up, not counted
-            rows = run_step(svc, a, schedule, total_s)
+            rows = run_step(svc, a, schedule, total_s, k)
         finally:
             svc.stop()
-        requests += rows
-        summary += summarize(rows, a.phases, capacity, service_s, slo_s, knobs)
-    write_outputs(a.out, summary, requests, a.phases)
-    print(open(os.path.join(a.out, "summary.md")).read(), end="")
+        report.write_csv(stem + ".csv", report.REQUESTS, rows)
+        counts = _counts(rows)
+        write_json(stem + ".json", {**cell, "counts": counts, "end_wall": time.time(),
+                                    "complete": counts["answered"] == len(schedule)})
+    print(report.report(a.out), end="")
     return 0
 
 
@@ -294,6 +261,12 @@ def build_parser():
     count = finite_number(int, ge=1)
     p.add_argument("--out", default=os.path.join("results", "overload"), help="output folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace existing outputs")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite summary.csv, summary.md, trials.csv and overload.png from the folder's files")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: tiny model, no quota, 3 s capacity, phases 0.7:3,1.5:3,0.7:3, 4 tokens "
+                        "(options given explicitly win)")
+    p.add_argument("--trials", type=count, default=3, help="trials of every setting (default: %(default)s)")
     p.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
     p.add_argument("--no-quota", action="store_true", help="run the service without a cell (no root needed)")
     p.add_argument("--cpu-quota", type=finite_number(float, gt=0), default=50.0,
@@ -345,17 +318,32 @@ def _on_sigterm(signum, frame):
 def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
+    if a.report_only:
+        try:
+            print(report.report(a.out), end="")
+        except (OSError, ValueError, KeyError) as e:
+            print(f"python -m bench.overload: error: cannot report {a.out}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if a.quick:  # the smoke test's values, where the options were left at their defaults
+        for k, v in QUICK.items():
+            if getattr(a, k) == p.get_default(k):
+                setattr(a, k, v)
     if not a.no_quota and os.geteuid() != 0:
         p.error("the quota cell needs root (sudo .venv/bin/python -m bench.overload), or pass --no-quota")
-    existing = [f for f in OUTPUTS if os.path.exists(os.path.join(a.out, f))]
+    existing = [f for f in OUTPUTS + LEGACY if os.path.exists(os.path.join(a.out, f))]
     if existing and not a.force:
         p.error(f"{a.out} already holds {', '.join(existing)}; pass --force to replace them")
+    for f in existing:
+        path = os.path.join(a.out, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(a.out, exist_ok=True)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return run(a)
     except KeyboardInterrupt:
-        print("python -m bench.overload: interrupted; nothing written", file=sys.stderr)
+        print("python -m bench.overload: interrupted; the trials written so far are marked complete or not in "
+              "their JSON", file=sys.stderr)
         return 130
     except (OSError, RuntimeError, ValueError) as e:
         print(f"python -m bench.overload: error: {type(e).__name__}: {e}", file=sys.stderr)
