@@ -27,6 +27,11 @@ COLUMNS = ["trial", "request_id", "config", "concurrency", "prompt_id", "prompt_
            "queue_ms", "defer_ms", "sched_ms", "service_ms", "ttft_ms", "tpot_ms", "e2e_ms", "lateness_ms"]
 
 
+def probe_path(stem: str) -> str:
+    """The cell's probe samples (trial, t_s, wake_ms, delay_ms per period), written where a probe ran."""
+    return stem + "_probe.csv"
+
+
 def check_output(path: str) -> None:
     """Fail early, before loading the model, if the output cannot be written; leaves nothing behind."""
     parent = os.path.dirname(os.path.abspath(path))
@@ -80,11 +85,12 @@ class CellFiles:
     def __init__(self, cfg):
         self.cfg = cfg
         self.csv, self.json, self.timeline = cfg.output, cfg.stem + ".json", cfg.stem + "_timeline.csv"
+        self.probe = probe_path(cfg.stem)
         self.meta = None      # the existing cell's metadata, when resuming
         self.done = set()     # its finished trials
 
     def existing(self) -> list[str]:
-        return [p for p in (self.csv, self.json, self.timeline) if os.path.exists(p)]
+        return [p for p in (self.csv, self.json, self.timeline, self.probe) if os.path.exists(p)]
 
     def plan(self) -> list[int]:
         """The trials this run will run; raises UsageError where the cell exists and may not be touched."""
@@ -122,7 +128,7 @@ class CellFiles:
             meta = self.meta
             meta["trials"] = [t for t in meta.get("trials", []) if t.get("trial") in self.done]
             meta.setdefault("resumed", []).append({"at": base_meta["start_wall"], "argv": base_meta["argv"]})
-            for path in (self.csv, self.timeline):  # drop the rows of unfinished trials
+            for path in (self.csv, self.timeline, self.probe):  # drop the rows of unfinished trials
                 self._keep_trials(path)
         meta.update(complete=False, interrupted=False, trials_planned=self.cfg.trials)
         return meta

@@ -21,6 +21,7 @@ CLI: python cotenant.py --antagonist cpu:2 --seconds 10 [--antagonist-quota PCT]
 co-tenant alone and prints one JSON line, its reference throughput (mean units/s, the per-second series, CPU s).
 """
 import atexit
+import csv
 import json
 import math
 import mmap
@@ -362,7 +363,8 @@ def main(argv=None):
             except KeyboardInterrupt:
                 interrupted = True
             elapsed, units, cpu_s = time.monotonic() - t0, co.units(), co.cpu_usage_s()
-            delays = probe.summarize(co.probe_records()[0]) if co.probe_spec else None
+            records = co.probe_records()[0]
+            delays = probe.summarize(records) if co.probe_spec else None
     except KeyboardInterrupt:
         log("cotenant: interrupted while starting or stopping; stopped")
         return 130
@@ -378,7 +380,26 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             f.write(line + "\n")
+        write_samples(os.path.splitext(args.json)[0], result["series"], records if co.probe_spec else None, t0)
     return 130 if interrupted else 0
+
+
+SERIES = ["t_s", "units", "units_per_s", "cpu_s", "cpu_share"]
+
+
+def write_samples(stem: str, series, records, t0: float) -> None:
+    """The raw samples behind the reference's summary, beside its JSON: <stem>_throughput.csv (per second: the
+    cumulative units, from which the JSON's units_per_s = units / elapsed_s, and the rates) and, with a probe,
+    <stem>_probe.csv (its per-period wake and completion delays, whose p50/p99 the JSON holds)."""
+    with open(stem + "_throughput.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, SERIES, extrasaction="ignore")
+        w.writeheader()
+        w.writerows({k: "" if r.get(k) is None else r[k] for k in SERIES} for r in series)
+    if records is not None:
+        path = stem + "_probe.csv"
+        if os.path.exists(path):
+            os.remove(path)
+        probe.write_samples(path, records, t0)
 
 
 if __name__ == "__main__":

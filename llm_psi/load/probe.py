@@ -10,12 +10,15 @@ counting the pause as delay.
 """
 from __future__ import annotations
 
+import csv
+import gzip
 import math
 import mmap
 import os
 import sys
 import time
 
+SAMPLES = ["trial", "t_s", "wake_ms", "delay_ms"]  # the per-period samples' CSV, times from the run's t0
 RING = 1 << 16            # records kept; older ones are overwritten (the reader reads far more often)
 HEADER = 2                # [generation, records written]
 FIELDS = 3                # a record: scheduled time (CLOCK_MONOTONIC, us), wake delay (us), completion delay (us)
@@ -95,6 +98,18 @@ def summarize(records) -> dict:
     wake, done = [r[1] for r in records], [r[2] for r in records]
     return {"n": len(records), "wake_p50_ms": percentile(wake, 50), "wake_p99_ms": percentile(wake, 99),
             "delay_p50_ms": percentile(done, 50), "delay_p99_ms": percentile(done, 99)}
+
+
+def write_samples(path: str, records, t0: float, trial=None) -> None:
+    """Append the per-period (t_s, wake_ms, done_ms) records to a CSV (gzip where the path ends .gz), t_s from
+    t0, one row per period, so a summary's p50/p99 can be recomputed; the header goes to a new file only."""
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "at", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(SAMPLES)
+        w.writerows(("" if trial is None else trial, round(t - t0, 6), wake, done) for t, wake, done in records)
 
 
 def _spin(work_s):

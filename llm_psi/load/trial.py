@@ -247,8 +247,12 @@ def run_trial(cfg: RunConfig, client, prompts, sink, trial: int, stop, probe, te
             if tenant_rate is not None:
                 record["cotenant"] = cotenant_summary(tenant_rate.stop())
                 if tenant.probe_spec:
-                    record["cotenant"].update(probe_phases(tenant.probe_records(probe_start)[0], t.t0,
-                                                           cfg.antagonist_schedule))
+                    records = tenant.probe_records(probe_start)[0]
+                    record["cotenant"].update(probe_phases(records, t.t0, cfg.antagonist_schedule))
+                    # the per-period samples behind those summaries, beside the cell (cell_files.probe_path)
+                    from llm_psi.load.cell_files import probe_path
+                    from llm_psi.load.probe import write_samples
+                    write_samples(probe_path(cfg.stem), records, t.t0, trial)
             after = probe.counters()
             record.update(wall_s=wall, peak_in_flight=t.peak_in_flight, counts=dict(t.counts), deadline_hit=t.cut,
                           cgroup_delta=counter_delta(before, after))

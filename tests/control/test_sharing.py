@@ -155,6 +155,37 @@ def test_probe_ring_and_summary():
         ring.close_fd()
 
 
+def test_probe_samples_are_written_as_csv_and_recompute_the_summary(tmp_path):
+    """The per-period samples behind a probe summary go to a CSV (gzip for .gz), appended per trial with one
+    header, times from the run's t0; their percentiles are the summary's."""
+    records = [(100.0 + i / 10, i / 7, i / 3) for i in range(50)]
+    for name in ("p.csv", "p.csv.gz"):
+        path = str(tmp_path / name)
+        probe.write_samples(path, records[:20], t0=100.0, trial=1)
+        probe.write_samples(path, records[20:], t0=100.0, trial=2)
+        got = pd.read_csv(path)
+        assert list(got.columns) == probe.SAMPLES and len(got) == 50 and list(got["trial"].unique()) == [1, 2]
+        assert got["t_s"].iloc[10] == pytest.approx(1.0)
+        again = probe.summarize(list(zip(got["t_s"], got["wake_ms"], got["delay_ms"])))
+        assert again == pytest.approx(probe.summarize(records))
+
+
+def test_the_reference_run_writes_its_throughput_and_probe_samples(tmp_path):
+    series = [{"t_s": 1.0, "units": 900, "units_per_s": 900.0, "cpu_s": 2.0, "cpu_share": 2.0},
+              {"t_s": 2.0, "units": 1900, "units_per_s": 1000.0, "cpu_s": None, "cpu_share": None}]
+    stem = str(tmp_path / "x_reference")
+    cotenant.write_samples(stem, series, [(5.5, 0.1, 10.2), (5.6, 0.2, 11.0)], t0=5.0)
+    tp = pd.read_csv(stem + "_throughput.csv")
+    assert list(tp["units"]) == [900, 1900] and tp["cpu_s"].isna().tolist() == [False, True]
+    pr = pd.read_csv(stem + "_probe.csv")
+    assert pr["delay_ms"].tolist() == [10.2, 11.0] and pr["t_s"].tolist() == pytest.approx([0.5, 0.6])
+    cotenant.write_samples(stem, series, [(5.7, 0.3, 12.0)], t0=5.0)  # a re-run replaces, never appends
+    assert pd.read_csv(stem + "_probe.csv")["delay_ms"].tolist() == [12.0]
+    os.remove(stem + "_probe.csv")
+    cotenant.write_samples(stem, series, None, t0=5.0)  # burners alone: no probe file
+    assert not os.path.exists(stem + "_probe.csv")
+
+
 def test_probe_cotenant_records_delays_and_pauses(fake_cgroupfs):
     co = cotenant.Cotenant("cpu:1+probe:20:2", name="shr_test_probe", log=lambda m: None)
     with co:
@@ -367,3 +398,7 @@ def test_a_probe_cell_records_its_delays_in_json_and_timeline(generate, fake_cgr
     assert set(tl["cotenant_on"]) == {0, 1}
     assert tl.loc[tl["cotenant_on"] == 1, "probe_delay_p99_ms"].notna().any()
     assert tl.loc[tl["t_s"] < 0.9, "probe_delay_p99_ms"].isna().all()
+    samples = pd.read_csv(str(out)[:-4] + "_probe.csv")  # the raw samples beside the cell recompute the JSON's
+    assert len(samples) == co["probe"]["n"] and set(samples["trial"]) == {1}
+    with_phase = samples[(samples["t_s"] >= 1) & (samples["t_s"] < 3)]
+    assert probe.percentile(list(with_phase["delay_ms"]), 99) == pytest.approx(co["probe_phases"]["with"]["delay_p99_ms"])
