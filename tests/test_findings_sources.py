@@ -26,7 +26,6 @@ EXEMPT = {
     "Who dominates the static quota": "ratios of summary.csv's means (4.18x, 13.42x) and counts of trials",
     "Our controller reacts": "the e2e p95 of the after phase and 3.30x are not in summary.csv's rows quoted",
     "Why `share_batch` missed the SLO": "sums of usage_usec over cgroup_runs and spans of per-request rows",
-    "Recommendation.": "ratios of summary.csv's means (4.18x) and a Welch interval over per-trial JSON values",
 }
 
 NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(%?)(?![\da-wyzA-Z_])")  # 4.18x, not a hash like 2019a1e
