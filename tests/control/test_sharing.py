@@ -402,3 +402,16 @@ def test_a_probe_cell_records_its_delays_in_json_and_timeline(generate, fake_cgr
     assert len(samples) == co["probe"]["n"] and set(samples["trial"]) == {1}
     with_phase = samples[(samples["t_s"] >= 1) & (samples["t_s"] < 3)]
     assert probe.percentile(list(with_phase["delay_ms"]), 99) == pytest.approx(co["probe_phases"]["with"]["delay_p99_ms"])
+
+
+def test_a_cells_probe_samples_belong_to_the_cell(tmp_path):
+    """--force replaces the probe samples with the cell, and a leftover one counts as the cell existing."""
+    from types import SimpleNamespace
+    from llm_psi.load.cell_files import CellFiles, probe_path
+    cfg = SimpleNamespace(output=str(tmp_path / "x_c1.csv"), stem=str(tmp_path / "x_c1"), trial=None, trials=2,
+                          force=True, resume=False)
+    probe.write_samples(probe_path(cfg.stem), [(1.0, 0.1, 10.0)], t0=0.0, trial=1)
+    cell = CellFiles(cfg)
+    assert cell.existing() == [str(tmp_path / "x_c1_probe.csv")] and cell.plan() == [1, 2]
+    cell.open({"start_wall": 0, "argv": []})
+    assert not os.path.exists(probe_path(cfg.stem))
