@@ -1,7 +1,7 @@
 """The controller sweep: every further configuration beside cgroups-only under the paper's quota, in one
 interleaved sweep, and its table with intervals over trials.
 
-    sudo .venv/bin/python -m bench.controllers --results-dir results/controllers  # the committed sweep (~100 min)
+    sudo .venv/bin/python -m bench.controllers --results-dir results/controllers  # the committed sweep (~115 min)
     .venv/bin/python -m bench.controllers --from-results results/controllers      # the table from existing cells
 
 The sweep runs through run_experiments.sh (inside the service cgroup, torn down on every exit path, trials
