@@ -42,12 +42,14 @@ import sys
 import tempfile
 import time
 
+from bench import engines_capacity
 from llm_psi import REPO
 from llm_psi.cli import OneLineParser, finite_number, int_list, word_list
 
 PROG = "python -m bench.engines"
-ENGINES = ("ours", "hf-generate", "onnxruntime", "ctranslate2")
+ENGINES = ("ours", "ours-ort", "hf-generate", "onnxruntime", "ctranslate2")
 OURS = [("float32", "none"), ("bfloat16", "none"), ("float32", "int8")]
+OURS_ORT = [("float32", "none"), ("float32", "int8")]   # our engine on ONNX Runtime's forward (--engine ort)
 PROMPT = "Explain the theory of relativity."
 QUOTA_PCT = 50
 OUTPUTS = ("summary.csv", "runs.csv", "accuracy.csv", "roofline.json", "table.md", "engines.png")
@@ -74,6 +76,7 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="overwrite existing outputs (default: refuse)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--inner", metavar="JSON", help=argparse.SUPPRESS)  # the run under the quota writes here
+    engines_capacity.add_options(p)
     return p
 
 
@@ -84,7 +87,8 @@ def log(args, text):
 
 def settings(engines) -> list[tuple[str, str, str]]:
     from llm_psi.engine.peers import SETTINGS
-    return [(e, d, q) for e in engines for d, q in (OURS if e == "ours" else SETTINGS[e])]
+    table = {"ours": OURS, "ours-ort": OURS_ORT}
+    return [(e, d, q) for e in engines for d, q in table.get(e) or SETTINGS[e]]
 
 
 def timed(fn):
@@ -99,15 +103,17 @@ def our_engine(tiny: bool, dtype: str, quantize: str, kind: str = "loop"):
     extra = {k: v for k, v in (("dtype", dtype), ("quantize", quantize)) if v not in ("float32", "none")}
     try:
         return make_engine(kind, tiny=tiny, seed=0, torch_threads=1, **extra)
+    except ImportError as e:      # the ort engine without onnxruntime
+        raise Skip(str(e)) from None
     except (TypeError, ValueError) as e:
         raise Skip(f"the engine rejects dtype={dtype} quantize={quantize} ({type(e).__name__}: {e})") from None
 
 
 def runner(engine: str, dtype: str, quantize: str, tiny: bool):
     """A callable (batch, tokens, seed) -> new tokens for one setting; Skip where it cannot run."""
-    if engine == "ours":
+    if engine in ("ours", "ours-ort"):
         from bench.batching import run_batch
-        eng = our_engine(tiny, dtype, quantize)
+        eng = our_engine(tiny, dtype, quantize, kind="ort" if engine == "ours-ort" else "loop")
 
         def run(batch, tokens, seed):
             if batch == 1:
@@ -178,7 +184,8 @@ def run_under_quota(args, argv) -> tuple[list[dict], list[str], str | None]:
 def check_outputs(args):
     if not os.path.isdir(args.output_dir) and os.path.exists(args.output_dir):
         raise SystemExit(f"{PROG}: error: {args.output_dir} is not a directory")
-    for name in OUTPUTS:
+    names = (() if args.capacity_only else OUTPUTS) + (() if args.no_capacity else engines_capacity.OUTPUTS)
+    for name in names:
         path = os.path.join(args.output_dir, name)
         if os.path.exists(path) and not args.force:
             print(f"{PROG}: error: {path} exists; use --force to overwrite it", file=sys.stderr)
@@ -194,6 +201,11 @@ def main(argv=None) -> int:
             setattr(args, name, quick if args.quick else full)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"   # before torch is imported
+    engines_capacity.defaults(args)
+    bad = engines_capacity.check(args)
+    if bad:
+        print(f"{PROG}: error: {bad}", file=sys.stderr)
+        return 2
     import torch
     torch.set_num_threads(1)
     if args.inner:
@@ -203,6 +215,9 @@ def main(argv=None) -> int:
             json.dump({"rows": rows, "skipped": skipped, "quota_cores": cgroups.cpu_quota_cores()}, f)
         return 0
     check_outputs(args)
+    if args.capacity_only:
+        print("\n".join(capacity(args)))
+        return 0
     from bench import engines_report, roofline
     log(args, "measuring the roofline (bandwidth, matmul peaks)")
     roof = roofline.measure(args.tiny)
@@ -216,12 +231,31 @@ def main(argv=None) -> int:
     if why:
         print(f"{PROG}: rows under the quota skipped: {why}", file=sys.stderr)
     log(args, f"accuracy guard over {args.guard_steps} steps")
-    guard = engines_report.accuracy_guard(args.tiny, args.guard_steps, our_engine)
+    guard = engines_report.accuracy_guard(args.tiny, args.guard_steps, our_engine, ort="ours-ort" in args.engines)
     os.makedirs(args.output_dir, exist_ok=True)
     skipped = list(dict.fromkeys(skipped + quota_skipped))
     table = engines_report.write(args, rows + quota_rows, skipped, why, roof, guard)
+    if not args.no_capacity:
+        table += "\n".join(["", *capacity(args), ""])
+        with open(os.path.join(args.output_dir, "table.md"), "w") as f:
+            f.write(table)
     print(table, end="")
     return 0
+
+
+def capacity(args) -> list[str]:
+    """The capacity study (bench/engines_capacity.py) under the quota as root, else unconstrained (said so);
+    writes its files and capacity.md; returns the lines of its table."""
+    constrained = not args.no_quota and os.geteuid() == 0
+    if not constrained:
+        print(f"{PROG}: capacity measured without the quota: {'--no-quota given' if args.no_quota else 'not root'}",
+              file=sys.stderr)
+    os.makedirs(args.output_dir, exist_ok=True)
+    caps, probes = engines_capacity.measure(args, constrained, lambda text: log(args, text))
+    lines = engines_capacity.write(args, caps, probes)
+    with open(os.path.join(args.output_dir, "capacity.md"), "w") as f:
+        f.write("\n".join(lines + [""]))
+    return lines
 
 
 if __name__ == "__main__":
