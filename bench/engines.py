@@ -2,12 +2,13 @@
 
     python -m bench.engines                          # full run (long): results/engines/
     python -m bench.engines --quick --tiny --output-dir /tmp/e --no-quota
+    python -m bench.engines --capacity-only --force  # only the capacity over HTTP (bench/engines_capacity.py)
 
 In one run, on one thread (torch, OpenMP, MKL, ONNX Runtime and CTranslate2 all set to 1):
 
 - engines: ``ours`` (the decode loop at batch 1, the continuous-batching engine above it: b simultaneous
-  requests), ``hf-generate`` (Hugging Face ``generate()`` on a static batch), ``onnxruntime`` (past KV) and
-  ``ctranslate2``, all on our seeded GPT-2 weights (``llm_psi.engine.peers``; their packages come from
+  requests), ``ours-ort`` (the same with ONNX Runtime as the forward, ``--engine ort``), ``hf-generate``
+  (Hugging Face ``generate()`` on a static batch), ``onnxruntime`` (past KV) and ``ctranslate2``, all on our seeded GPT-2 weights (``llm_psi.engine.peers``; their packages come from
   bench/requirements-peers.txt, and a peer that is missing is skipped with the reason; the saved and
   converted weights are kept in $LLM_PSI_PEER_CACHE, default <tmp>/llm-psi-peers, for the next run);
 - settings: ours float32, bfloat16 and int8 (the engine's ``dtype``/``quantize`` options; an engine without
@@ -26,11 +27,17 @@ In one run, on one thread (torch, OpenMP, MKL, ONNX Runtime and CTranslate2 all 
   roofline;
 - the accuracy guard of ours in bfloat16 and int8 against float32, over --guard-steps teacher-forced steps
   (the float32 greedy continuation): the largest absolute logit difference, and the share of steps whose
-  greedy token equals float32's. Random weights say little about quality: that needs real weights.
+  greedy token equals float32's (and ours-ort, float32 and int8, by llm_psi.engine.accuracy). Random weights
+  say little about quality: that needs real weights;
+- the service's capacity over HTTP (unless --no-capacity; bench/engines_capacity.py): ``llm_server.py serve
+  --config batch`` with today's engine (``ours``, --engine loop) and the new default (``ours-ort``), under the
+  quota as root, probed by the load generator at Poisson rates; the highest rate whose p95 TTFT and p95
+  end-to-end time stay within --slo, per trial, mean and 95% interval over --capacity-trials.
 
 Writes, in --output-dir: summary.csv (engine, dtype, quantize, batch, constrained, tokens_per_cpu_s,
 roofline_tokens_per_cpu_s, roofline_fraction), runs.csv (every timed run: wall and CPU seconds), accuracy.csv,
-roofline.json, table.md and engines.png.
+roofline.json, table.md and engines.png; capacity.csv (engine, slo, capacity_rps, ci_lo, ci_hi, n_trials),
+capacity_probes.csv and capacity.md.
 """
 from __future__ import annotations
 

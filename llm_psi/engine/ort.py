@@ -71,8 +71,8 @@ def cache_key(model, quantize: str) -> str:
                          "config": model.config.to_dict()}, sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-                 if t.dim() else t.detach().cpu().numpy().tobytes())
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(t.view(torch.uint8).numpy())   # the bytes, without a copy
     return h.hexdigest()[:24]
 
 

@@ -63,6 +63,7 @@ def test_same_seed_same_tokens_whatever_the_batch_mates(engine):
     assert [g.text for g in mixed] != [mixed[1].text] * 4
 
 
+@pytest.mark.slow
 def test_export_cache_reused_and_rebuilt_when_weights_change(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_PSI_PEER_CACHE", str(tmp_path))
     calls = []
