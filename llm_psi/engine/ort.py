@@ -21,7 +21,9 @@ the output head included. Both graphs go into ``<cache root>/ort/<key>/`` (cache
 default ``<tmp>/llm-psi-peers``), where ``key`` is a SHA-256 over the model's config, every weight's bytes, the
 quantization, the export's own version and the versions of torch, onnx and onnxruntime: changed weights or
 software get a new directory, never a stale graph. A directory appears only complete (written aside, then
-renamed), so concurrent processes may race to build it.
+renamed), so concurrent processes may race to build it. A service exports on its first start (minutes for
+the 124M model under the paper's quota); ``python -m llm_psi.engine.accuracy --full`` exports ahead (it runs
+the ort engine in float32 and int8 from seed 0, as ``serve`` and the batching presets do).
 
 The KV cache lives in ONNX Runtime's own tensors (``OrtValue``): a step's ``present`` outputs are the next
 step's ``past`` inputs, run through ``run_with_ort_values`` (IO binding without copies to numpy; only the
