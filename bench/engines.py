@@ -8,7 +8,8 @@ In one run, on one thread (torch, OpenMP, MKL, ONNX Runtime and CTranslate2 all 
 
 - engines: ``ours`` (the decode loop at batch 1, the continuous-batching engine above it: b simultaneous
   requests), ``ours-ort`` (the same with ONNX Runtime as the forward, ``--engine ort``), ``hf-generate``
-  (Hugging Face ``generate()`` on a static batch), ``onnxruntime`` (past KV) and ``ctranslate2``, all on our seeded GPT-2 weights (``llm_psi.engine.peers``; their packages come from
+  (Hugging Face ``generate()`` on a static batch), ``onnxruntime`` (past KV) and ``ctranslate2``, all on
+  our seeded GPT-2 weights (``llm_psi.engine.peers``; their packages come from
   bench/requirements-peers.txt, and a peer that is missing is skipped with the reason; the saved and
   converted weights are kept in $LLM_PSI_PEER_CACHE, default <tmp>/llm-psi-peers, for the next run);
 - settings: ours float32, bfloat16 and int8 (the engine's ``dtype``/``quantize`` options; an engine without

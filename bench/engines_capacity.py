@@ -52,12 +52,15 @@ def add_options(p) -> None:
                    help="the service's --config (default: %(default)s, continuous batching)")
     g.add_argument("--slo", default="ttft:1000,e2e:6000",
                    help="p95 bounds a probe must meet, ms (default: %(default)s)")
-    g.add_argument("--capacity-trials", type=finite_number(int, ge=1), help="trials per engine (default: 3; --quick: 2)")
+    g.add_argument("--capacity-trials", type=finite_number(int, ge=1),
+                   help="trials per engine (default: 3; --quick: 2)")
     g.add_argument("--capacity-requests", type=finite_number(int, ge=2),
                    help="requests per probe (default: 40; --quick: 6)")
-    g.add_argument("--capacity-tokens", type=finite_number(int, ge=1), help="new tokens per request (default: 20; --quick: 4)")
+    g.add_argument("--capacity-tokens", type=finite_number(int, ge=1),
+                   help="new tokens per request (default: 20; --quick: 4)")
     g.add_argument("--capacity-start-rps", type=finite_number(float, gt=0), help="first rate (default: 1; --quick: 4)")
-    g.add_argument("--capacity-max-rps", type=finite_number(float, gt=0), help="highest rate tried (default: 32; --quick: 4)")
+    g.add_argument("--capacity-max-rps", type=finite_number(float, gt=0),
+                   help="highest rate tried (default: 32; --quick: 4)")
     g.add_argument("--capacity-bisections", type=finite_number(int, ge=0),
                    help="halvings of the interval between the highest pass and the lowest fail "
                         "(default: 3; --quick: 1)")
@@ -181,7 +184,8 @@ def probe(args, server: Server, rate: float, seed: int, workdir: str) -> dict:
     out = os.path.join(workdir, f"{server.engine}_{seed}_{rate:g}.csv")
     deadline = args.capacity_requests / rate + 3 * max(slo.values()) / 1000
     cmd = [sys.executable, os.path.join(REPO, "request_generator.py"), "--target", server.url, "--wait-ready-s",
-           "900", *server.options, "--arrival", "poisson", "--rate", f"{rate:g}", "--num-requests", str(args.capacity_requests),
+           "900", *server.options, "--arrival", "poisson", "--rate", f"{rate:g}",
+           "--num-requests", str(args.capacity_requests),
            "--max-new-tokens", str(args.capacity_tokens), "--slo", args.slo, "--seed", str(seed),
            "--deadline-s", f"{deadline:.1f}", "--trials", "1", "--output", out, "--force", "--quiet"]
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

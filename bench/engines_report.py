@@ -180,7 +180,8 @@ def markdown(args, summary, skipped, why, roof, costs, guard) -> str:
              "| engine | dtype | quantize | steps | largest abs logit diff | greedy tokens equal | source |",
              "| --- | --- | --- | ---: | ---: | ---: | --- |"]
     for g in guard:
-        tail.append(f"| {g['engine']} | {g['dtype']} | {g['quantize']} | {g['steps']} | {_fmt(g['max_abs_logit_diff'], '.4g')} | "
+        tail.append(f"| {g['engine']} | {g['dtype']} | {g['quantize']} | {g['steps']} | "
+                    f"{_fmt(g['max_abs_logit_diff'], '.4g')} | "
                     f"{_fmt(g['greedy_agreement'], '.0%')} | {g['source']}{' ' + g['note'] if g['note'] else ''} |")
     tail += ["", "Teacher-forced on the float32 greedy continuation. Random weights give near-flat logits; "
                  "judging quality needs real weights (--model)."]

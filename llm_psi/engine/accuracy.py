@@ -81,7 +81,8 @@ def table(rows: list[dict]) -> str:
     lines = [f"{'engine':<6} {'dtype':<9} {'quantize':<8} {'steps':>5} {'max |dlogit|':>12} {'greedy agree':>12} "
              f"{'max |logit| f32':>15} {'guard':>5}"]
     for r in rows:
-        lines.append(f"{r.get('engine', 'loop'):<6} {r['dtype']:<9} {r['quantize']:<8} {r['steps']:>5} {r['max_abs_logit_diff']:>12.4g} "
+        lines.append(f"{r.get('engine', 'loop'):<6} {r['dtype']:<9} {r['quantize']:<8} {r['steps']:>5} "
+                     f"{r['max_abs_logit_diff']:>12.4g} "
                      f"{r['greedy_agreement']:>12.1%} {r['max_abs_logit_float32']:>15.4g} "
                      f"{'ok' if r['within_guard'] else 'FAIL':>5}")
     return "\n".join(lines)

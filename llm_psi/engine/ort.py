@@ -20,8 +20,10 @@ tensor; activations quantized per call, per tensor over the whole batch, as torc
 the output head included. Reproducibility as in ``batch``: each request samples from its own seeded
 generator; in float32 its logits equal the unbatched engine's within float tolerance, in int8 within the
 rounding of an activation scale shared with its batch mates, so its tokens equal the unbatched engine's
-unless that flips a sample (the tests see identical tokens in both). Both graphs go into ``<cache root>/ort/<key>/`` (cache root: ``$LLM_PSI_PEER_CACHE``,
-default ``<tmp>/llm-psi-peers``), where ``key`` is a SHA-256 over the model's config, every weight's bytes, the
+unless that flips a sample (the tests see identical tokens in both).
+
+Both graphs go into ``<cache root>/ort/<key>/`` (cache root: ``$LLM_PSI_PEER_CACHE``, default
+``<tmp>/llm-psi-peers``), where ``key`` is a SHA-256 over the model's config, every weight's bytes, the
 quantization, the export's own version and the versions of torch, onnx and onnxruntime: changed weights or
 software get a new directory, never a stale graph. A directory appears only complete (written aside, then
 renamed), so concurrent processes may race to build it. A service exports on its first start (minutes for
