@@ -2,12 +2,14 @@
 
     python -m bench.engines                          # full run (long): results/engines/
     python -m bench.engines --quick --tiny --output-dir /tmp/e --no-quota
+    python -m bench.engines --capacity-only --force  # only the capacity over HTTP (bench/engines_capacity.py)
 
 In one run, on one thread (torch, OpenMP, MKL, ONNX Runtime and CTranslate2 all set to 1):
 
 - engines: ``ours`` (the decode loop at batch 1, the continuous-batching engine above it: b simultaneous
-  requests), ``hf-generate`` (Hugging Face ``generate()`` on a static batch), ``onnxruntime`` (past KV) and
-  ``ctranslate2``, all on our seeded GPT-2 weights (``llm_psi.engine.peers``; their packages come from
+  requests), ``ours-ort`` (the same with ONNX Runtime as the forward, ``--engine ort``), ``hf-generate``
+  (Hugging Face ``generate()`` on a static batch), ``onnxruntime`` (past KV) and ``ctranslate2``, all on
+  our seeded GPT-2 weights (``llm_psi.engine.peers``; their packages come from
   bench/requirements-peers.txt, and a peer that is missing is skipped with the reason; the saved and
   converted weights are kept in $LLM_PSI_PEER_CACHE, default <tmp>/llm-psi-peers, for the next run);
 - settings: ours float32, bfloat16 and int8 (the engine's ``dtype``/``quantize`` options; an engine without
@@ -26,11 +28,17 @@ In one run, on one thread (torch, OpenMP, MKL, ONNX Runtime and CTranslate2 all 
   roofline;
 - the accuracy guard of ours in bfloat16 and int8 against float32, over --guard-steps teacher-forced steps
   (the float32 greedy continuation): the largest absolute logit difference, and the share of steps whose
-  greedy token equals float32's. Random weights say little about quality: that needs real weights.
+  greedy token equals float32's (and ours-ort, float32 and int8, by llm_psi.engine.accuracy). Random weights
+  say little about quality: that needs real weights;
+- the service's capacity over HTTP (unless --no-capacity; bench/engines_capacity.py): ``llm_server.py serve
+  --config batch`` with today's engine (``ours``, --engine loop) and the new default (``ours-ort``), under the
+  quota as root, probed by the load generator at Poisson rates; the highest rate whose p95 TTFT and p95
+  end-to-end time stay within --slo, per trial, mean and 95% interval over --capacity-trials.
 
 Writes, in --output-dir: summary.csv (engine, dtype, quantize, batch, constrained, tokens_per_cpu_s,
 roofline_tokens_per_cpu_s, roofline_fraction), runs.csv (every timed run: wall and CPU seconds), accuracy.csv,
-roofline.json, table.md and engines.png.
+roofline.json, table.md and engines.png; capacity.csv (engine, slo, capacity_rps, ci_lo, ci_hi, n_trials),
+capacity_probes.csv and capacity.md.
 """
 from __future__ import annotations
 
@@ -42,12 +50,14 @@ import sys
 import tempfile
 import time
 
+from bench import engines_capacity
 from llm_psi import REPO
 from llm_psi.cli import OneLineParser, finite_number, int_list, word_list
 
 PROG = "python -m bench.engines"
-ENGINES = ("ours", "hf-generate", "onnxruntime", "ctranslate2")
+ENGINES = ("ours", "ours-ort", "hf-generate", "onnxruntime", "ctranslate2")
 OURS = [("float32", "none"), ("bfloat16", "none"), ("float32", "int8")]
+OURS_ORT = [("float32", "none"), ("float32", "int8")]   # our engine on ONNX Runtime's forward (--engine ort)
 PROMPT = "Explain the theory of relativity."
 QUOTA_PCT = 50
 OUTPUTS = ("summary.csv", "runs.csv", "accuracy.csv", "roofline.json", "table.md", "engines.png")
@@ -74,6 +84,7 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="overwrite existing outputs (default: refuse)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--inner", metavar="JSON", help=argparse.SUPPRESS)  # the run under the quota writes here
+    engines_capacity.add_options(p)
     return p
 
 
@@ -84,7 +95,8 @@ def log(args, text):
 
 def settings(engines) -> list[tuple[str, str, str]]:
     from llm_psi.engine.peers import SETTINGS
-    return [(e, d, q) for e in engines for d, q in (OURS if e == "ours" else SETTINGS[e])]
+    table = {"ours": OURS, "ours-ort": OURS_ORT}
+    return [(e, d, q) for e in engines for d, q in table.get(e) or SETTINGS[e]]
 
 
 def timed(fn):
@@ -99,15 +111,17 @@ def our_engine(tiny: bool, dtype: str, quantize: str, kind: str = "loop"):
     extra = {k: v for k, v in (("dtype", dtype), ("quantize", quantize)) if v not in ("float32", "none")}
     try:
         return make_engine(kind, tiny=tiny, seed=0, torch_threads=1, **extra)
+    except ImportError as e:      # the ort engine without onnxruntime
+        raise Skip(str(e)) from None
     except (TypeError, ValueError) as e:
         raise Skip(f"the engine rejects dtype={dtype} quantize={quantize} ({type(e).__name__}: {e})") from None
 
 
 def runner(engine: str, dtype: str, quantize: str, tiny: bool):
     """A callable (batch, tokens, seed) -> new tokens for one setting; Skip where it cannot run."""
-    if engine == "ours":
+    if engine in ("ours", "ours-ort"):
         from bench.batching import run_batch
-        eng = our_engine(tiny, dtype, quantize)
+        eng = our_engine(tiny, dtype, quantize, kind="ort" if engine == "ours-ort" else "loop")
 
         def run(batch, tokens, seed):
             if batch == 1:
@@ -178,7 +192,8 @@ def run_under_quota(args, argv) -> tuple[list[dict], list[str], str | None]:
 def check_outputs(args):
     if not os.path.isdir(args.output_dir) and os.path.exists(args.output_dir):
         raise SystemExit(f"{PROG}: error: {args.output_dir} is not a directory")
-    for name in OUTPUTS:
+    names = (() if args.capacity_only else OUTPUTS) + (() if args.no_capacity else engines_capacity.OUTPUTS)
+    for name in names:
         path = os.path.join(args.output_dir, name)
         if os.path.exists(path) and not args.force:
             print(f"{PROG}: error: {path} exists; use --force to overwrite it", file=sys.stderr)
@@ -194,6 +209,11 @@ def main(argv=None) -> int:
             setattr(args, name, quick if args.quick else full)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"   # before torch is imported
+    engines_capacity.defaults(args)
+    bad = engines_capacity.check(args)
+    if bad:
+        print(f"{PROG}: error: {bad}", file=sys.stderr)
+        return 2
     import torch
     torch.set_num_threads(1)
     if args.inner:
@@ -203,6 +223,9 @@ def main(argv=None) -> int:
             json.dump({"rows": rows, "skipped": skipped, "quota_cores": cgroups.cpu_quota_cores()}, f)
         return 0
     check_outputs(args)
+    if args.capacity_only:
+        print("\n".join(capacity(args)))
+        return 0
     from bench import engines_report, roofline
     log(args, "measuring the roofline (bandwidth, matmul peaks)")
     roof = roofline.measure(args.tiny)
@@ -216,12 +239,31 @@ def main(argv=None) -> int:
     if why:
         print(f"{PROG}: rows under the quota skipped: {why}", file=sys.stderr)
     log(args, f"accuracy guard over {args.guard_steps} steps")
-    guard = engines_report.accuracy_guard(args.tiny, args.guard_steps, our_engine)
+    guard = engines_report.accuracy_guard(args.tiny, args.guard_steps, our_engine, ort="ours-ort" in args.engines)
     os.makedirs(args.output_dir, exist_ok=True)
     skipped = list(dict.fromkeys(skipped + quota_skipped))
     table = engines_report.write(args, rows + quota_rows, skipped, why, roof, guard)
+    if not args.no_capacity:
+        table += "\n".join(["", *capacity(args), ""])
+        with open(os.path.join(args.output_dir, "table.md"), "w") as f:
+            f.write(table)
     print(table, end="")
     return 0
+
+
+def capacity(args) -> list[str]:
+    """The capacity study (bench/engines_capacity.py) under the quota as root, else unconstrained (said so);
+    writes its files and capacity.md; returns the lines of its table."""
+    constrained = not args.no_quota and os.geteuid() == 0
+    if not constrained:
+        print(f"{PROG}: capacity measured without the quota: {'--no-quota given' if args.no_quota else 'not root'}",
+              file=sys.stderr)
+    os.makedirs(args.output_dir, exist_ok=True)
+    caps, probes = engines_capacity.measure(args, constrained, lambda text: log(args, text))
+    lines = engines_capacity.write(args, caps, probes)
+    with open(os.path.join(args.output_dir, "capacity.md"), "w") as f:
+        f.write("\n".join(lines + [""]))
+    return lines
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ SUMMARY = ["engine", "dtype", "quantize", "batch", "constrained", "tokens_per_cp
            "roofline_fraction"]
 RUNS = ["engine", "dtype", "quantize", "batch", "constrained", "repeat", "tokens", "wall_s", "cpu_s", "tokens_per_s",
         "tokens_per_cpu_s"]
-ACCURACY = ["dtype", "quantize", "steps", "max_abs_logit_diff", "greedy_agreement", "source", "note"]
+ACCURACY = ["engine", "dtype", "quantize", "steps", "max_abs_logit_diff", "greedy_agreement", "source", "note"]
 GUARDED = [("bfloat16", "none"), ("float32", "int8")]
+ORT_GUARDED = [("float32", "none", "ort"), ("float32", "int8", "ort")]   # ours-ort: llm_psi.engine.accuracy
 PROMPT = "Explain the theory of relativity."
 
 
@@ -37,9 +38,10 @@ def _compare(ref, eng, seq, start: int, steps: int) -> dict:
             "greedy_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
 
 
-def accuracy_guard(tiny: bool, steps: int, make) -> list[dict]:
+def accuracy_guard(tiny: bool, steps: int, make, ort: bool = False) -> list[dict]:
     """Ours in bfloat16 and int8 against float32 (``make(tiny, dtype, quantize)`` builds an engine, raising
-    the bench's Skip where it cannot): largest absolute logit difference and share of equal greedy tokens."""
+    the bench's Skip where it cannot): largest absolute logit difference and share of equal greedy tokens.
+    ``ort``: also ours on ONNX Runtime (float32, int8) against our float32, by the engine's own guard."""
     import torch
     ref = make(tiny, "float32", "none")
     ids = ref.encode(PROMPT)
@@ -48,8 +50,8 @@ def accuracy_guard(tiny: bool, steps: int, make) -> list[dict]:
                                  min_new_tokens=steps, pad_token_id=ref.tokenizer.eos_token_id)
     out, helper = [], _helper()
     for dtype, quantize in GUARDED:
-        row = dict(dtype=dtype, quantize=quantize, steps=steps, max_abs_logit_diff=None, greedy_agreement=None,
-                   source="bench", note="")
+        row = dict(engine="ours", dtype=dtype, quantize=quantize, steps=steps, max_abs_logit_diff=None,
+                   greedy_agreement=None, source="bench", note="")
         try:
             eng = make(tiny, dtype, quantize)
         except Exception as e:  # the bench's Skip: the engine lacks the option
@@ -68,7 +70,19 @@ def accuracy_guard(tiny: bool, steps: int, make) -> list[dict]:
             row.update(_compare(ref, eng, seq, ids.shape[1], steps))
         out.append(row)
         del eng
-    return out
+    return out + (_ort_guard(tiny, steps) if ort else [])
+
+
+def _ort_guard(tiny: bool, steps: int) -> list[dict]:
+    from llm_psi.engine import accuracy
+    base = [dict(engine="ours-ort", dtype=d, quantize=q, steps=steps, max_abs_logit_diff=None, greedy_agreement=None,
+                 source="llm_psi.engine.accuracy", note="") for d, q, _ in ORT_GUARDED]
+    try:
+        rows = accuracy.guard(tiny=tiny, steps=steps, variants=ORT_GUARDED)
+    except ImportError as e:     # onnxruntime missing
+        return [dict(row, source="—", note=f"skipped: {e}") for row in base]
+    return [dict(row, max_abs_logit_diff=r["max_abs_logit_diff"], greedy_agreement=r["greedy_agreement"])
+            for row, r in zip(base, rows)]
 
 
 def model_costs(tiny: bool, tokens: int) -> dict:
@@ -129,8 +143,9 @@ def comparison(summary: list[dict]) -> list[str]:
     for constrained in (False, True):
         for b in sorted({r["batch"] for r in summary}):
             cell = [r for r in summary if r["batch"] == b and r["constrained"] == constrained]
-            ours = max((r for r in cell if r["engine"] == "ours"), key=lambda r: r["tokens_per_cpu_s"], default=None)
-            peer = max((r for r in cell if r["engine"] != "ours"), key=lambda r: r["tokens_per_cpu_s"], default=None)
+            mine = [r for r in cell if r["engine"].startswith("ours")]   # ours and ours-ort
+            ours = max(mine, key=lambda r: r["tokens_per_cpu_s"], default=None)
+            peer = max((r for r in cell if r not in mine), key=lambda r: r["tokens_per_cpu_s"], default=None)
             if ours and peer:
                 lines.append(f"- {'quota' if constrained else 'unconstrained'}, batch {b}: ours "
                              f"{ours['tokens_per_cpu_s']:.1f} ({ours['dtype']}/{ours['quantize']}), best peer "
@@ -162,10 +177,11 @@ def markdown(args, summary, skipped, why, roof, costs, guard) -> str:
     pairs = comparison(summary) or ["- not measured: needs ours and at least one peer"]
     tail = ["", "## Ours beside the best peer", "", *pairs]
     tail += ["", "## Accuracy guard (ours against float32)", "",
-             "| dtype | quantize | steps | largest abs logit diff | greedy tokens equal | source |",
-             "| --- | --- | ---: | ---: | ---: | --- |"]
+             "| engine | dtype | quantize | steps | largest abs logit diff | greedy tokens equal | source |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- |"]
     for g in guard:
-        tail.append(f"| {g['dtype']} | {g['quantize']} | {g['steps']} | {_fmt(g['max_abs_logit_diff'], '.4g')} | "
+        tail.append(f"| {g['engine']} | {g['dtype']} | {g['quantize']} | {g['steps']} | "
+                    f"{_fmt(g['max_abs_logit_diff'], '.4g')} | "
                     f"{_fmt(g['greedy_agreement'], '.0%')} | {g['source']}{' ' + g['note'] if g['note'] else ''} |")
     tail += ["", "Teacher-forced on the float32 greedy continuation. Random weights give near-flat logits; "
                  "judging quality needs real weights (--model)."]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 
 from llm_psi import config as configs
@@ -99,7 +100,8 @@ def add_service_options(p, defaults=ServiceConfig) -> None:
                                                  "124M architecture with weights from --seed)")
     g.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
     option(g, defaults, "--engine", choices=configs.ENGINES,
-           help="loop: our KV-cache decode loop; generate: Hugging Face generate(), as the artifact")
+           help="loop: our KV-cache decode loop; generate: Hugging Face generate(), as the artifact; ort: our loop "
+                "and batching on ONNX Runtime's forward (exported once, cached by weights)")
     option(g, defaults, "--dtype", choices=configs.DTYPES,
            help="weights, activations and KV cache of our engines (logits and sampling stay float32)")
     option(g, defaults, "--quantize", choices=configs.QUANTIZE,
@@ -180,6 +182,8 @@ def resolve(a: dict, defaults=ServiceConfig, keep_none=()) -> None:
             a[key] = value
     if "dtype" in explicit and "quantize" not in explicit and a["dtype"] != "float32":
         a["quantize"] = "none"   # a preset's int8 goes with float32 only: an explicit other dtype drops it
+        if "engine" not in explicit and a.get("engine") == "ort":
+            a["engine"] = "loop"  # likewise a preset's ort engine (float32 and int8 only)
     fallback = defaults()
     for key, value in a.items():
         if value is None and key not in keep_none:
@@ -198,5 +202,9 @@ def resolve(a: dict, defaults=ServiceConfig, keep_none=()) -> None:
                              f"got {a['torch_threads']!r}")
     if a["quantize"] != "none" and a["dtype"] != "float32":
         raise UsageError(f"--quantize {a['quantize']} needs --dtype float32, got --dtype {a['dtype']}")
+    if a["engine"] == "ort" and a["dtype"] != "float32":
+        raise UsageError(f"--engine ort runs --dtype float32 (--quantize none or int8), not {a['dtype']}")
+    if a["engine"] == "ort" and importlib.util.find_spec("onnxruntime") is None:
+        raise UsageError("--engine ort needs onnxruntime, a dependency of llm-psi: pip install -e .")
     if a["engine"] == "generate" and a["batching"] != "off":
         raise UsageError("--engine generate cannot batch: the batching engine runs its own decode loop")

@@ -1,4 +1,5 @@
-"""Accuracy guard of the engine's precisions: bfloat16 and int8 against float32 on the same seeded weights.
+"""Accuracy guard of the engine's precisions: bfloat16 and int8 against float32 on the same seeded weights,
+and of the ONNX Runtime forward (``--engine ort``, float32 and int8) against our float32 loop.
 
     python -m llm_psi.engine.accuracy --tiny        # the tiny config (seconds)
     python -m llm_psi.engine.accuracy --full        # the 124M architecture
@@ -20,7 +21,8 @@ import sys
 from llm_psi import cli
 
 PROMPT = "Explain the theory of relativity."
-VARIANTS = (("bfloat16", "none"), ("float32", "int8"))
+# (dtype, quantize[, engine]): the engine defaults to the loop engine; ``ort`` is ONNX Runtime's forward
+VARIANTS = (("bfloat16", "none"), ("float32", "int8"), ("float32", "none", "ort"), ("float32", "int8", "ort"))
 # The guard a precision must pass to become a default (config.SERVE_DEFAULTS, the batching presets): at
 # least 95% of float32's greedy tokens, and no logit off by more than 0.25 (on the 124M architecture with
 # random weights, float32's logits reach ~3.5; measured: bfloat16 0.033, int8 0.15, both 100% greedy).
@@ -45,10 +47,11 @@ def _logits(engine, prompt_ids, steps: int, forced=None):
 
 def guard(tiny: bool = False, seed: int = 0, steps: int = 50, prompt: str = PROMPT, variants=VARIANTS,
           model: str | None = None) -> list[dict]:
-    """One row per precision in ``variants`` ((dtype, quantize) pairs): the largest absolute logit difference
-    from float32 over ``steps`` teacher-forced steps, the share of greedy tokens equal to float32's, and
-    the largest absolute float32 logit (scale)."""
-    from llm_psi.engine.loop import Engine
+    """One row per precision in ``variants`` ((dtype, quantize) pairs, or (dtype, quantize, engine) with an
+    engine kind of ``loop.make_engine``): the largest absolute logit difference from the loop engine in
+    float32 over ``steps`` teacher-forced steps, the share of greedy tokens equal to float32's, and the largest
+    absolute float32 logit (scale)."""
+    from llm_psi.engine.loop import Engine, make_engine
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     ref = Engine(model=model, tiny=tiny, seed=seed)
@@ -56,10 +59,11 @@ def guard(tiny: bool = False, seed: int = 0, steps: int = 50, prompt: str = PROM
     ref_logits, greedy = _logits(ref, ids, steps)
     ref_argmax = ref_logits.argmax(dim=-1)
     rows = []
-    for dtype, quantize in variants:
-        other = Engine(model=model, tiny=tiny, seed=seed, dtype=dtype, quantize=quantize)
+    for dtype, quantize, *kind in variants:
+        engine = kind[0] if kind else "loop"
+        other = make_engine(engine, model=model, tiny=tiny, seed=seed, dtype=dtype, quantize=quantize)
         logits, _ = _logits(other, ids, steps, greedy)
-        rows.append({"dtype": dtype, "quantize": quantize, "steps": steps,
+        rows.append({"engine": engine, "dtype": dtype, "quantize": quantize, "steps": steps,
                      "max_abs_logit_diff": float((logits - ref_logits).abs().max()),
                      "greedy_agreement": float((logits.argmax(dim=-1) == ref_argmax).float().mean()),
                      "max_abs_logit_float32": float(ref_logits.abs().max()),
@@ -74,10 +78,11 @@ def within_guard(row: dict) -> bool:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'dtype':<9} {'quantize':<8} {'steps':>5} {'max |dlogit|':>12} {'greedy agree':>12} "
+    lines = [f"{'engine':<6} {'dtype':<9} {'quantize':<8} {'steps':>5} {'max |dlogit|':>12} {'greedy agree':>12} "
              f"{'max |logit| f32':>15} {'guard':>5}"]
     for r in rows:
-        lines.append(f"{r['dtype']:<9} {r['quantize']:<8} {r['steps']:>5} {r['max_abs_logit_diff']:>12.4g} "
+        lines.append(f"{r.get('engine', 'loop'):<6} {r['dtype']:<9} {r['quantize']:<8} {r['steps']:>5} "
+                     f"{r['max_abs_logit_diff']:>12.4g} "
                      f"{r['greedy_agreement']:>12.1%} {r['max_abs_logit_float32']:>15.4g} "
                      f"{'ok' if r['within_guard'] else 'FAIL':>5}")
     return "\n".join(lines)

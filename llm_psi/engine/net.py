@@ -151,7 +151,40 @@ class Forward:
         return self._dnn_model(h, head.weight, head.bias).float()
 
 
-class DecodeBatch:
+class RunningRows:
+    """``prefill``, ``add`` and ``remove`` of a batch of running sequences over the subclass's
+    ``prefill_many``, ``_rows()`` (one tuple per row, its length last), ``_rebuild(rows, width)`` and
+    ``_clear()``; ``width`` is the columns in use, ``lengths`` each row's tokens."""
+
+    width = 0
+    lengths: list = []
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def prefill(self, input_ids):
+        """One prompt (``input_ids`` [1, L]) alone, causally: (its last logits [1, vocab], its row for ``add``)."""
+        logits, rows = self.prefill_many(input_ids)
+        return logits, rows[0]
+
+    def add(self, *rows) -> None:
+        """Append prefilled sequences (``prefill``'s rows) as the last rows, in one rebuild."""
+        if rows:
+            self._rebuild(self._rows() + list(rows), max([self.width] + [row[-1] for row in rows]))
+
+    def remove(self, rows) -> None:
+        """Drop the given row indices; trim the columns that only held padding."""
+        drop = set(rows)
+        if not drop:
+            return
+        keep = [row for r, row in enumerate(self._rows()) if r not in drop]
+        if keep:
+            self._rebuild(keep, max(row[-1] for row in keep))
+        else:
+            self._clear()
+
+
+class DecodeBatch(RunningRows):
     """The running sequences of a GPT-2 model: their KV cache, a prefill, and one batched decode step.
 
     The forward pass is the model's own computation written out (``net.Forward``: same modules and weights,
@@ -175,14 +208,6 @@ class DecodeBatch:
         self.width = 0
         self.lengths: list[int] = []
 
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def prefill(self, input_ids):
-        """One prompt (``input_ids`` [1, L]) alone, causally: (its last logits [1, vocab], its row for ``add``)."""
-        logits, rows = self.prefill_many(input_ids)
-        return logits, rows[0]
-
     def prefill_many(self, input_ids):
         """Prompts of one length (``input_ids`` [B, L]) side by side, each causally on its own: (their last
         logits [B, vocab], their rows for ``add``)."""
@@ -203,21 +228,8 @@ class DecodeBatch:
         logits = fwd.logits(h.view(b, n, -1)[:, -1].contiguous())
         return logits, [([k[r] for k in keys], [v[r] for v in values], n) for r in range(b)]
 
-    def add(self, *rows) -> None:
-        """Append prefilled sequences (``prefill``'s rows) as the last rows, in one rebuild."""
-        if rows:
-            self._rebuild(self._rows() + list(rows), max([self.width] + [row[2] for row in rows]))
-
-    def remove(self, rows) -> None:
-        """Drop the given row indices; trim the columns that only held padding."""
-        drop = set(rows)
-        if not drop:
-            return
-        keep = [row for r, row in enumerate(self._rows()) if r not in drop]
-        if keep:
-            self._rebuild(keep, max(row[2] for row in keep))
-        else:
-            self.keys, self.values, self.width, self.lengths = [], [], 0, []
+    def _clear(self) -> None:
+        self.keys, self.values, self.width, self.lengths = [], [], 0, []
 
     def _rows(self):
         return [([k[r, :, :self.width] for k in self.keys], [v[r, :, :self.width] for v in self.values], n)

@@ -76,12 +76,8 @@ def _quiet_transformers() -> None:
 
 
 def _require(module: str):
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise PeerUnavailable(f"{module} is not installed (pip install -r bench/requirements-peers.txt): {e}") \
-            from None
+    from llm_psi.engine.ort import require
+    return require(module, PeerUnavailable, "{module} is not installed (pip install -r bench/requirements-peers.txt)")
 
 
 def sample_top_k(logits, rng, temperature: float = TEMPERATURE, k: int = TOP_K):

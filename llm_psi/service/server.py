@@ -61,8 +61,8 @@ def parse_serve(argv) -> tuple[ServiceConfig, dict]:
                                     "allowed_hosts", "max_body_bytes")}
     if a["config"] is None:
         a["config"] = ServiceConfig.config
-        if all(a.get(key) is None for key in SERVE_DEFAULTS):   # an explicit precision replaces them all
-            a.update(SERVE_DEFAULTS)
+        if a.get("dtype") is None and a.get("quantize") is None:   # an explicit precision replaces them all
+            a.update({key: value for key, value in SERVE_DEFAULTS.items() if a.get(key) is None})
     cli.resolve(a, ServiceConfig)
     return ServiceConfig(**a), server
 

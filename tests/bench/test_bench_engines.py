@@ -1,16 +1,20 @@
 """bench/engines.py: a quick tiny run writes the summary with its exact columns, the raw runs, the table with the
-roofline formula, the accuracy guard and the figure; the quota rows as root; refusals; the roofline formula."""
+roofline formula, the accuracy guard and the figure; the quota rows as root; refusals; the roofline formula;
+the capacity study over HTTP (its search, its service options, a quick run)."""
 import importlib.util
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
-from bench import engines_report, roofline
+from bench import engines_capacity, engines_report, roofline
 from conftest import real_cgroups_reason, run_script
 
 SUMMARY = ["engine", "dtype", "quantize", "batch", "constrained", "tokens_per_cpu_s", "roofline_tokens_per_cpu_s",
            "roofline_fraction"]
 PEERS = [m for m in ("onnxruntime", "ctranslate2") if importlib.util.find_spec(m) is not None]
+OURS_ORT = ["ours-ort"] if importlib.util.find_spec("onnxruntime") is not None else []
+CAPACITY = ["engine", "slo", "capacity_rps", "ci_lo", "ci_hi", "n_trials"]
 
 
 @pytest.fixture
@@ -20,8 +24,8 @@ def env(tmp_path_factory):
 
 @pytest.mark.slow
 def test_quick_tiny_run_without_quota(tmp_path, env):
-    engines = " ".join(["ours", "hf-generate", *PEERS])
-    proc = run_script("bench.engines", "--quick", "--tiny", "--no-quota", "--engines", engines,
+    engines = " ".join(["ours", *OURS_ORT, "hf-generate", *PEERS])
+    proc = run_script("bench.engines", "--quick", "--tiny", "--no-quota", "--no-capacity", "--engines", engines,
                       "--output-dir", tmp_path, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rows under the quota skipped: --no-quota given" in proc.stderr
@@ -40,14 +44,17 @@ def test_quick_tiny_run_without_quota(tmp_path, env):
         measured = ((df.engine == "ours") & (df.dtype == dtype) & (df.quantize == quantize)).any()
         assert measured or f"ours {dtype}/{quantize}: the engine rejects" in table
     guard = pd.read_csv(tmp_path / "accuracy.csv")
-    assert list(guard[["dtype", "quantize"]].itertuples(index=False, name=None)) == engines_report.GUARDED
+    assert list(guard[["engine", "dtype", "quantize"]].itertuples(index=False, name=None)) == \
+        [("ours", *g) for g in engines_report.GUARDED] + [("ours-ort", d, q) for d, q, _ in engines_report.ORT_GUARDED
+                                                         if OURS_ORT]
+    assert not (tmp_path / "capacity.csv").exists()
     assert (tmp_path / "engines.png").stat().st_size > 0 and (tmp_path / "roofline.json").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(real_cgroups_reason() is not None, reason=str(real_cgroups_reason()))
 def test_quota_rows_as_root(tmp_path, env):
-    proc = run_script("bench.engines", "--quick", "--tiny", "--engines", "ours", "--batches", "1",
+    proc = run_script("bench.engines", "--quick", "--tiny", "--engines", "ours", "--batches", "1", "--no-capacity",
                       "--output-dir", tmp_path, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     df = pd.read_csv(tmp_path / "summary.csv")
@@ -56,7 +63,10 @@ def test_quota_rows_as_root(tmp_path, env):
 
 
 @pytest.mark.parametrize("args", [["--batches", "0"], ["--batches", "1 x"], ["--engines", "vllm"],
-                                  ["--tokens", "0"], ["--repeats", "nan"]])
+                                  ["--tokens", "0"], ["--repeats", "nan"], ["--slo", "ttft:0"],
+                                  ["--capacity-config", "cgroups"], ["--capacity-engines", "vllm"],
+                                  ["--no-capacity", "--capacity-only"], ["--capacity-start-rps", "9",
+                                                                         "--capacity-max-rps", "4"]])
 def test_bad_input_exits_2_with_one_line(tmp_path, args):
     proc = run_script("bench.engines", *args, "--output-dir", tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -85,3 +95,52 @@ def test_roofline_is_the_lower_of_bandwidth_and_peak():
     costs = roofline.model_costs({"n_layer": 12, "n_embd": 768, "vocab_size": 50257}, context=0)
     assert costs["matmul_params"] == 12 * 12 * 768 ** 2 + 50257 * 768
     assert costs["flop_per_token"] == 2 * costs["matmul_params"]
+
+
+def search_args(**kw):
+    return SimpleNamespace(**{"capacity_start_rps": 1.0, "capacity_max_rps": 32.0, "capacity_bisections": 3, **kw})
+
+
+@pytest.mark.parametrize("true_capacity, expected, probes", [(5.0, 4.5, [1, 2, 4, 8, 6, 5, 4.5]),
+                                                             (100.0, 32.0, [1, 2, 4, 8, 16, 32]),
+                                                             (0.5, 0.46875, [1, 0.5, 0.25, 0.375, 0.4375, 0.46875]),
+                                                             (0.01, 0.0, [1, 0.5, 0.25, 0.125, 0.0625])])
+def test_capacity_search_doubles_then_bisects(true_capacity, expected, probes):
+    """A probe passes below the true capacity; the search reports its highest passing rate."""
+    tried = []
+
+    def probe(rate):
+        tried.append(rate)
+        return {"passed": rate < true_capacity}
+    cap, rows = engines_capacity.search(search_args(), probe)
+    assert cap == expected and tried == probes and len(rows) == len(probes)
+
+
+def test_capacity_service_options_are_the_preset_with_the_engine():
+    """Under the quota, the label; without it (a limited label refuses to run there), the preset's options."""
+    from llm_psi.service.server import parse_serve
+    for engine, kind in engines_capacity.ENGINE_KINDS.items():
+        args = SimpleNamespace(capacity_config="batch", tiny=True)
+        assert engines_capacity.service_args(args, engine, True) == ["--config", "batch", "--engine", kind, "--tiny"]
+        cfg, _ = parse_serve(engines_capacity.service_args(args, engine, False))
+        assert (cfg.config, cfg.engine, cfg.batching, cfg.dtype, cfg.quantize, cfg.torch_threads) == \
+            ("baseline", kind, "dynamic", "float32", "int8", "auto")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not OURS_ORT, reason="onnxruntime is not installed")
+def test_quick_capacity_only_run(tmp_path, env):
+    """Both engines served over HTTP, probed at Poisson rates; capacity.csv has its exact columns."""
+    proc = run_script("bench.engines", "--quick", "--tiny", "--no-quota", "--capacity-only", "--output-dir", tmp_path,
+                      timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cap = pd.read_csv(tmp_path / "capacity.csv")
+    assert list(cap.columns) == CAPACITY and list(cap["engine"]) == ["ours", "ours-ort"]
+    assert (cap["n_trials"] == 2).all() and (cap["slo"] == "ttft:1000,e2e:6000").all()
+    probes = pd.read_csv(tmp_path / "capacity_probes.csv")
+    assert set(probes["engine"]) == {"ours", "ours-ort"} and (probes["n"] == 6).all() and not probes.constrained.any()
+    for (engine, trial), g in probes.groupby(["engine", "trial"]):    # each trial's capacity: its best pass
+        best = g[g.passed]["rate_rps"].max() if g.passed.any() else 0.0
+        assert best <= cap.set_index("engine").loc[engine, "ci_hi"] + 1e-9 or cap.ci_hi.isna().any()
+    assert "## Capacity over HTTP" in (tmp_path / "capacity.md").read_text()
+    assert not (tmp_path / "summary.csv").exists()

@@ -14,7 +14,8 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def engines(tiny):
-    return {"loop": tiny, "generate": make_engine("generate", tiny=True, seed=0)}
+    return {"loop": tiny, "generate": make_engine("generate", tiny=True, seed=0),
+            "ort": make_engine("ort", tiny=True, seed=0)}
 
 
 class StopOnCall:
