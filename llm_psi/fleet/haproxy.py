@@ -42,7 +42,8 @@ def config(balancer: str, servers: list[dict], port: int, host: str = "127.0.0.1
              "    retries 3", "    option redispatch", "", "frontend llm", f"    bind {host}:{port}",
              "    default_backend llm", "", "backend llm",
              f"    balance {'roundrobin' if balancer == 'agent' else balancer}",
-             "    option httpchk GET /health", "    http-check expect status 200"]
+             "    option httpchk", "    http-check send meth GET uri /health ver HTTP/1.1 hdr Host 127.0.0.1",
+             "    http-check expect status 200"]
     for s in servers:
         agent = (f" agent-check agent-port {s['agent_port']} agent-inter {AGENT_INTER}" if balancer == "agent" else "")
         lines.append(f"    server {s['name']} {host}:{s['port']} check inter {CHECK_INTER} fall {FALL} rise 1 "

@@ -7,7 +7,8 @@ measures anything of its own:
     pressure  the share of the time that the host's other work (its owner) takes the CPU from us, 0-1:
               the sharing controller's "others stall" (control/sharing.py, --sharing share) where it runs,
               else the service cgroup's own CPU pressure, PSI some avg10 / 100 (the share of the last 10 s in
-              which a task of the service waited for a CPU that something else held), else 0
+              which a task of the service waited for a CPU that something else held) where that cgroup was
+              made for the service (cgroup_lib.py run, a fleet host, a systemd unit's), else 0
     delay     the predicted queueing delay of a request arriving now over the shedding limit, 0-1
               (service/overload.py, --max-queue-delay-ms; 0 without a limit)
     weight    = 100% x (1 - pressure) x (1 - delay), rounded to STEP_PCT; 0% at the shedding limit
@@ -47,15 +48,17 @@ def weight_pct(pressure: float, delay: float, step: int = STEP_PCT) -> int:
     return int(step * round(w / step))
 
 
-def pressure_of(svc, reading: dict | None) -> tuple[float, str]:
-    """(pressure 0-1, where it was read) from the sharing controller's state, else the probe's reading."""
+def pressure_of(svc, reading: dict | None, own_cgroup: bool = True) -> tuple[float, str]:
+    """(pressure 0-1, where it was read) from the sharing controller's state, else the probe's reading of the
+    service's cgroup where that cgroup was made for the service (own_cgroup; a shared one, e.g. a login
+    session's, says nothing of this service's host)."""
     sharing = getattr(svc, "sharing", None)
     if sharing is not None:
         others = sharing.state().get("share_others_pct")
         if others is not None and not math.isnan(others):
             return _unit(others / 100.0), "share_others"
     avg10 = (reading or {}).get("cg_cpu_some_avg10")
-    if avg10 is not None:
+    if avg10 is not None and own_cgroup:
         return _unit(avg10 / 100.0), "cgroup_some_avg10"
     return 0.0, "none"
 
@@ -85,7 +88,8 @@ def read(state) -> dict:
         return {"weight_pct": 0, "pressure": math.nan, "delay": math.nan, "maxconn": None, "draining": True,
                 "running": svc.running if svc else 0, "waiting": svc.waiting if svc else 0, "slots": None,
                 "source": "none", "line": "drain"}
-    p, source = pressure_of(svc, state.probe.read())
+    own = bool(getattr(getattr(state.probe, "cgroup", None), "own", False))
+    p, source = pressure_of(svc, state.probe.read(), own)
     d = delay_of(svc)
     n = slots(svc)
     maxconn = None if n is None else n + (svc.cfg.max_waiting or 0)

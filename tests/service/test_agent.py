@@ -32,8 +32,8 @@ class Sharing:
 
 
 class Probe:
-    def __init__(self, avg10=None):
-        self.avg10 = avg10
+    def __init__(self, avg10=None, own=True):
+        self.avg10, self.cgroup = avg10, types.SimpleNamespace(own=own)
 
     def read(self):
         return {"cg_cpu_some_avg10": self.avg10}
@@ -61,6 +61,8 @@ def test_the_line_follows_the_sharing_controller_before_the_probe():
     assert (h["line"], h["source"]) == ("ready 60% maxconn:5", "share_others")
     st.service.sharing = None
     assert headroom.read(st)["line"] == "ready 10% maxconn:5"
+    st.probe = Probe(90.0, own=False)    # a cgroup shared with other work (a login session's) says nothing
+    assert headroom.read(st)["line"] == "ready 100% maxconn:5"
     st.probe = Probe(None)
     assert headroom.read(st)["line"] == "ready 100% maxconn:5"
     st.service.admission = None
