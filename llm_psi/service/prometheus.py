@@ -6,7 +6,8 @@ end in ``_total``, no unit-less ``_us``):
   llm_requests_{admitted,deferred,rejected,overloaded,failed,abandoned}_total   counters of the Service
   llm_requests_running, llm_requests_waiting                                    gauges
   llm_admission_<key>                       the admission controller's numeric state (e.g. its limit)
-  llm_overload_predicted_wait_seconds, llm_overload_shedding                   --max-queue-delay-ms
+  llm_overload_predicted_wait_seconds, llm_overload_shedding, llm_overload_max_wait_seconds
+                                                                               --max-queue-delay-ms
   llm_share_quota_cores, llm_share_others_stall_ratio      the sharing controller (--sharing share)
   llm_psi_cpu_some_avg10_ratio{source}      PSI "some" avg10 of the system and of the service cgroup, 0-1
   llm_psi_cpu_some_stall_seconds_total{source}   PSI "some" total= (time with a task stalled)
@@ -92,6 +93,8 @@ class ServiceCollector(Collector):
                          "(--max-queue-delay-ms)", st["queue_delay_predicted_s"])
             yield _gauge("llm_overload_shedding", "1 while --max-queue-delay-ms refuses requests",
                          st["queue_delay_shedding"])
+            yield _gauge("llm_overload_max_wait_seconds", "the shedding limit, --max-queue-delay-ms (alerts compare "
+                         "the predicted wait with it)", svc.overload.max_delay_s)
         yield from self._pressure(self.state.probe.read())
         if svc is not None:
             yield from gateway_gauges(self.state, svc.cfg.model or "gpt2")
