@@ -6,12 +6,15 @@ measures anything of its own:
 
     pressure  the share of the time that the host's other work (its owner) takes the CPU from us, 0-1:
               the sharing controller's "others stall" (control/sharing.py, --sharing share) where it runs,
-              else the service cgroup's own CPU pressure, PSI some avg10 / 100 (the share of the last 10 s in
+              else the larger of: the share of the service's CPUs that other processes kept busy over the
+              last second (control/hostcpu.py: it sees an owner while the service is idle) and the service
+              cgroup's own CPU pressure, PSI some avg10 / 100 (the share of the last 10 s in
               which a task of the service waited for a CPU that something else held) where that cgroup was
               made for the service (cgroup_lib.py run, a fleet host, a systemd unit's), else 0
     delay     the predicted queueing delay of a request arriving now over the shedding limit, 0-1
               (service/overload.py, --max-queue-delay-ms; 0 without a limit)
-    weight    = 100% x (1 - pressure) x (1 - delay), rounded to STEP_PCT; 0% at the shedding limit
+    weight    = 100% x (1 - pressure) x (1 - delay), rounded to STEP_PCT; 0% only at the shedding limit
+              (else at least 1%: busy owners everywhere must not leave the balancer without a server)
     maxconn   the requests the service runs at once (the admission limit, else the batch size) plus those it
               lets wait (--max-waiting, 0 if unset); absent where nothing bounds them
 
@@ -23,14 +26,16 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 STEP_PCT = 5
 INSTANCE_HEADER = "x-llm-psi-instance"
 ORCA_FORMAT_HEADER = "endpoint-load-metrics-format"
 ORCA_HEADER = "endpoint-load-metrics"
-LAW = ("weight = 100%% x (1 - pressure) x (1 - delay), in steps of %d%%: pressure is the share of time the "
-       "host's other work takes the CPU from the service (the --sharing share controller's others-stall where it "
-       "runs, else the service cgroup's PSI some avg10), delay the predicted queueing delay over "
+LAW = ("weight = 100%% x (1 - pressure) x (1 - delay), in steps of %d%% (at least 1%% below the shedding "
+       "limit): pressure is the share of time the host's other work takes the CPU from the service (the --sharing "
+       "share controller's others-stall where it runs, else the larger of the share of the service's CPUs that "
+       "other processes kept busy over the last second and its own cgroup's PSI some avg10), delay the predicted queueing delay over "
        "--max-queue-delay-ms (0 without it); 'drain' while loading and from the first SIGTERM; maxconn:N = the "
        "admission limit (else --max-batch when batching) + --max-waiting" % STEP_PCT)
 
@@ -46,6 +51,18 @@ def weight_pct(pressure: float, delay: float, step: int = STEP_PCT) -> int:
     """The law: 100 x (1 - pressure) x (1 - delay), both clipped to 0-1, rounded to a multiple of step."""
     w = 100.0 * (1.0 - _unit(pressure)) * (1.0 - _unit(delay))
     return int(step * round(w / step))
+
+
+_meter_lock = threading.Lock()
+
+
+def host_cpu(state):
+    """The state's meter of the CPU others take (control/hostcpu.py), started at the first call."""
+    with _meter_lock:
+        if getattr(state, "host_cpu", None) is None:
+            from llm_psi.control.hostcpu import OthersCpu
+            state.host_cpu = OthersCpu().start()
+        return state.host_cpu
 
 
 def pressure_of(svc, reading: dict | None, own_cgroup: bool = True) -> tuple[float, str]:
@@ -90,10 +107,15 @@ def read(state) -> dict:
                 "source": "none", "line": "drain"}
     own = bool(getattr(getattr(state.probe, "cgroup", None), "own", False))
     p, source = pressure_of(svc, state.probe.read(), own)
+    others = host_cpu(state).share
+    if source != "share_others" and others is not None and others > p:
+        p, source = others, "others_cpu"
     d = delay_of(svc)
     n = slots(svc)
     maxconn = None if n is None else n + (svc.cfg.max_waiting or 0)
     w = weight_pct(p, d)
+    if w == 0 and d < 1:
+        w = 1      # busy owners everywhere must not leave the balancer without a server: 0 only when shedding
     line = f"ready {w}%" + ("" if maxconn is None else f" maxconn:{maxconn}")
     return {"weight_pct": w, "pressure": p, "delay": d, "maxconn": maxconn, "draining": False,
             "running": svc.running, "waiting": svc.waiting, "slots": n, "source": source, "line": line}

@@ -66,7 +66,8 @@ def test_the_alerts_name_exported_families():
                                                                              "share_others_pct": 5.0}),
                                 cfg=types.SimpleNamespace(batching="off", max_batch=8, max_waiting=None, model=None))
     probe = types.SimpleNamespace(read=lambda: {"cg_cpu_some_avg10": 1.0}, cgroup=types.SimpleNamespace(own=True))
-    text = Exporter(types.SimpleNamespace(service=svc, probe=probe, draining=False), []).render()[0].decode()
+    state = types.SimpleNamespace(service=svc, probe=probe, draining=False, host_cpu=types.SimpleNamespace(share=0.1))
+    text = Exporter(state, []).render()[0].decode()
     families = {ln.split()[2] for ln in text.splitlines() if ln.startswith("# HELP")}
     rules = open(os.path.join(ROOT, "deploy", "alerts.yml")).read()
     used = set(re.findall(r"\bllm_\w+", "\n".join(ln for ln in rules.splitlines() if "expr:" in ln)))

@@ -109,14 +109,16 @@ def alive(pid):
 def sigkill_leaves_nothing(cmd, ready_line, tmp_path):
     log = open(tmp_path / "out.txt", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while ready_line not in (tmp_path / "out.txt").read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()[-2000:]
-        time.sleep(0.2)
-    kids = descendants(proc.pid)
-    assert len(kids) >= 3                     # two instances (behind their exec wrapper) and HAProxy at least
-    proc.kill()
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 240
+        while ready_line not in (tmp_path / "out.txt").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()[-2000:]
+            time.sleep(0.2)
+        kids = descendants(proc.pid)
+        assert len(kids) >= 3                 # two instances (behind their exec wrapper) and HAProxy at least
+    finally:
+        proc.kill()                           # the test's point, and no leftover where it failed before
+        proc.wait()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and [k for k in kids if alive(k)]:
         time.sleep(0.1)

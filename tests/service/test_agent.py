@@ -39,11 +39,13 @@ class Probe:
         return {"cg_cpu_some_avg10": self.avg10}
 
 
-def app_state(sharing=None, avg10=None, shed=None, limit=2, max_waiting=None, running=1, draining=False):
+def app_state(sharing=None, avg10=None, shed=None, limit=2, max_waiting=None, running=1, draining=False,
+              others_cpu=None):
     adm = types.SimpleNamespace(state=lambda: {"limit": limit}) if limit else None
     cfg = types.SimpleNamespace(batching="off", max_batch=8, max_waiting=max_waiting, model=None)
     svc = types.SimpleNamespace(sharing=sharing, overload=shed, admission=adm, cfg=cfg, running=running, waiting=0, counts={})
-    return types.SimpleNamespace(service=svc, probe=Probe(avg10), draining=draining)
+    return types.SimpleNamespace(service=svc, probe=Probe(avg10), draining=draining,
+                                 host_cpu=types.SimpleNamespace(share=others_cpu))
 
 
 def test_the_law():
@@ -67,6 +69,32 @@ def test_the_line_follows_the_sharing_controller_before_the_probe():
     assert headroom.read(st)["line"] == "ready 100% maxconn:5"
     st.service.admission = None
     assert headroom.read(st)["line"] == "ready 100%"   # nothing bounds the requests: no maxconn
+
+
+def test_an_owner_busy_on_the_services_cpus_lowers_the_weight_while_the_service_idles():
+    st = app_state(avg10=0.0, others_cpu=0.7)
+    assert (headroom.read(st)["line"], headroom.read(st)["source"]) == ("ready 30% maxconn:2", "others_cpu")
+    st.probe = Probe(90.0)                          # the larger reading wins
+    assert headroom.read(st)["weight_pct"] == 10
+    st.host_cpu.share = 1.0                         # every CPU taken: 1%, never 0 (0 would empty the balancer)
+    assert headroom.read(st)["line"] == "ready 1% maxconn:2"
+    st.service.sharing = Sharing(0.0)               # the sharing controller's reading comes first
+    assert headroom.read(st)["weight_pct"] == 100
+
+
+def test_others_cpu_counts_busy_time_on_the_services_cpus_minus_its_own(tmp_path):
+    from llm_psi.control import hostcpu
+    stat, t, own = tmp_path / "stat", [0.0], [0.0]
+    hz = round(1 / hostcpu.TICK_S)
+
+    def write(busy0, busy1):   # user nice system idle iowait irq softirq steal, in ticks
+        stat.write_text(f"cpu  0 0 0 0 0 0 0 0\ncpu0 {busy0} 0 0 999 5 0 0 0\ncpu1 {busy1} 0 0 999 0 0 0 0\n")
+    write(0, 0)
+    m = hostcpu.OthersCpu(stat=str(stat), cpus={0}, clock=lambda: t[0], own=lambda: own[0])
+    t[0], own[0] = 2.0, 0.5
+    write(2 * hz, 2 * hz)                           # CPU 0 busy for 2 s, 0.5 s of it ours; CPU 1 not ours
+    assert m.sample() == pytest.approx(0.75)
+    assert m.sample() == pytest.approx(0.75)        # no time passed: the last value
 
 
 def test_the_weight_falls_as_the_queueing_delay_nears_the_shedding_limit():
