@@ -314,7 +314,11 @@ def serve(cfg: ServiceConfig, host: str, port: int, retry_after_s: float, drain_
                     hosts=security.allowed_hosts(host, allowed_hosts), instance=instance)
     if agent_port is not None:
         from llm_psi.service import agent
-        agent.start(app.state, host, agent_port)
+        try:
+            agent.start(app.state, host, agent_port)
+        except OSError as e:
+            log.error("cannot answer HAProxy's agent check on %s:%d: %s", host, agent_port, e.strerror or e)
+            return 2
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

@@ -210,3 +210,17 @@ def test_promtool_accepts_the_vllm_gauges(server):  # noqa: F811
     ours = "\n".join(ln for ln in text.splitlines() if "vllm:" not in ln) + "\n"
     check = subprocess.run([PROMTOOL, "check", "metrics"], input=ours, capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.slow
+def test_a_taken_agent_port_is_one_line_and_exit_2():
+    import os
+    import sys
+    from conftest import ROOT
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "llm_server.py"), "serve", "--tiny", "--port",
+                            str(free_port()), "--agent-port", str(taken.getsockname()[1])], capture_output=True,
+                           text=True, timeout=120)
+    assert r.returncode == 2 and "cannot answer HAProxy's agent check" in r.stderr.strip().splitlines()[-1]
