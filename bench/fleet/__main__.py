@@ -64,6 +64,8 @@ def parse_args(argv):
     f.add_argument("--cpus-per-host", type=cli.finite_number(int, ge=1), default=1, help="(default: 1)")
     f.add_argument("--owner", default="cpu:1+probe:100:10", help="each host's owner (co-tenant spec; default: "
                    "%(default)s)")
+    f.add_argument("--no-isolate", action="store_true", help="no cgroups, pinning or owners (not root: a smoke "
+                   "test of the pipeline; its owner metrics are NaN)")
     f.add_argument("--phase-s", type=cli.finite_number(float, gt=0), default=45.0, help="(default: 45)")
     f.add_argument("--max-queue-delay-ms", type=cli.finite_number(float, gt=0), default=20000.0,
                    help="each instance's shedding limit (default: 20000)")
@@ -178,7 +180,7 @@ def main(argv=None) -> int:
     serve = ["--admission", "limit", "--concurrency-limit", "1", "--torch-threads", str(a.cpus_per_host),
              "--max-queue-delay-ms", f"{a.max_queue_delay_ms:g}", "--drain-timeout-s", "10"] + ["--tiny"] * a.tiny
     fleet = Fleet(a.hosts, a.balancers[0], serve, owner_spec=a.owner, phase_s=a.phase_s,
-                  cpus_per_host=a.cpus_per_host, workdir=os.path.join(d, "hosts"),
+                  cpus_per_host=a.cpus_per_host, workdir=os.path.join(d, "hosts"), isolate=not a.no_isolate,
                   log=lambda m: print(m, file=sys.stderr, flush=True))
     order = plan(a.balancers, a.trials, a.seed)
     started = time.monotonic()

@@ -96,7 +96,7 @@ def figure(d: str, path: str) -> None:
         end = rec["duration_s"]
         for i, h in enumerate(hosts):
             ax = axes[i][j]
-            for k in range(int(math.ceil(end / rec["phase_s"]))):
+            for k in range(int(math.ceil(end / rec["phase_s"])) if rec.get("owners") else 0):   # none: no owners
                 if busy(i, k * rec["phase_s"], rec["phase_s"]):
                     ax.axvspan(k * rec["phase_s"], min(end, (k + 1) * rec["phase_s"]), color="0.85", lw=0)
             sent = pd.to_numeric(df.loc[df["instance"] == h, "t_submit_s"], errors="coerce").dropna()

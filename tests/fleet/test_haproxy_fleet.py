@@ -138,3 +138,26 @@ def test_a_sigkilled_bench_leaves_nothing_running(tmp_path):
     finally:
         for i in range(2):
             cleanup(i, log=lambda m: None)
+
+
+def test_the_bench_runs_every_balancer_through_haproxy_and_reports(tmp_path):
+    """The whole pipeline without cgroups (no owners): cells complete, rows name their instance, the report
+    rewrites the summary byte for byte."""
+    import json
+    import pandas as pd
+    d = tmp_path / "r"
+    r = subprocess.run([sys.executable, "-m", "bench.fleet", "--tiny", "--no-isolate", "--trials", "1",
+                        "--balancers", "roundrobin,agent", "--duration-s", "6", "--phase-s", "3", "--drain-s", "5",
+                        "--rest-s", "0", "--calibration-requests", "2", "--results-dir", str(d)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for b in ("roundrobin", "agent"):
+        assert json.loads((d / "trials" / f"{b}_t1.json").read_text())["complete"]
+        rows = pd.read_csv(d / "trials" / f"{b}_t1.csv")
+        assert set(rows["instance"]) == {"h0", "h1"}
+    first = (d / "summary.csv").read_bytes()
+    s = pd.read_csv(d / "summary.csv")
+    assert set(s["balancer"]) == {"roundrobin", "agent"} and list(s.columns)[:2] == ["balancer", "metric"]
+    assert subprocess.run([sys.executable, "-m", "bench.fleet", "--report-only", "--results-dir", str(d)], cwd=ROOT,
+                          capture_output=True, timeout=120).returncode == 0
+    assert (d / "summary.csv").read_bytes() == first
