@@ -161,3 +161,25 @@ def test_the_bench_runs_every_balancer_through_haproxy_and_reports(tmp_path):
     assert subprocess.run([sys.executable, "-m", "bench.fleet", "--report-only", "--results-dir", str(d)], cwd=ROOT,
                           capture_output=True, timeout=120).returncode == 0
     assert (d / "summary.csv").read_bytes() == first
+
+
+@real_cgroups
+def test_the_agent_answers_less_when_the_hosts_owner_arrives(tmp_path):
+    """One host pinned to one CPU with its owner (a burner on the same CPU): the agent's weight falls when the
+    owner resumes, with the service idle (the busy-CPU share sees it; PSI alone would not)."""
+    from llm_psi.fleet.hosts import Host, agent_weight
+    h = Host(0, "1", SERVE, owner_spec="cpu:1", log=lambda m: None, log_dir=str(tmp_path))
+    try:
+        h.start()
+        h.wait_ready(120)
+
+        def settled():
+            time.sleep(2.5)                      # two intervals of the meter
+            return agent_weight(ask_agent(h.agent_port))
+        idle = settled()
+        h.owner.resume()
+        busy = settled()
+        assert busy <= 5 and idle > busy, (idle, busy)
+        assert "others_cpu" in (tmp_path / "h0.log").read_text()   # the change is logged, with its source
+    finally:
+        h.stop()
