@@ -1,6 +1,7 @@
 """Test helpers shared by several test files: a served tiny model, a fake engine, synthetic cells."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -111,3 +112,16 @@ def write_cell(d, config, c, e2e_s, service_s=None, status=None, trials=1, gate=
     with open(stem + ".json", "w") as f:
         json.dump({**full, **(meta or {})}, f)
     return stem
+
+
+VLLM_COLON = re.compile(r"vllm:\w+ metric names should not contain ':'")
+
+
+def promtool_problems(promtool: str, text: str) -> list[str]:
+    """`promtool check metrics` on text: its findings other than vLLM's own naming (a colon, which Prometheus
+    reserves for recording rules, in the vllm:* gauges that inference gateways read), and one for an exit
+    status other than 0 or 3 (3: lint findings only; 1: invalid exposition)."""
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    found = (check.stdout + check.stderr).strip().splitlines()
+    bad = [p for p in found if not VLLM_COLON.fullmatch(p)]
+    return bad + ([f"exit status {check.returncode}"] if check.returncode not in (0, 3) else [])

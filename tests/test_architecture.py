@@ -22,6 +22,8 @@ MAY_IMPORT = {
                         "llm_psi.engine", "llm_psi.control"},
     "llm_psi.load": {"llm_psi", "llm_psi.config", "llm_psi.cli", "llm_psi.cgroups", "llm_psi.analysis",
                      "llm_psi.service"},
+    "llm_psi.fleet": {"llm_psi", "llm_psi.config", "llm_psi.cli", "llm_psi.cgroups", "llm_psi.analysis",
+                      "llm_psi.service", "llm_psi.load"},
 }
 
 

@@ -24,7 +24,8 @@ COLUMNS = ["trial", "request_id", "config", "concurrency", "prompt_id", "prompt_
            "output_tokens", "status", "error", "t_intended_s"] + metrics.TIME_COLUMNS + [
            "srv_admit_s", "srv_start_s", "srv_first_token_s", "srv_end_s",
            "gate_decision", "gate_checks", "gate_pressure"] + [
-           "queue_ms", "defer_ms", "sched_ms", "service_ms", "ttft_ms", "tpot_ms", "e2e_ms", "lateness_ms"]
+           "queue_ms", "defer_ms", "sched_ms", "service_ms", "ttft_ms", "tpot_ms", "e2e_ms", "lateness_ms",
+           "instance"]  # the instance that served it, behind a balancer (x-llm-psi-instance; empty otherwise)
 
 
 def probe_path(stem: str) -> str:
@@ -53,12 +54,16 @@ def _field(v):
 
 class CsvSink:
     """Appends one row per finished request and flushes, so an interrupted run keeps every finished row.
-    The header is written only to a new (or empty) file."""
+    The header is written only to a new (or empty) file; rows appended to an older file keep its columns."""
 
     def __init__(self, path: str):
         new = not os.path.exists(path) or os.path.getsize(path) == 0
+        fields = COLUMNS
+        if not new:
+            with open(path, newline="") as f:
+                fields = next(csv.reader(f), None) or COLUMNS
         self._f = open(path, "a", newline="")
-        self._w = csv.DictWriter(self._f, fieldnames=COLUMNS)
+        self._w = csv.DictWriter(self._f, fieldnames=fields, extrasaction="ignore")
         if new:
             self._w.writeheader()
         self._f.flush()
@@ -66,7 +71,7 @@ class CsvSink:
 
     def write(self, row: dict) -> None:
         full = {**row, **metrics.derive_row(row)}
-        clean = {k: _field(full.get(k)) for k in COLUMNS}
+        clean = {k: _field(full.get(k)) for k in self._w.fieldnames}
         with self._lock:
             self._w.writerow(clean)
             self._f.flush()

@@ -35,7 +35,7 @@ import time
 
 from llm_psi import cgroups
 from llm_psi import cli
-from llm_psi.cgroups import CgroupError
+from llm_psi.cgroups import CgroupError, cpuset
 from llm_psi.cli import OneLineParser, finite_number
 from llm_psi import REPO
 from llm_psi.load import probe
@@ -103,7 +103,7 @@ def _signal_group(pgid, sig):
 class Cotenant:
     """A co-tenant in a sibling cgroup `name`: start(), units(), cpu_usage_s(), stop(), describe()."""
 
-    def __init__(self, spec, name="llm_cotenant", quota_pct=None, period_us=100000, log=print):
+    def __init__(self, spec, name="llm_cotenant", quota_pct=None, period_us=100000, log=print, cpus=None):
         self.kind, arg = parse_spec(spec)
         self.spec, self.log = spec.strip(), log
         self.workers, self.command = (arg, None) if self.kind == "cpu" else (None, arg)
@@ -118,6 +118,7 @@ class Cotenant:
         if not (isinstance(period_us, int) and 1000 <= period_us <= 1000000):
             raise ValueError(f"period_us must be an integer from 1000 to 1000000, got {period_us!r}")
         self.name, self.quota_pct, self.period_us = name, quota_pct, period_us
+        self.cpus = cpus                  # pinned to these CPUs (cgroups.cpuset), e.g. one fleet host's
         self.procs, self.errors, self.dirs = [], [], []
         self.info = self.limits = self.pressure = self.cgroup_error = None
         self.state, self._lock, self._counts = "new", None, None
@@ -130,6 +131,8 @@ class Cotenant:
         atexit.register(self.stop)
         try:
             self._make_cgroup()
+            if self.cpus and self.info:   # a host's owner off its host's CPUs would be no owner: fatal
+                self.dirs += cpuset.pin(self.info, self.name, self.cpus)
             common = dict(process_group=0, stdin=subprocess.DEVNULL, stdout=2)  # spawn: death signal, joined
 
             if self.kind == "command":    # no shell where none is needed: the death signal reaches it

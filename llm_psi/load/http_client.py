@@ -14,6 +14,7 @@ import time
 
 import httpx
 
+from llm_psi.service.headroom import INSTANCE_HEADER
 from llm_psi.service.lifecycle import Interrupted, Outcome
 
 
@@ -55,6 +56,7 @@ class Remote:
         final = None
         try:
             with self.http.stream("POST", f"{self.url}/v1/completions", json=body) as r:
+                out.instance = r.headers.get(INSTANCE_HEADER)
                 if r.status_code != 200:
                     return self._refused(out, r), None
                 for line in r.iter_lines():

@@ -96,7 +96,7 @@ class Trial:
         row.update(status=out.status, error=out.error, prompt_tokens=out.prompt_tokens,
                    output_tokens=out.output_tokens, gate_decision=out.decision, gate_checks=out.checks,
                    gate_pressure=out.pressure, t_admit_s=rel(out.t_admit), t_start_s=rel(out.t_start),
-                   t_first_token_s=rel(out.t_first_token), t_end_s=rel(out.t_end))
+                   t_first_token_s=rel(out.t_first_token), t_end_s=rel(out.t_end), instance=out.instance)
         if srv:
             row.update({f"srv_{k}_s": v for k, v in srv.items()})
         self.sink.write(row)

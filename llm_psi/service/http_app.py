@@ -47,6 +47,7 @@ from llm_psi.service import http_errors
 from llm_psi.service import openai_api as oa
 from llm_psi.service import security
 from llm_psi.service.lifecycle import Service, ServiceConfig
+from llm_psi.service.loadreport import LoadReport
 from llm_psi.service.openai_api import ApiError
 from llm_psi.service.prometheus import Exporter
 
@@ -280,9 +281,10 @@ class Api:
 
 def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s: float = 1.0, workers: int = 64,
               max_body_bytes: int = MAX_BODY_BYTES, api_key: str | None = None,
-              hosts: frozenset[str] | None = None) -> Starlette:
+              hosts: frozenset[str] | None = None, instance: str | None = None) -> Starlette:
     """The app; it loads the model in the background at start-up unless ``service`` is given. ``hosts``: the
-    Host names allowed (None: any); ``api_key``: the key /v1/ routes require (None: none)."""
+    Host names allowed (None: any); ``api_key``: the key /v1/ routes require (None: none); ``instance``: the
+    name each response carries for balancers (loadreport.py)."""
     api = Api(cfg, retry_after_s, workers, max_body_bytes)
     routes = [Route("/v1/completions", api.completions, methods=["POST"]),
               Route("/v1/chat/completions", api.chat, methods=["POST"]),
@@ -290,6 +292,7 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
               Route("/metrics", api.metrics, methods=["GET"])]
     app = api.app = Starlette(routes=routes, lifespan=api.lifespan, exception_handlers=http_errors.HANDLERS)
     app.add_middleware(security.Guard, api_key=api_key, hosts=hosts)
+    app.add_middleware(LoadReport, state=app.state, instance=instance)
     app.state.service, app.state.draining, app.state.load_error = None, False, None
     app.state.probe = psi.PressureProbe()
     app.state.api = api
@@ -300,13 +303,22 @@ def build_app(cfg: ServiceConfig, service: Service | None = None, retry_after_s:
 
 
 def serve(cfg: ServiceConfig, host: str, port: int, retry_after_s: float, drain_timeout_s: float = DRAIN_TIMEOUT_S,
-          api_key: str | None = None, allowed_hosts: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> int:
+          api_key: str | None = None, allowed_hosts: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+          agent_port: int | None = None, instance: str | None = None) -> int:
     """Run the service until SIGINT/SIGTERM; then drain (the listener closes, requests in flight finish
-    within ``drain_timeout_s``); a second signal exits at once."""
+    within ``drain_timeout_s``); a second signal exits at once. ``agent_port``: HAProxy's agent check
+    (agent.py) on that port of ``host``."""
     import uvicorn
     security.check_exposure(host, api_key)
     app = build_app(cfg, retry_after_s=retry_after_s, max_body_bytes=max_body_bytes, api_key=api_key,
-                    hosts=security.allowed_hosts(host, allowed_hosts))
+                    hosts=security.allowed_hosts(host, allowed_hosts), instance=instance)
+    if agent_port is not None:
+        from llm_psi.service import agent
+        try:
+            agent.start(app.state, host, agent_port)
+        except OSError as e:
+            log.error("cannot answer HAProxy's agent check on %s:%d: %s", host, agent_port, e.strerror or e)
+            return 2
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

@@ -114,6 +114,7 @@ class Outcome:
     t_first_token: float | None = None
     t_end: float | None = None
     retry_after_s: float | None = None  # a refusal's estimate of when to retry (None: the server's default)
+    instance: str | None = None      # the instance that answered, behind a balancer (HTTP client only)
 
     @property
     def deferred(self) -> bool:

@@ -6,12 +6,16 @@ end in ``_total``, no unit-less ``_us``):
   llm_requests_{admitted,deferred,rejected,overloaded,failed,abandoned}_total   counters of the Service
   llm_requests_running, llm_requests_waiting                                    gauges
   llm_admission_<key>                       the admission controller's numeric state (e.g. its limit)
-  llm_overload_predicted_wait_seconds, llm_overload_shedding                   --max-queue-delay-ms
+  llm_overload_predicted_wait_seconds, llm_overload_shedding, llm_overload_max_wait_seconds
+                                                                               --max-queue-delay-ms
   llm_share_quota_cores, llm_share_others_stall_ratio      the sharing controller (--sharing share)
   llm_psi_cpu_some_avg10_ratio{source}      PSI "some" avg10 of the system and of the service cgroup, 0-1
   llm_psi_cpu_some_stall_seconds_total{source}   PSI "some" total= (time with a task stalled)
   llm_cgroup_cpu_{periods,throttled_periods}_total, llm_cgroup_cpu_{throttled,usage}_seconds_total
                                             the service cgroup's cpu.stat, where the cgroup was made for it
+  vllm:num_requests_{running,waiting}, vllm:kv_cache_usage_perc, llm_agent_weight_ratio
+                                            what an inference gateway and a balancer read (headroom.py):
+                                            vLLM's names, a batch slot as the KV cache's unit
   llm_request_<span>_seconds                histograms of each request's deferral, queue, TTFT, service and
                                             end-to-end time (requests that ended ok)
 
@@ -25,6 +29,8 @@ import math
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from llm_psi.service import headroom
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, math.inf)
 COUNTERS = {"admitted": "requests admitted to generation",
@@ -87,7 +93,11 @@ class ServiceCollector(Collector):
                          "(--max-queue-delay-ms)", st["queue_delay_predicted_s"])
             yield _gauge("llm_overload_shedding", "1 while --max-queue-delay-ms refuses requests",
                          st["queue_delay_shedding"])
+            yield _gauge("llm_overload_max_wait_seconds", "the shedding limit, --max-queue-delay-ms (alerts compare "
+                         "the predicted wait with it)", svc.overload.max_delay_s)
         yield from self._pressure(self.state.probe.read())
+        if svc is not None:
+            yield from gateway_gauges(self.state, svc.cfg.model or "gpt2")
 
     @staticmethod
     def _pressure(reading: dict):
@@ -107,6 +117,24 @@ class ServiceCollector(Collector):
         for key, (name, factor, doc) in CPU_STAT.items():
             if reading.get(key) is not None:
                 yield _counter(name[:-len("_total")], doc, reading[key] * factor)
+
+
+def gateway_gauges(state, model: str):
+    """The gauges an inference gateway's endpoint picker reads, named as vLLM names them (label model_name),
+    and the HAProxy agent's weight; all from headroom.read (the service's own state)."""
+    h = headroom.read(state)
+    for name, doc, value in (
+            ("vllm:num_requests_running", "requests generating (vLLM's name; = llm_requests_running)", h["running"]),
+            ("vllm:num_requests_waiting", "requests waiting for admission (vLLM's name; = llm_requests_waiting)",
+             h["waiting"]),
+            ("vllm:kv_cache_usage_perc", "KV cache usage, 0-1 (vLLM's name): a batch slot (one sequence's cache) "
+             "is the unit here, so this is the batch slots in use over the slots (admission limit or batch size)",
+             headroom.kv_cache_usage(h))):
+        g = GaugeMetricFamily(name, doc, labels=["model_name"])
+        g.add_metric([model], value)
+        yield g
+    yield _gauge("llm_agent_weight_ratio", "the weight the HAProxy agent answers now, 0-1 (headroom.py's law; 0 "
+                 "while draining)", h["weight_pct"] / 100)
 
 
 class Exporter:

@@ -19,6 +19,7 @@ import sys
 from llm_psi import cli
 from llm_psi.cli import UsageError
 from llm_psi.config import API_KEY_ENV, DRAIN_TIMEOUT_S, MAX_BODY_BYTES, SERVE_DEFAULTS, ServiceConfig
+from llm_psi.service import headroom
 from llm_psi.service import lifecycle as service
 
 PROG = "llm_server.py serve"
@@ -45,6 +46,11 @@ def build_serve_parser():
     g.add_argument("--allowed-hosts", default=None,
                    help="comma-separated Host header names to accept, * for any (default: the loopback names and "
                         "the bound address when bound to loopback, else any)")
+    g.add_argument("--agent-port", type=cli.finite_number(int, ge=1, le=65535), default=None,
+                   help=f"answer HAProxy's agent check on this port (one line per connection); {headroom.LAW.replace('%', '%%')} "
+                        f"(default: off)")
+    g.add_argument("--instance-name", default=None,
+                   help=f"name every response in an {headroom.INSTANCE_HEADER} header (balancers; default: none)")
     g.add_argument("-v", "--verbose", action="store_true", help="log every admission decision")
     cli.add_config_option(g)
     p.set_defaults(config=None)  # None: not given; then SERVE_DEFAULTS apply
@@ -58,7 +64,7 @@ def parse_serve(argv) -> tuple[ServiceConfig, dict]:
     (SERVE_DEFAULTS: the fastest engine setting within the accuracy guard); with one, its preset."""
     a = vars(build_serve_parser().parse_args(argv))
     server = {k: a.pop(k) for k in ("host", "port", "retry_after_s", "drain_timeout_s", "verbose", "api_key",
-                                    "allowed_hosts", "max_body_bytes")}
+                                    "allowed_hosts", "max_body_bytes", "agent_port", "instance_name")}
     if a["config"] is None:
         a["config"] = ServiceConfig.config
         if a.get("dtype") is None and a.get("quantize") is None:   # an explicit precision replaces them all
@@ -81,6 +87,7 @@ def main(argv=None) -> int:
     logging.getLogger("service").info("serve config: %s (pid %d)", json.dumps(dataclasses.asdict(cfg)), os.getpid())
     from llm_psi.service import http_app as http_api
     server.pop("verbose")
+    server["instance"] = server.pop("instance_name")
     rc = http_api.serve(cfg, **server)
     # drained: exit now, without the interpreter's teardown of torch and the model (seconds on a loaded host),
     # which would eat into the drain deadline that a supervisor enforces

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import ROOT
 from llm_psi.analysis.metrics import SERVER_SPANS as SPANS
 from llm_psi.service.prometheus import Exporter
-from helpers import free_port
+from helpers import free_port, promtool_problems
 
 PROMTOOL, PROMETHEUS = shutil.which("promtool"), shutil.which("prometheus")
 READING = {"sys_cpu_some_avg10": 12.5, "sys_cpu_some_total_us": 3_000_000, "sys_cpu_some_pct": 4.0,
@@ -62,8 +62,7 @@ def test_promtool_accepts_the_live_metrics(server):  # noqa: F811
     assert r.status_code == 200
     text = httpx.get(f"{s.url}/metrics").text
     assert "llm_overload_predicted_wait_seconds" in text and "llm_admission_limit" in text
-    check = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
-    assert check.returncode == 0, check.stdout + check.stderr
+    assert promtool_problems(PROMTOOL, text) == []   # vLLM's colon names (test_agent.py) aside
 
 
 def doc_examples() -> list[str]:
