@@ -88,7 +88,8 @@ def test_long_stops_are_refused_and_never_hold_the_loop(svc):
     assert box["r"].status_code == 400 and box["r"].json()["error"]["param"] == "stop"
     assert f"at most {MAX_STOP_CHARS} characters" in box["r"].json()["error"]["message"]
     # the longest stops still accepted, streamed: /health answers all along
-    longest = {"prompt": "a", "max_tokens": 64, "stream": True, "stop": ["a" * (MAX_STOP_CHARS - 1) + c for c in "bcde"]}
+    longest = {"prompt": "a", "max_tokens": 64, "stream": True,
+               "stop": ["a" * (MAX_STOP_CHARS - 1) + c for c in "bcde"]}
 
     def stream():
         with httpx.stream("POST", f"{svc.url}/v1/completions", json=longest, timeout=60) as r:
