@@ -285,7 +285,7 @@ def test_every_waiting_request_is_counted_and_limited(limited):
     # the wait is in the server's timings: arrival is when the body was read, not when a worker was free
     for body, elapsed in served:
         t = body["timings"]
-        assert elapsed - t["e2e_s"] < 1.0 and t["deferral_s"] <= t["e2e_s"]
+        assert elapsed - t["e2e_s"] < 2.0 and t["deferral_s"] <= t["e2e_s"]   # before: up to 28 s apart
     assert max(body["timings"]["deferral_s"] for body, _ in served) > 0.1
 
 
