@@ -103,11 +103,17 @@ def test_long_stops_are_refused_and_never_hold_the_loop(svc):
 
 @pytest.mark.parametrize("size", [2 << 20, 10 << 20])
 def test_an_oversized_body_reads_its_413(svc, size):
-    body = b" " * size
+    chunk = b" " * (256 << 10)
+
+    def body():    # as a network delivers it: in pieces, still coming after the server has seen too much
+        for _ in range(size // len(chunk)):
+            time.sleep(0.005)
+            yield chunk
     for _ in range(10):     # the issue: a reset in 10 of 10 tries at 10 MB
         c = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=30)
-        try:
-            c.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        try:   # a client that closes after the answer: the server closes too, with the body unread unless drained
+            c.request("POST", "/v1/completions", body=body(), headers={
+                "Content-Type": "application/json", "Content-Length": str(size), "Connection": "close"})
             r = c.getresponse()
             assert r.status == 413 and json.loads(r.read())["error"]["code"] == "request_too_large"
         finally:
