@@ -1,23 +1,36 @@
 """How the HTTP app answers what goes wrong: every error in OpenAI's shape, Starlette's own (404, 405) included;
 a server fault as a bare 500 (its traceback goes to the log, never to the client); a refusal as 503 with
-Retry-After; a request cut at the drain deadline as 503 and one INFO line."""
+Retry-After; a request cut at the drain deadline as 503 and one INFO line; a client gone mid-body as one INFO
+line.
+
+Retry-After is spread: each 503 draws its delay uniformly from [d, 2d] (d: the refusal's estimate, or
+--retry-after-s), sent as ``retry-after-ms`` (which the official openai client honours to the millisecond)
+and as ``Retry-After`` in whole seconds (rounded up), so refused clients do not all come back at once."""
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
 import math
+import random
 
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response
 
 from llm_psi.service.openai_api import ApiError
 
 log = logging.getLogger("http_api")
 
 
+def retry_headers(retry_after: float) -> dict:
+    """Retry-After drawn from [d, 2d] (d at least 1 s): in ms for clients that read it, in whole seconds."""
+    delay = max(1.0, retry_after) * random.uniform(1.0, 2.0)
+    return {"Retry-After": str(math.ceil(delay)), "retry-after-ms": str(round(delay * 1000))}
+
+
 def unavailable(message: str, kind: str, retry_after: float, **extra) -> ApiError:
-    return ApiError(503, message, kind, headers={"Retry-After": str(max(1, math.ceil(retry_after)))}, **extra)
+    return ApiError(503, message, kind, headers=retry_headers(retry_after), **extra)
 
 
 async def _api_error(request, exc: ApiError):
@@ -38,7 +51,14 @@ async def _server_error(request, exc: Exception):
     return JSONResponse(ApiError(500, "internal server error", "server_error").body(), status_code=500)
 
 
-HANDLERS = {ApiError: _api_error, HTTPException: _http_error, Exception: _server_error}
+async def _client_gone(request, exc: ClientDisconnect):
+    """The client went away before its body was whole: one INFO line; the answer goes nowhere."""
+    log.info("%s %s: client disconnected before its body was read; dropped", request.method, request.url.path)
+    return Response(status_code=499)
+
+
+HANDLERS = {ApiError: _api_error, HTTPException: _http_error, ClientDisconnect: _client_gone,
+            Exception: _server_error}
 
 
 class DrainDeadline:

@@ -1,7 +1,7 @@
 """The resident service: one engine behind one admission controller, and the lifecycle of every request.
 
 ``Service.submit`` is the one entry point, whoever the client is (the in-process load generator calls it
-directly, the HTTP server of ``http_api.py`` from its worker threads):
+directly, the HTTP server of ``http_app.py`` from a thread per request):
 
     arrive -> [overload check] -> admit (the controller may defer or reject) -> generate -> release
 
@@ -165,11 +165,13 @@ class Service:
                 **(self.sharing.state() if self.sharing is not None else {}),
                 "in_flight": self.running, "waiting": self.waiting}
 
-    def submit(self, prompt: str, max_tokens: int, *, seed: int = 0, stop=None, on_token=None) -> Outcome:
+    def submit(self, prompt: str, max_tokens: int, *, seed: int = 0, stop=None, on_token=None,
+               t_arrive: float | None = None) -> Outcome:
         """Run one request through admission and generation. ``stop`` (threading.Event) abandons it at the
         next token with engine.Interrupted, which propagates (an abandoned request is not a result; it is
-        counted as ``abandoned``); ``on_token(id, t)`` sees every token as it is sampled."""
-        out = Outcome(status="ok", t_arrive=time.monotonic())
+        counted as ``abandoned``); ``on_token(id, t)`` sees every token as it is sampled. ``t_arrive``: when
+        the request arrived (time.monotonic(); default now), e.g. when the HTTP server read its body."""
+        out = Outcome(status="ok", t_arrive=time.monotonic() if t_arrive is None else t_arrive)
         shed = self.overload
         if self._refused(out):
             return self._done(out, prompt)
@@ -252,7 +254,8 @@ class Service:
         except Interrupted:
             with self._lock:
                 self.counts["abandoned"] += 1
-            log.info("request abandoned by its client after %.1f s", time.monotonic() - out.t_arrive)
+            # the client's side (the HTTP app) logs the one INFO line of an abandoned request
+            log.debug("request abandoned by its client after %.1f s", time.monotonic() - out.t_arrive)
             raise
         except Exception as e:
             out.status, out.error, out.output_tokens = "failed", f"{type(e).__name__}: {e}"[:300], 0

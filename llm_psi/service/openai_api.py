@@ -13,7 +13,8 @@ import time
 
 DEFAULT_MAX_TOKENS = 16          # OpenAI's default for /v1/completions; used for chat too (see docs/SERVICE.md)
 MAX_SEED = 2 ** 63               # seeds are 0 <= seed < 2**63 (torch.Generator.manual_seed takes int64)
-MAX_STOPS = 4
+MAX_STOPS = 4                    # OpenAI's bound on stop sequences
+MAX_STOP_CHARS = 256             # each stop's length: bounds the text held back and the stop check's work
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"            # the template's next user turn ends the reply
 # parameters accepted only at their default value: (default values, what the service does instead)
@@ -107,6 +108,9 @@ def _stops(body) -> list[str]:
     if (not isinstance(stops, list) or len(stops) > MAX_STOPS
             or not all(isinstance(s, str) and s for s in stops)):
         raise invalid(f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them", "stop")
+    longest = max(map(len, stops), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise invalid(f"each stop may be at most {MAX_STOP_CHARS} characters long; got one of {longest}", "stop")
     return [_unicode(s, "stop") for s in stops]
 
 
@@ -115,14 +119,21 @@ def _common(body, temperature: float, max_tokens_key: str = "max_tokens") -> dic
     if model is not None and not isinstance(model, str):
         raise invalid("model must be a string", "model")
     t = body.get("temperature")
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t != temperature):
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))):
+        raise invalid(f"temperature must be a number, got {type(t).__name__} {json.dumps(t)[:40]}", "temperature")
+    if t is not None and t != temperature:
         raise invalid(f"this service samples at temperature {temperature} (llm_server.py serve --temperature); "
                       f"got {t}", "temperature", "unsupported_parameter")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise invalid("stream must be true or false", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise invalid("stream_options is only allowed when stream is true", "stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise invalid("stream_options must be an object", "stream_options")
+    options = options or {}
+    if set(options) - {"include_usage"}:
         raise invalid("stream_options may hold include_usage only", "stream_options")
     return {"model": model, "stream": bool(stream), "include_usage": options.get("include_usage", True) is not False,
             "max_tokens": _integer(body, max_tokens_key, 1, None, DEFAULT_MAX_TOKENS),
@@ -211,27 +222,55 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
 
 
 class StopText:
-    """Cuts a text stream at the first of its stop strings, holding back any tail that may begin one."""
+    """Cuts a text stream at the first of its stop strings, holding back any tail that may begin one.
+
+    Linear: each stop keeps the length of its longest prefix that ends the text so far (Knuth-Morris-Pratt),
+    so a new character costs amortised O(1) per stop, however long the text or the stops."""
 
     def __init__(self, stops: list[str]):
         self.stops, self.pending, self.hit = stops, "", False
+        self.fail = [_prefix_function(s) for s in stops]
+        self.matched = [0] * len(stops)   # per stop: its longest prefix that the text ends with
+
+    def _advance(self, i: int, c: str) -> int:
+        s, fail, k = self.stops[i], self.fail[i], self.matched[i]
+        while k and s[k] != c:
+            k = fail[k - 1]
+        if s[k] == c:
+            k += 1
+        self.matched[i] = k
+        return k
 
     def feed(self, delta: str) -> str:
         """The text that is safe to send now."""
         if self.hit:
             return ""
         text = self.pending + delta
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.hit, self.pending = True, ""
-            return text[:min(found)]
-        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        start = len(self.pending)
+        for pos in range(start, len(text)):
+            ends = [len(s) for i, s in enumerate(self.stops) if self._advance(i, text[pos]) == len(s)]
+            if ends:   # a stop ends at pos: cut where the earliest-starting one begins
+                self.hit, self.pending = True, ""
+                return text[:pos + 1 - max(ends)]
+        hold = max(self.matched, default=0)
         self.pending = text[len(text) - hold:] if hold else ""
         return text[:len(text) - hold]
 
     def flush(self) -> str:
         out, self.pending = ("" if self.hit else self.pending), ""
         return out
+
+
+def _prefix_function(s: str) -> list[int]:
+    """KMP's failure function: fail[i] = the length of the longest proper prefix of s[:i+1] that ends it."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
 
 
 class Detokenizer:
