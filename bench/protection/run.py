@@ -50,9 +50,9 @@ def plan(cells, trials: int, seed: int, first: int = 1) -> list[tuple[int, str]]
     return [(k, c) for k, c in runs if k >= first]
 
 
-def _usage_s(info) -> float | None:
-    usage = cgroups.read_counters(info).get("usage_usec") if os.path.isdir(info["cpu"]) else None
-    return None if usage is None else usage / 1e6
+def _counters(info) -> dict | None:
+    """The LLM cgroup's counters (cgroups.read_counters), None where it is gone."""
+    return cgroups.read_counters(info) if os.path.isdir(info["cpu"]) else None
 
 
 def _stop(proc, grace_s=30.0):
@@ -83,14 +83,17 @@ class Trial:
         spec = self.a.interactive if self.owner_kind == "interactive" else self.a.batch
         path = f"{self.stem}_{which}_owner.csv"
         self.owner = owners.Owner(spec, seconds, path, name=self.a.owner_cgroup, log=self.h.quiet_log)
-        llm_before = _usage_s(llm_info) if llm_info else None
+        before = _counters(llm_info) if llm_info else None
         self.owner.start()
         rec = self.owner.finish()
-        llm_after = _usage_s(llm_info) if llm_info else None
+        after = _counters(llm_info) if llm_info else None
         self.owner.stop()
         self.owner = None
         if llm_info:
-            rec["llm_cpu_s"] = None if llm_before is None or llm_after is None else round(llm_after - llm_before, 4)
+            delta = cgroups.counter_delta(before, after) or {}
+            rec["llm_counters"] = delta
+            usage = delta.get("usage_usec")
+            rec["llm_cpu_s"] = None if usage is None else round(usage / 1e6, 4)
         return rec
 
     def start_service(self):
@@ -222,6 +225,10 @@ class Harness:
             trial = Trial(self, config, owner_kind, load, k)
             try:
                 record = trial.run()
+            except RuntimeError as e:             # recorded, not complete: --resume runs it again
+                self.say(f"trial {k} {cell} failed: {e}")
+                record = {"config": config, "owner": owner_kind, "llm_load": load, "trial": k, "complete": False,
+                          "error": str(e), **code_state()}
             finally:
                 trial.close()
             with open(path, "w") as f:
