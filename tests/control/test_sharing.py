@@ -367,3 +367,14 @@ def test_a_probe_cell_records_its_delays_in_json_and_timeline(generate, fake_cgr
     assert set(tl["cotenant_on"]) == {0, 1}
     assert tl.loc[tl["cotenant_on"] == 1, "probe_delay_p99_ms"].notna().any()
     assert tl.loc[tl["t_s"] < 0.9, "probe_delay_p99_ms"].isna().all()
+
+
+def test_signal_siblings_without_siblings_reads_zero_after_the_first(tmp_path):
+    """With no sibling cgroup (nobody else on the host), nobody else stalls: 0 after the first reading, not None
+    for ever (which kept the quota still and the service's /health failing on its NaN; issue 32)."""
+    _put(tmp_path / "svc" / "cpu.pressure", "some avg10=0 avg60=0 avg300=0 total=0\n")
+    clock = FakeClock()
+    sig = sharing.SiblingPressure(str(tmp_path / "svc"), clock)
+    assert sig() is None
+    clock.t += 1.0
+    assert sig() == 0.0
