@@ -10,7 +10,8 @@ Two kinds, as a spec:
                              A request not started by the end of the phase is not run (it was not achieved).
   batch:N                    N of the co-tenant's burners (cpu:N): fixed units of work, counted each second.
 
-Owner(spec, seconds, raw_csv) runs one phase: start() puts it in its cgroup, finish() waits for the phase's end
+Owner(spec, seconds, raw_csv) runs one phase: start() puts it in its cgroup (RuntimeError where it cannot have
+one: the study needs its counters), finish() waits for the phase's end
 and returns its record (its seconds and cgroup CPU seconds; a batch owner's per-second rows are written to
 raw_csv then), stop() ends it and removes the cgroup (every exit path, as Cotenant does).
 
@@ -97,6 +98,9 @@ class Owner:
     def start(self):
         self.t0 = time.monotonic()
         self.tenant.start()
+        if self.tenant.cgroup_error:        # no counters, no pressure: not a measurement of this study
+            self.tenant.stop()
+            raise RuntimeError(f"the owner has no cgroup of its own: {self.tenant.cgroup_error}")
         if self.kind == "batch":
             self.sampler = cotenant.ThroughputSampler(self.tenant, self.t0).start()
         return self

@@ -88,3 +88,17 @@ def test_batch_phase_writes_its_seconds(tmp_path):
     rec, df = _run_phase(tmp_path, "batch:1", 2.0)
     assert list(df.columns) == owner.BATCH_COLUMNS and len(df) >= 1
     assert (df["units_per_s"] > 0).all() and rec["cpu_s"] > 0.5
+
+
+def test_an_owner_without_a_cgroup_of_its_own_is_refused(tmp_path, monkeypatch):
+    """Without its cgroup the owner has no counters and no pressure: the phase fails (the trial is recorded as not
+    complete) instead of measuring nothing, and its processes are gone."""
+    from llm_psi.cgroups import CgroupError
+
+    def held(*a, **k):
+        raise CgroupError("cgroup llm_cotenant is in use by a running experiment")
+    monkeypatch.setattr(owner.cotenant.cgroups, "create", held)
+    o = owner.Owner("batch:1", 1.0, str(tmp_path / "b.csv"), log=lambda m: None)
+    with pytest.raises(RuntimeError, match="no cgroup of its own"):
+        o.start()
+    assert o.tenant.state == "stopped" and all(p.poll() is not None for p in o.tenant.procs)
