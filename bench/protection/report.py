@@ -89,7 +89,8 @@ def trial_metrics(st: str, rec: dict, slo: dict) -> dict:
     a_rows, w_rows = _rows(st + "_alone_owner.csv"), _rows(st + "_with_owner.csv")
     out = dict.fromkeys(METRICS, math.nan)
     if kind == "interactive":
-        per_s = protection.isolation_per_second(_col(w_rows, "t_end_s"), rec["with_s"], arg[0])
+        offset = metrics.percentile(_col(a_rows, "latency_ms"), 50) / 1000.0   # where completions fall alone
+        per_s = protection.isolation_per_second(_col(w_rows, "t_end_s"), rec["with_s"], arg[0], offset)
         for q in (50, 99):
             out[f"lat_imp_p{q}_pct"] = protection.lat_imp_pct(_col(a_rows, "latency_ms"), _col(w_rows, "latency_ms"), q)
     else:

@@ -4,7 +4,7 @@ work) and cgroup CPU counters (seconds of CPU time used over a phase). Each tria
 and an owner-with-the-LLM phase; every "alone" below is that trial's own.
 
     isolation_per_second  the owner's achieved / target rate in each whole second of a phase (%): interactive,
-                          requests completed in [i, i+1) / the target rate; batch, work units done in second i /
+                          requests completed in [i, i+1) (shifted by its median latency alone) / the target rate; batch, work units done in second i /
                           the mean units per second alone (resctl-bench's isol% per second)
     isolation             their mean and 1st percentile (isol_mean_pct, isol_p01_pct)
     lat_imp_pct           the p-th percentile of request latency with the LLM over the same percentile alone,
@@ -27,13 +27,15 @@ def _finite(values) -> np.ndarray:
     return v[np.isfinite(v)]
 
 
-def isolation_per_second(done_s, seconds: float, target_per_s: float) -> np.ndarray:
-    """100 x (events with done time in [i, i+1)) / target_per_s for each whole second i of a phase of `seconds`
-    (times since the phase began; events at or past the last whole second, or missing, are not counted)."""
+def isolation_per_second(done_s, seconds: float, target_per_s: float, offset_s: float = 0.0) -> np.ndarray:
+    """100 x (events with done time in [offset_s + i, offset_s + i + 1)) / target_per_s for each whole second i of a
+    phase of `seconds` (times since the phase began; events outside those seconds, or missing, are not counted).
+    offset_s aligns the seconds with where completions fall undisturbed (the report passes the owner's median
+    latency alone), so that a delay shorter than half a period does not move a completion into the next second."""
     if not (target_per_s > 0 and seconds >= 1):
         raise ValueError(f"need a target > 0 and a phase of at least 1 s, got {target_per_s!r} and {seconds!r}")
     n = int(math.floor(seconds))
-    t = _finite(done_s)
+    t = _finite(done_s) - (offset_s if math.isfinite(offset_s) else 0.0)
     counts = np.bincount(np.floor(t[(t >= 0) & (t < n)]).astype(int), minlength=n)
     return 100.0 * counts / target_per_s
 

@@ -14,6 +14,15 @@ def test_isolation_per_second_counts_completions_per_whole_second():
     assert pr.isolation_per_second(done, 3.5, 3).tolist() == pytest.approx([100.0, 200 / 3, 100 / 3])
 
 
+def test_isolation_seconds_align_with_where_completions_fall_alone():
+    """Due at (k + 1/2) / 4 s, done 100 ms later: the last of each second ends at 0.975 s, so a 40 ms delay moves
+    it into the next second; with the seconds shifted by the latency alone it stays."""
+    done = [(k + 0.5) / 4 + 0.1 for k in range(8)]
+    done[3] += 0.04
+    assert pr.isolation_per_second(done, 2, 4).tolist() == [75.0, 125.0]
+    assert pr.isolation_per_second(done, 2, 4, offset_s=0.1).tolist() == [100.0, 100.0]
+
+
 def test_isolation_mean_and_first_percentile():
     mean, p01 = pr.isolation([100.0] * 99 + [0.0])
     assert mean == pytest.approx(99.0)
