@@ -80,6 +80,14 @@ CONFIGS = {
     # quota (floor) and every CPU from the stall of others; share_batch adds continuous batching.
     "share": dict(limited=False, cgroup=dict(own=True), sharing="share"),
     "share_batch": dict(limited=False, cgroup=dict(own=True), sharing="share", batching="dynamic"),
+    # The protection study (issue 32, bench/protection): cpu.weight at 100 (the kernel's default, the owner's),
+    # 10 and 1 (33 is "weight" above); headroom: an unlimited cgroup of its own whose quota the headroom
+    # controller (python -m llm_psi.control.headroom, started beside the service by the bench) sets from the
+    # owner's CPU use plus a headroom, in the style of Meta's sideloader.
+    "weight100": dict(limited=False, cgroup=dict(weight=100)),
+    "weight10": dict(limited=False, cgroup=dict(weight=10)),
+    "weight1": dict(limited=False, cgroup=dict(weight=1)),
+    "headroom": dict(limited=False, cgroup=dict(own=True)),
 }
 
 CGROUP_KEYS = ("weight", "idle", "burst_us", "own")  # what a preset's ``cgroup`` may name

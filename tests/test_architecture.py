@@ -31,7 +31,7 @@ def modules() -> dict:
     """{dotted name: path} of every module of the package, the benchmarks and the root doors."""
     out = {}
     for path in glob.glob(os.path.join(ROOT, "llm_psi", "**", "*.py"), recursive=True) + \
-            glob.glob(os.path.join(ROOT, "bench", "*.py")) + glob.glob(os.path.join(ROOT, "*.py")):
+            glob.glob(os.path.join(ROOT, "bench", "**", "*.py"), recursive=True) + glob.glob(os.path.join(ROOT, "*.py")):
         rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
         out[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = path
     return out

@@ -91,3 +91,26 @@ def interleaving(runs_by_config) -> tuple[int, int] | None:
     if len(starts) < 2:
         return None
     return sum(a[1] != b[1] for a, b in zip(starts, starts[1:])), len(starts) - 1
+
+
+def power(n: int, sd: float, delta: float, level: float = LEVEL) -> float:
+    """The power of a two-sided two-sample t-test with n trials per group to find a true difference delta between
+    two configurations whose per-trial values have standard deviation sd (noncentral t, 2n - 2 df)."""
+    if n < 2 or not sd > 0:
+        return float("nan") if n < 2 else 1.0
+    df, nc = 2 * n - 2, abs(delta) / (sd * np.sqrt(2.0 / n))
+    crit = stats.t.ppf(0.5 + level / 2, df)
+    return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+
+
+def trials_needed(sd: float, delta: float, target: float = 0.8, level: float = LEVEL, most: int = 10000) -> int:
+    """The fewest trials per configuration (>= 2) whose two-sample t-test has at least `target` power to resolve
+    delta at `level` (power()); `most` where even that many would not."""
+    if not sd > 0:
+        return 2
+    z = stats.norm.ppf(0.5 + level / 2) + stats.norm.ppf(target)
+    start = max(2, int(2 * (z * sd / abs(delta)) ** 2) - 2)  # the normal approximation, which t only raises
+    for n in range(min(start, most), most + 1):
+        if power(n, sd, delta, level) >= target:
+            return n
+    return most

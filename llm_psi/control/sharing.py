@@ -66,7 +66,7 @@ class SiblingPressure:
 
     def __init__(self, own_dir, clock=time.monotonic):
         self.own, self.parent, self.clock = os.path.normpath(own_dir), os.path.dirname(os.path.normpath(own_dir)), clock
-        self.prev = {}
+        self.prev = None      # the sibling readings of the last call (None before the first)
 
     def _siblings(self):
         try:
@@ -83,9 +83,9 @@ class SiblingPressure:
                 now[d] = PressureFile(os.path.join(d, "cpu.pressure"), self.clock).timed_total()
             except Exception:       # a sibling removed meanwhile
                 continue
-            if d in self.prev and now[d][0] > self.prev[d][0]:
+            if self.prev and d in self.prev and now[d][0] > self.prev[d][0]:
                 shares.append(stall_share(self.prev[d], now[d]))
-        first = not self.prev
+        first = self.prev is None
         self.prev = now
         return None if first else max(shares, default=0.0)
 

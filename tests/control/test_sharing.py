@@ -415,3 +415,14 @@ def test_a_cells_probe_samples_belong_to_the_cell(tmp_path):
     assert cell.existing() == [str(tmp_path / "x_c1_probe.csv")] and cell.plan() == [1, 2]
     cell.open({"start_wall": 0, "argv": []})
     assert not os.path.exists(probe_path(cfg.stem))
+
+
+def test_signal_siblings_without_siblings_reads_zero_after_the_first(tmp_path):
+    """With no sibling cgroup (nobody else on the host), nobody else stalls: 0 after the first reading, not None
+    for ever (which kept the quota still and the service's /health failing on its NaN; issue 32)."""
+    _put(tmp_path / "svc" / "cpu.pressure", "some avg10=0 avg60=0 avg300=0 total=0\n")
+    clock = FakeClock()
+    sig = sharing.SiblingPressure(str(tmp_path / "svc"), clock)
+    assert sig() is None
+    clock.t += 1.0
+    assert sig() == 0.0
