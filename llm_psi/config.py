@@ -35,13 +35,17 @@ QUANTIZE = ("none", "int8")       # int8: dynamic int8 linear layers (float32 on
 # setting within the accuracy guard (engine.accuracy; measured in issue 19: ~3x float32's tokens per
 # CPU-second at batch 1, ~1.7-2.9x at batch 8-32, one thread).
 FAITHFUL = dict(dtype="float32", quantize="none")
+# The paper's threads: torch's own count and no OMP_WAIT_POLICY, as its code ran (engine.threads). Every other
+# label and a bare `serve` take the default: threads and wait policy from the CPU the process may use.
+PAPER_THREADS = dict(torch_threads="default", omp_wait_policy="unset")
+SERVE_THREADS = dict(torch_threads="auto", omp_wait_policy="auto")   # `serve` without --config
 FASTEST = dict(dtype="float32", quantize="int8")
 SERVE_DEFAULTS = dict(FASTEST)
 
 CONFIGS = {
-    "baseline": dict(limited=False, **FAITHFUL),
-    "cgroups": dict(limited=True, **FAITHFUL),
-    "psi": dict(limited=True, admission="gate", **FAITHFUL),
+    "baseline": dict(limited=False, **FAITHFUL, **PAPER_THREADS),
+    "cgroups": dict(limited=True, **FAITHFUL, **PAPER_THREADS),
+    "psi": dict(limited=True, admission="gate", **FAITHFUL, **PAPER_THREADS),
     "cgroups_threads": dict(limited=True, torch_threads="auto"),
     "psi_threads": dict(limited=True, admission="gate", torch_threads="auto"),
     "limit1": dict(limited=True, admission="limit", concurrency_limit=1, torch_threads="auto"),
@@ -121,7 +125,8 @@ class ServiceConfig:
     tiny: bool = False
     seed: int = 0                    # weight init seed (and the base of per-request sampling seeds)
     temperature: float = 0.7
-    torch_threads: str | None = None
+    torch_threads: str | None = "auto"   # auto: from the CPU it may use | default: torch's own | N
+    omp_wait_policy: str = "auto"    # auto (PASSIVE unless the environment sets it) | passive | active | unset
     engine: str = "loop"             # loop (our decode loop) | generate (Hugging Face generate(), as the artifact)
     dtype: str = "float32"           # DTYPES
     quantize: str = "none"           # QUANTIZE

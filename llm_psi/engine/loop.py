@@ -29,32 +29,15 @@ from dataclasses import dataclass, field
 
 from llm_psi.config import ENGINES
 from llm_psi.engine import net
+from llm_psi.engine import threads as threads_policy
 
 TINY_CONFIG = dict(n_layer=2, n_head=2, n_embd=64, n_positions=256)
 
 
-def apply_thread_env(n: int) -> None:
-    """Export the OpenMP/MKL thread variables; effective only before torch is first imported."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-
-
 def resolve_threads(value) -> int | None:
-    """``None`` keeps torch's default; ``'auto'`` sizes the pool to the cgroup's CPU quota (at least 1,
-    the core count where there is no quota); an int is taken as is."""
-    if value in (None, "", "default"):
-        return None
-    if value == "auto":
-        try:
-            from llm_psi import cgroups
-            cores = cgroups.cpu_quota_cores()
-        except Exception:  # no cgroup information: behave as unlimited
-            cores = None
-        return max(1, int(cores)) if cores else (os.cpu_count() or 1)
-    n = int(value)
-    if n < 1:
-        raise ValueError(f"torch threads must be >= 1, got {n}")
-    return n
+    """``None``/``'default'`` keeps torch's default; ``'auto'`` sizes the pool to the CPU the process may use
+    (``threads.derive``); an int is taken as is."""
+    return threads_policy.resolve_threads(value)
 
 
 def _gpt2_tokenizer_dir() -> str:
@@ -98,13 +81,14 @@ class Engine:
     kind = "loop"
 
     def __init__(self, model: str | None = None, tiny: bool = False, seed: int = 0,
-                 torch_threads=None, temperature: float = 0.7, dtype: str = "float32", quantize: str = "none"):
+                 torch_threads=None, temperature: float = 0.7, dtype: str = "float32", quantize: str = "none",
+                 omp_wait_policy: str | None = None):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         net.check_precision(dtype, quantize)
-        threads = resolve_threads(torch_threads)
-        if threads is not None:
-            apply_thread_env(threads)
+        # before torch's first import: OpenMP reads its variables when torch loads it (threads.apply)
+        self.threading = threads_policy.apply(torch_threads, omp_wait_policy)
+        threads = self.threading["threads_resolved"]
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -149,6 +133,8 @@ class Engine:
             "temperature": self.temperature,
             "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(),
+            "omp_wait_policy": self.threading["omp_wait_policy"],
+            "threading": self.threading,
         }
 
     def encode(self, prompt):

@@ -84,7 +84,8 @@ def load_engine(cfg: ServiceConfig):
     """The engine ``cfg`` names, wrapped in the batching scheduler when it batches."""
     from llm_psi.engine import loop as engines
     eng = engines.make_engine(cfg.engine, model=cfg.model, tiny=cfg.tiny, seed=cfg.seed,
-                              torch_threads=cfg.torch_threads, temperature=cfg.temperature,
+                              torch_threads=cfg.torch_threads, omp_wait_policy=cfg.omp_wait_policy,
+                              temperature=cfg.temperature,
                               dtype=cfg.dtype, quantize=cfg.quantize)
     if cfg.batching != "off":
         from llm_psi.engine import batch as batch_engine

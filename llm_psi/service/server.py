@@ -18,7 +18,7 @@ import sys
 
 from llm_psi import cli
 from llm_psi.cli import UsageError
-from llm_psi.config import API_KEY_ENV, DRAIN_TIMEOUT_S, MAX_BODY_BYTES, SERVE_DEFAULTS, ServiceConfig
+from llm_psi.config import API_KEY_ENV, DRAIN_TIMEOUT_S, MAX_BODY_BYTES, SERVE_DEFAULTS, SERVE_THREADS, ServiceConfig
 from llm_psi.service import lifecycle as service
 
 PROG = "llm_server.py serve"
@@ -63,6 +63,8 @@ def parse_serve(argv) -> tuple[ServiceConfig, dict]:
         a["config"] = ServiceConfig.config
         if all(a.get(key) is None for key in SERVE_DEFAULTS):   # an explicit precision replaces them all
             a.update(SERVE_DEFAULTS)
+        for key, value in SERVE_THREADS.items():   # not the paper's threads: those of the CPU it may use
+            a[key] = value if a.get(key) is None else a[key]
     cli.resolve(a, ServiceConfig)
     return ServiceConfig(**a), server
 
