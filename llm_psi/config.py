@@ -35,9 +35,12 @@ QUANTIZE = ("none", "int8")       # int8: dynamic int8 linear layers (float32 on
 # setting within the accuracy guard (engine.accuracy; measured in issue 19: ~3x float32's tokens per
 # CPU-second at batch 1, ~1.7-2.9x at batch 8-32, one thread).
 FAITHFUL = dict(dtype="float32", quantize="none")
-# The paper's threads: torch's own count and no OMP_WAIT_POLICY, as its code ran (engine.threads). Every other
-# label and a bare `serve` take the default: threads and wait policy from the CPU the process may use.
-PAPER_THREADS = dict(torch_threads="default", omp_wait_policy="unset")
+# The paper's engine as its code ran it: Hugging Face generate(), torch's own thread count, no OMP_WAIT_POLICY
+# (engine.threads), and the model built and every request served on one thread, one at a time, as its
+# server's stdin loop (engine.one_thread: OpenMP spins there, and not in a server's worker threads). Every
+# other label and a bare `serve` take the defaults: our loop, threads and wait policy from the CPU the
+# process may use, requests run on their callers' threads.
+PAPER_THREADS = dict(engine="generate", torch_threads="default", omp_wait_policy="unset", engine_thread="one")
 SERVE_THREADS = dict(torch_threads="auto", omp_wait_policy="auto")   # `serve` without --config
 FASTEST = dict(dtype="float32", quantize="int8")
 SERVE_DEFAULTS = dict(FASTEST)
@@ -127,6 +130,7 @@ class ServiceConfig:
     temperature: float = 0.7
     torch_threads: str | None = "auto"   # auto: from the CPU it may use | default: torch's own | N
     omp_wait_policy: str = "auto"    # auto (PASSIVE unless the environment sets it) | passive | active | unset
+    engine_thread: str = "caller"    # caller: each request on its caller's thread | one: the paper's server loop
     engine: str = "loop"             # loop (our decode loop) | generate (Hugging Face generate(), as the artifact)
     dtype: str = "float32"           # DTYPES
     quantize: str = "none"           # QUANTIZE
