@@ -1,14 +1,17 @@
 """The paper's server loop: one thread builds the engine and runs every request, one at a time, in order.
 
 The paper's ``llm_server.py`` loads the model and calls ``generate`` in its main thread, for one prompt after
-another (its stdin loop). Where the calls come from matters to OpenMP, not just to the order: libgomp gives
-every thread that opens a parallel region a worker pool of its own, and once it manages more threads than
-there are CPUs it stops letting idle workers spin (a throttled spin of ~100 rounds instead of
-GOMP_SPINCOUNT's 300000). A load generator or an HTTP server calling ``generate`` from its worker threads
-therefore runs with a second pool and barely spins, while the paper's single-threaded server spins between
-parallel regions (measured in ``bench/paper_cost``: our ``cgroups`` cell took 0.59-0.78 of the paper's time
-per request under the quota). ``OneThread`` gives the paper's configurations the paper's threading: every
-torch call of the engine, its construction included, on one thread.
+another (its stdin loop); the artifact's timestamps show one request at a time at every concurrency. Which
+thread makes the calls matters to OpenMP, not just their order: with ``OMP_WAIT_POLICY`` unset (the paper's
+setting), a ``generate`` call on the thread that built the model cost several times the CPU of the same call
+on a second thread in a quick unconstrained probe on this host, and with ``passive`` the two were equal: the
+second thread's calls barely let the workers spin. *A guess at why:* libgomp gives every thread that opens
+parallel regions a worker pool of its own, and once it manages more threads than there are CPUs it cuts the
+spin of idle workers to a throttled ~100 rounds. Our load generator and HTTP server call the engine from
+worker threads, which would explain why our ``cgroups`` cell took 0.59-0.78 of the paper's code's time per
+request (issue 30). ``OneThread`` gives the paper's configurations the paper's threading, measured against a
+re-creation of the paper's server by ``python -m bench.paper_cost``: every torch call of the engine, its
+construction included, on one thread.
 """
 from __future__ import annotations
 
