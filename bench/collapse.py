@@ -112,12 +112,13 @@ def worker(args) -> int:
     return 0
 
 
-def run_child(cmd, env):
-    """Run cmd to completion; return (status, stdout, stderr). Interrupted, the child is sent the same stop
-    (cgroup_lib run then removes its cgroup), given time to end, then killed."""
-    child = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_child(cmd, env, input=None):
+    """Run cmd to completion (``input``: its stdin's text); return (status, stdout, stderr). Interrupted, the
+    child is sent the same stop (cgroup_lib run then removes its cgroup), given time to end, then killed."""
+    child = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             stdin=None if input is None else subprocess.PIPE)
     try:
-        out, err = child.communicate()
+        out, err = child.communicate(input)
     except BaseException as e:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM if isinstance(e, _Terminate) else signal.SIGINT)

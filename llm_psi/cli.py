@@ -109,7 +109,14 @@ def add_service_options(p, defaults=ServiceConfig) -> None:
     option(g, defaults, "--temperature", type=finite_number(float, gt=0))
     option(g, defaults, "--seed", type=finite_number(int, ge=0), help="weight init and sampling seed")
     g.add_argument("--torch-threads", default=None,
-                   help="N, 'auto' (= the cgroup's CPU quota, at least 1) or 'default' (torch's own)")
+                   help="N, 'auto' (the whole CPUs the process may use: its cpuset under its cgroups' CPU quota, "
+                        "at least 1) or 'default' (torch's own); default: auto (the paper's labels: default)")
+    option(g, defaults, "--engine-thread", choices=["caller", "one"],
+           help="caller: each request runs on its caller's thread; one: the model is built and every request "
+                "served on one thread, one at a time, as the paper's server (the paper's labels preset it)")
+    option(g, defaults, "--omp-wait-policy", choices=["auto", "passive", "active", "unset"],
+           help="OpenMP's OMP_WAIT_POLICY: auto (PASSIVE unless the environment sets it), passive, active, or unset "
+                "(libgomp's default, as the paper's code ran; the paper's labels preset it)")
     option(g, defaults, "--batching", choices=["off", "dynamic"],
            help="dynamic: continuous batching (batch_engine.py)")
     option(g, defaults, "--max-batch", type=COUNT)

@@ -40,14 +40,21 @@ QUANTIZE = ("none", "int8")       # int8: dynamic int8 linear layers (float32 on
 # forward at batch 1, 8, 16 and 32, results/engines/); the paper's three keep the loop engine (the default).
 # An explicit --dtype other than float32 selects the loop engine instead (ort runs float32 and int8 only).
 FAITHFUL = dict(dtype="float32", quantize="none")
+# The paper's engine as its code ran it: Hugging Face generate(), torch's own thread count, no OMP_WAIT_POLICY
+# (engine.threads), and the model built and every request served on one thread, one at a time, as its
+# server's stdin loop (engine.one_thread: OpenMP spins there, and not in a server's worker threads). Every
+# other label and a bare `serve` take the defaults: our loop, threads and wait policy from the CPU the
+# process may use, requests run on their callers' threads.
+PAPER_THREADS = dict(engine="generate", torch_threads="default", omp_wait_policy="unset", engine_thread="one")
+SERVE_THREADS = dict(torch_threads="auto", omp_wait_policy="auto")   # `serve` without --config
 FASTEST = dict(dtype="float32", quantize="int8")
 FASTEST_ENGINE = dict(engine="ort", **FASTEST)
 SERVE_DEFAULTS = dict(FASTEST_ENGINE)
 
 CONFIGS = {
-    "baseline": dict(limited=False, **FAITHFUL),
-    "cgroups": dict(limited=True, **FAITHFUL),
-    "psi": dict(limited=True, admission="gate", **FAITHFUL),
+    "baseline": dict(limited=False, **FAITHFUL, **PAPER_THREADS),
+    "cgroups": dict(limited=True, **FAITHFUL, **PAPER_THREADS),
+    "psi": dict(limited=True, admission="gate", **FAITHFUL, **PAPER_THREADS),
     "cgroups_threads": dict(limited=True, torch_threads="auto"),
     "psi_threads": dict(limited=True, admission="gate", torch_threads="auto"),
     "limit1": dict(limited=True, admission="limit", concurrency_limit=1, torch_threads="auto"),
@@ -138,7 +145,9 @@ class ServiceConfig:
     tiny: bool = False
     seed: int = 0                    # weight init seed (and the base of per-request sampling seeds)
     temperature: float = 0.7
-    torch_threads: str | None = None
+    torch_threads: str | None = "auto"   # auto: from the CPU it may use | default: torch's own | N
+    omp_wait_policy: str = "auto"    # auto (PASSIVE unless the environment sets it) | passive | active | unset
+    engine_thread: str = "caller"    # caller: each request on its caller's thread | one: the paper's server loop
     engine: str = "loop"             # loop (our decode loop) | generate (Hugging Face generate(), as the artifact)
     dtype: str = "float32"           # DTYPES
     quantize: str = "none"           # QUANTIZE

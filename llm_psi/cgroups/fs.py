@@ -313,6 +313,56 @@ def cpu_quota_cores(info=None):
 
 
 
+def parse_cpu_list(text):
+    """A kernel CPU list ('0-3,8,10-11') as a sorted list of CPU numbers; None for a missing or empty one."""
+    if not text or not text.strip():
+        return None
+    cpus = set()
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(cpus)
+
+
+def _up(base, rel):
+    """The directories from base/rel up to base, deepest first."""
+    parts = [p for p in rel.split("/") if p]
+    return [_join(base, *parts[:i]) if i else base for i in range(len(parts), -1, -1)]
+
+
+def _quota_of(mode, d):
+    if mode == "v2":
+        fields = (_read(os.path.join(d, "cpu.max")) or "max").split()
+        quota, period = _int_or_none(fields[0]), _int_or_none(fields[-1]) if len(fields) > 1 else None
+    else:
+        quota = _int_or_none(_read(os.path.join(d, "cpu.cfs_quota_us")))
+        period = _int_or_none(_read(os.path.join(d, "cpu.cfs_period_us")))
+    return quota / period if quota is not None and quota > 0 and period else None
+
+
+def read_cpus(root=None, proc_file=PROC_CGROUP):
+    """The CPU that this process's cgroups let it use: quota_cores (the smallest quota / period of its cpu
+    cgroup and its ancestors; None: no quota), cpuset (the CPUs its cpuset allows, v2
+    cpuset.cpus.effective or v1 cpuset.effective_cpus/cpuset.cpus of the nearest cgroup that has one; None:
+    unknown), cpu_weight and cpu_idle of its own cgroup (read_sharing; v1 cpu.shares mapped to a weight)."""
+    root = _root(root)
+    mode = detect_mode(root)
+    paths = own_paths(proc_file)
+    if mode == "v2":
+        cpu_dirs = cpuset_dirs = _up(root, paths.get("", ""))
+        cpuset_files = ("cpuset.cpus.effective",)
+    else:
+        cpu_dirs = _up(os.path.join(root, "cpu"), paths.get("cpu", ""))
+        cpuset_dirs = _up(os.path.join(root, "cpuset"), paths.get("cpuset", ""))
+        cpuset_files = ("cpuset.effective_cpus", "cpuset.cpus")
+    quotas = [q for q in (_quota_of(mode, d) for d in cpu_dirs) if q is not None]
+    cpuset = next((c for d in cpuset_dirs for name in cpuset_files
+                   for c in [parse_cpu_list(_read(os.path.join(d, name)))] if c), None)
+    sharing = read_sharing({"mode": mode, "cpu": cpu_dirs[0]})
+    return {"mode": mode, "quota_cores": min(quotas) if quotas else None, "cpuset": cpuset,
+            "cpu_weight": sharing["cpu_weight"], "cpu_idle": sharing["cpu_idle"]}
+
+
 def parse_bytes(text):
     """'4G' -> 4294967296 (K/M/G/T are powers of 1024); 'max' -> None."""
     if text.lower() == "max":

@@ -9,8 +9,8 @@ benchmarks measure B requests of one prompt length). At every step boundary the 
    one length together, in one forward), which samples their first tokens, and the sequences join the batch
    in one rebuild of the cache,
 3. decodes every running sequence by one token in ONE batched forward pass over a left-padded KV cache,
-   sampling each row with its request's own ``torch.Generator`` (``Engine.draw``: the tokens of
-   ``torch.multinomial``, with the draws' arithmetic vectorized over the rows),
+   sampling each row with its request's own ``torch.Generator`` (``Engine.draw``: one uniform per row from
+   the row's generator, then one vectorized inverse-CDF draw for all rows),
 
 and a request leaves the batch after exactly ``max_new_tokens`` tokens. Admission at step boundaries
 (continuous batching) rather than batch boundaries: with closed-loop arrivals ~100 ms apart, waiting for
@@ -243,7 +243,6 @@ class BatchEngine:
         torch, engine = self.engine.torch, self.engine
         try:
             logits = self._batch.step(torch.tensor([[r.tokens[-1]] for r in self._running]))
-            probs = engine.probabilities(logits)
         except Exception as e:
             for r in self._running:
                 r.finish(_shared_error("batched decode step failed", e))
@@ -251,7 +250,7 @@ class BatchEngine:
             self._batch = self.engine.decode_batch()
             return
         try:
-            tokens = engine.draw(probs, [r.gen for r in self._running])
+            tokens = engine.draw(logits, [r.gen for r in self._running])
         except Exception:       # pin the failure on its rows: sample each alone
             tokens = None
         done, failed = [], {}

@@ -30,32 +30,15 @@ from dataclasses import dataclass, field
 
 from llm_psi.config import ENGINES
 from llm_psi.engine import net
+from llm_psi.engine import threads as threads_policy
 
 TINY_CONFIG = dict(n_layer=2, n_head=2, n_embd=64, n_positions=256)
 
 
-def apply_thread_env(n: int) -> None:
-    """Export the OpenMP/MKL thread variables; effective only before torch is first imported."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-
-
 def resolve_threads(value) -> int | None:
-    """``None`` keeps torch's default; ``'auto'`` sizes the pool to the cgroup's CPU quota (at least 1,
-    the core count where there is no quota); an int is taken as is."""
-    if value in (None, "", "default"):
-        return None
-    if value == "auto":
-        try:
-            from llm_psi import cgroups
-            cores = cgroups.cpu_quota_cores()
-        except Exception:  # no cgroup information: behave as unlimited
-            cores = None
-        return max(1, int(cores)) if cores else (os.cpu_count() or 1)
-    n = int(value)
-    if n < 1:
-        raise ValueError(f"torch threads must be >= 1, got {n}")
-    return n
+    """``None``/``'default'`` keeps torch's default; ``'auto'`` sizes the pool to the CPU the process may use
+    (``threads.derive``); an int is taken as is."""
+    return threads_policy.resolve_threads(value)
 
 
 def _gpt2_tokenizer_dir() -> str:
@@ -99,13 +82,14 @@ class Engine:
     kind = "loop"
 
     def __init__(self, model: str | None = None, tiny: bool = False, seed: int = 0,
-                 torch_threads=None, temperature: float = 0.7, dtype: str = "float32", quantize: str = "none"):
+                 torch_threads=None, temperature: float = 0.7, dtype: str = "float32", quantize: str = "none",
+                 omp_wait_policy: str | None = None):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         net.check_precision(dtype, quantize)
-        threads = resolve_threads(torch_threads)
-        if threads is not None:
-            apply_thread_env(threads)
+        # before torch's first import: OpenMP reads its variables when torch loads it (threads.apply)
+        self.threading = threads_policy.apply(torch_threads, omp_wait_policy)
+        threads = self.threading["threads_resolved"]
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -150,6 +134,8 @@ class Engine:
             "temperature": self.temperature,
             "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(),
+            "omp_wait_policy": self.threading["omp_wait_policy"],
+            "threading": self.threading,
         }
 
     def encode(self, prompt):
@@ -167,25 +153,29 @@ class Engine:
         """Float32 next-token probabilities of rows of logits at the engine's temperature."""
         return self.torch.softmax(logits.float() / self.temperature, dim=-1)
 
-    def draw(self, probs, generators) -> list[int]:
-        """Row i's token drawn from ``generators[i]``: the token of ``torch.multinomial(probs[i:i+1], 1,
-        generator=generators[i])``, whose one-sample path takes argmax(p / q) with q ~ Exp(1) drawn by
-        ``exponential_``, that is -log1p(-U) of float64 uniforms from the generator, rounded to float32.
-        Drawn here as those same uniforms, with the logarithm and the argmax vectorized over the rows (the
-        scalar ``exponential_`` costs ~1 ms per row and token on this CPU, ~2.7x this way); tests check that
-        the tokens and the generator states equal multinomial's."""
+    def draw(self, logits, generators) -> list[int]:
+        """Row i's token from rows of last-position logits [rows, vocab] at the engine's temperature, drawn
+        with ``generators[i]``: inverse CDF, one float64 uniform u per row and step from the row's own
+        generator, then for all rows at once the first token whose cumulative weight reaches (1 - u) x the
+        row's total (``torch.searchsorted`` over the float64 cumsum of exp((logits - max) / temperature),
+        the softmax without its division). A row's token depends only on its logits and its generator, never
+        on its batch mates; a token of probability 0 is never drawn ((1 - u) lies in (0, 1]). One uniform
+        per row, not one per vocabulary entry as ``torch.multinomial``'s exponential race, which this
+        replaced (it drew 50257 uniforms per row and token: ~1 ms a row on this CPU)."""
         torch = self.torch
-        if not (bool(torch.isfinite(probs.sum())) and float(probs.min()) >= 0):
+        x = logits.float()
+        w = (x - x.amax(dim=-1, keepdim=True)).mul_(1.0 / self.temperature).exp_()
+        cdf = torch.cumsum(w, dim=-1, dtype=torch.float64)
+        total = cdf[:, -1]
+        if not bool(((total > 0) & torch.isfinite(total)).all()):
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        u = probs.new_empty(probs.shape, dtype=torch.float64)
-        for row, g in zip(u, generators):
-            torch.rand(probs.shape[-1], generator=g, dtype=torch.float64, out=row)
-        q = u.neg_().log1p_().neg_().to(probs.dtype)
-        return (probs / q).argmax(dim=-1).tolist()
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+        target = (1.0 - u).mul_(total).unsqueeze_(-1)
+        return torch.searchsorted(cdf, target).squeeze_(-1).clamp_(max=w.shape[-1] - 1).tolist()
 
     def sample(self, logits, generator) -> int:
         """One token from last-position logits [1, vocab] at the engine's temperature."""
-        return self.draw(self.probabilities(logits), [generator])[0]
+        return self.draw(logits, [generator])[0]
 
     def generate(self, prompt: str, max_new_tokens: int, seed: int = 0, stop=None, on_token=None) -> Generation:
         """Generate exactly ``max_new_tokens`` tokens. ``stop`` (a threading.Event) aborts between tokens

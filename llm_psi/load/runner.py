@@ -49,7 +49,8 @@ Options (defaults reproduce the paper):
   --cpu-quota PERCENT      CPU limit in percent of one CPU, > 0 (default: {quota:g})
   --cpu-period-us N        CPU period, 1000..1000000 (default: {period})
   --memory-max SIZE        memory limit, e.g. 4G (default: {memory})
-  --engine loop|generate   our decode loop or Hugging Face generate() (default: loop)
+  --engine loop|generate   our decode loop or Hugging Face generate() (default: each label's own: generate
+                           for the paper's three, as its code ran, loop for the others)
   --mode in-process|service   in-process: the generator runs the service in its own process, inside the
                            cell's cgroup (the paper); service: llm_server.py serve alone runs in the
                            cell's cgroup and the generator sends it HTTP requests from outside (default:
@@ -126,7 +127,7 @@ def parse(argv, default_configs):
     """The options as a dict of strings and flags; None after printing the usage for -h/--help."""
     o = {"configs": default_configs, "cells": "", "trials": "1", "seed": "0", "results_dir": "runs",
          "cgroup_name": config.CGROUP_NAME, "cpu_quota": f"{config.CPU_QUOTA_PCT:g}",
-         "cpu_period_us": str(config.CPU_PERIOD_US), "memory_max": config.MEMORY_MAX, "engine": "loop",
+         "cpu_period_us": str(config.CPU_PERIOD_US), "memory_max": config.MEMORY_MAX, "engine": "",
          "model": "", "mode": "in-process", "port": "18000", "concurrency": None, "num_requests": None,
          "max_new_tokens": None, **{v: False for v in FLAGS.values()}}
     i = 0
@@ -172,7 +173,7 @@ def _check(o):
         raise Die(f"--cpu-quota must be a number > 0, got '{q}'")
     if not re.fullmatch(r"[1-9][0-9]*[KMGTkmgt]?|max", o["memory_max"]):
         raise Die(f"--memory-max must be a size > 0 such as 4G, 512M or max, got '{o['memory_max']}'")
-    if o["engine"] not in config.ENGINES:
+    if o["engine"] and o["engine"] not in config.ENGINES:
         raise Die(f"--engine must be loop or generate, got '{o['engine']}'")
     if o["mode"] not in ("in-process", "service"):
         raise Die(f"--mode must be in-process or service, got '{o['mode']}'")
@@ -233,16 +234,17 @@ class Sweep:
     def commands(self, k, cfg, c, index):
         """(generator argv, argv of what runs in the cell's cgroup or None in-process, where-text)."""
         o, py, out = self.o, sys.executable, os.path.join(self.o["results_dir"], f"{cfg}_c{c}.csv")
+        engine = ["--engine", o["engine"]] if o["engine"] else []   # none given: the label's preset
         cmd = [py, self.generator, "--config", cfg, "--concurrency", c, "--num-requests", o["num_requests"],
                "--max-new-tokens", o["max_new_tokens"], "--trials", str(o["trials"]), "--trial", str(k),
-               "--run-index", str(index), "--engine", o["engine"], "--output", out, "--quiet"]
+               "--run-index", str(index), *engine, "--output", out, "--quiet"]
         cmd += ["--force"] if o["force"] and k == 1 else ["--resume"] if o["resume"] or k > 1 else []
         extra = ["--tiny"] * o["tiny"] + (["--model", o["model"]] if o["model"] else [])
         cmd += extra
         served = cmd
         if o["mode"] == "service":
             served = [py, os.path.join(REPO, "llm_server.py"), "serve", "--config", cfg, "--port", o["port"],
-                      "--engine", o["engine"], *extra]
+                      *engine, *extra]
             cmd += ["--target", f"http://127.0.0.1:{o['port']}", "--wait-ready-s", "600"]
         root = os.geteuid() == 0
         self.in_cgroup = self.limited[cfg] or root

@@ -83,9 +83,13 @@ def build_admission(cfg: ServiceConfig, read=None):
 def load_engine(cfg: ServiceConfig):
     """The engine ``cfg`` names, wrapped in the batching scheduler when it batches."""
     from llm_psi.engine import loop as engines
-    eng = engines.make_engine(cfg.engine, model=cfg.model, tiny=cfg.tiny, seed=cfg.seed,
-                              torch_threads=cfg.torch_threads, temperature=cfg.temperature,
-                              dtype=cfg.dtype, quantize=cfg.quantize)
+    from llm_psi.engine.one_thread import OneThread
+
+    def build():
+        return engines.make_engine(cfg.engine, model=cfg.model, tiny=cfg.tiny, seed=cfg.seed,
+                                   torch_threads=cfg.torch_threads, omp_wait_policy=cfg.omp_wait_policy,
+                                   temperature=cfg.temperature, dtype=cfg.dtype, quantize=cfg.quantize)
+    eng = OneThread(build) if cfg.engine_thread == "one" else build()
     if cfg.batching != "off":
         from llm_psi.engine import batch as batch_engine
         eng = batch_engine.wrap(eng, cfg)
@@ -293,7 +297,7 @@ class Service:
         """Refuse new requests; the batching engine finishes the ones it holds; the controller stops."""
         with self._lock:
             self.closed = True
-        if self.cfg.batching != "off" and hasattr(self.engine, "close"):
+        if (self.cfg.batching != "off" or self.cfg.engine_thread == "one") and hasattr(self.engine, "close"):
             self.engine.close()
         if self.admission is not None:
             self.admission.close()

@@ -18,7 +18,7 @@ import sys
 
 from llm_psi import cli
 from llm_psi.cli import UsageError
-from llm_psi.config import API_KEY_ENV, DRAIN_TIMEOUT_S, MAX_BODY_BYTES, SERVE_DEFAULTS, ServiceConfig
+from llm_psi.config import API_KEY_ENV, DRAIN_TIMEOUT_S, MAX_BODY_BYTES, SERVE_DEFAULTS, SERVE_THREADS, ServiceConfig
 from llm_psi.service import headroom
 from llm_psi.service import lifecycle as service
 from llm_psi.service.protocol import BODY_TIMEOUT_S, HEADER_TIMEOUT_S
@@ -84,6 +84,8 @@ def parse_serve(argv) -> tuple[ServiceConfig, dict]:
         a["config"] = ServiceConfig.config
         if a.get("dtype") is None and a.get("quantize") is None:   # an explicit precision replaces them all
             a.update({key: value for key, value in SERVE_DEFAULTS.items() if a.get(key) is None})
+        for key, value in SERVE_THREADS.items():   # not the paper's threads: those of the CPU it may use
+            a[key] = value if a.get(key) is None else a[key]
     cli.resolve(a, ServiceConfig)
     return ServiceConfig(**a), server
 

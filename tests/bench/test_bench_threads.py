@@ -25,12 +25,31 @@ def test_tiny_run_of_fresh_processes(tmp_path):
         assert df["nr_periods"].notna().all() and df["throttled_ms"].notna().all()
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert list(summary["torch_threads"]) == [1, 2] and (summary["requests"] == 2).all()
-    assert "| loop | 2 | passive | 2 |" in (tmp_path / "summary.md").read_text()
+    assert "| loop | 2 | 2 | passive | none | 2 |" in (tmp_path / "summary.md").read_text().replace(
+        "50% of one CPU", "none")
+
+
+@pytest.mark.slow
+def test_defaults_against_the_papers_settings(tmp_path):
+    """--defaults: one thread, the engine's defaults and the paper's settings (here unconstrained only, to keep
+    it short), with the CPU per request of each against the paper's in the same condition."""
+    proc = run_script("bench.threads", "--tiny", "--defaults", "--conditions", "none", "--procs", 1, "--requests", 1,
+                      "--tokens", 2, "--output-dir", tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert len(summary) == 6 and not summary["constrained"].any()
+    assert set(summary["threads_option"]) == {"1", "auto", "default"}
+    paper = summary[(summary["threads_option"] == "default") & (summary["omp_wait_policy"] == "unset")]
+    assert (paper["torch_threads"] == len(os.sched_getaffinity(0))).all()
+    text = (tmp_path / "summary.md").read_text()
+    assert "against the paper's settings" in text and "| 1.00 |" in text
 
 
 def test_worker_env_sets_the_policy_or_leaves_it_out():
     base = {"OMP_WAIT_POLICY": "ACTIVE", "PATH": "/bin"}
     assert threads.worker_env(2, "passive", base)["OMP_WAIT_POLICY"] == "PASSIVE"
+    auto = threads.worker_env("auto", "auto", dict(base, OMP_NUM_THREADS="4"))
+    assert "OMP_WAIT_POLICY" not in auto and "OMP_NUM_THREADS" not in auto   # the worker's engine sets them
     unset = threads.worker_env(2, "unset", base)
     assert "OMP_WAIT_POLICY" not in unset and unset["OMP_NUM_THREADS"] == "2" and unset["PATH"] == "/bin"
     assert base["OMP_WAIT_POLICY"] == "ACTIVE"   # the caller's mapping is left alone

@@ -134,6 +134,13 @@ def test_same_seed_same_tokens_as_unbatched_engine(engine, batched):
     assert [g.text for g in out] == [engine.generate(p, n, seed=s).text for p, n, s in jobs]
 
 
+def test_same_seed_same_tokens_whatever_the_batch_mates(batched):
+    """A request's tokens come from its own seeded generator: the same with other mates, other seeds."""
+    one = run_all(batched, [(PROMPTS[0], 12, 42), (PROMPTS[1], 12, 1), (PROMPTS[2], 5, 2)])
+    two = run_all(batched, [(PROMPTS[3], 3, 9), (PROMPTS[0], 12, 42), (PROMPTS[2], 12, 8), (PROMPTS[1], 7, 5)])
+    assert one[0].text == two[1].text
+
+
 def test_timestamps_consistent(batched):
     for g in run_all(batched, [(p, 6, i) for i, p in enumerate(PROMPTS)]):
         assert g.t_start <= g.t_first_token == g.token_times[0]

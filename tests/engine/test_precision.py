@@ -114,19 +114,30 @@ def test_accuracy_command_prints_a_table(capsys):
     assert exc.value.code == 2
 
 
-def test_vectorized_draw_equals_multinomial(engines):
-    """``Engine.draw`` gives torch.multinomial's tokens and leaves each generator as multinomial does."""
+def test_draw_follows_the_softmax_and_each_rows_own_generator(engines):
+    """``Engine.draw``: tokens distributed as softmax(logits / temperature), a token of probability 0 never
+    drawn, one uniform per row and step from the row's own generator, whatever the other rows are."""
     e = engines[("float32", "none")]
     torch = e.torch
-    probs = e.probabilities(torch.randn(6, 50257, generator=torch.Generator().manual_seed(0)) * 3)
-    mine = [torch.Generator().manual_seed(s) for s in range(6)]
-    ref = [torch.Generator().manual_seed(s) for s in range(6)]
-    for _ in range(5):
-        assert e.draw(probs, mine) == [int(torch.multinomial(probs[i:i + 1], 1, generator=g))
-                                       for i, g in enumerate(ref)]
-    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(mine, ref))
+    logits = torch.tensor([[0.0, 1.0, -1.0, float("-inf"), 0.5]])
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.bincount(torch.tensor([e.draw(logits, [g])[0] for _ in range(n)]), minlength=5)
+    expected = e.probabilities(logits)[0] * n
+    assert counts[3] == 0
+    assert ((counts - expected).abs() <= 4 * expected.sqrt() + 1).all(), (counts, expected)
+    rows = torch.randn(6, 50257, generator=torch.Generator().manual_seed(1)) * 3
+    alone = [e.draw(rows[2:3], [g]) for g in [torch.Generator().manual_seed(7)] for _ in range(5)]
+    mates = [torch.Generator().manual_seed(s) for s in range(6)]
+    mates[2] = torch.Generator().manual_seed(7)
+    together = [[e.draw(rows, mates)[2]] for _ in range(5)]
+    assert together == alone
+    mine, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    e.draw(rows[:1], [mine])
+    torch.rand(1, generator=ref, dtype=torch.float64)
+    assert torch.equal(mine.get_state(), ref.get_state())   # exactly one uniform per row and step
     with pytest.raises(RuntimeError, match="nan"):
-        e.draw(torch.full((1, 5), float("nan")), [mine[0]])
+        e.draw(torch.full((1, 5), float("nan")), [mine])
 
 
 def test_dtype_defaults_paper_float32_batching_and_serve_int8():

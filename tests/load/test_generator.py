@@ -58,11 +58,25 @@ def test_derived_columns_match_timestamps(cell_c4):
     assert (df.t_first_token_s <= df.t_end_s).all()
 
 
-def test_requests_overlap_at_concurrency_4(cell_c4):
+def test_papers_labels_serve_one_request_at_a_time(cell_c4):
+    """The paper's server generates in one thread, one prompt after another (engine.one_thread): at
+    concurrency 4 requests are in flight together, their generations never overlap."""
     df, meta, _ = cell_c4
     for _, g in df.groupby("trial"):
-        assert intervals_overlap(g) >= 1
+        assert intervals_overlap(g) == 0
     assert meta["peak_in_flight"] >= 2
+    model = meta["environment"]["model"]
+    assert model["engine"] == "generate" and model["engine_thread"] == "one" and model["omp_wait_policy"] is None
+
+
+def test_requests_overlap_at_concurrency_4_on_their_callers_threads(tmp_path):
+    out = tmp_path / "c4.csv"
+    proc = run_script("request_generator.py", "--tiny", "--quiet", "--config", "baseline", "--engine-thread", "caller",
+                      "--concurrency", 4, "--num-requests", 4, "--max-new-tokens", 6, "--spacing-ms", 0,
+                      "--output", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    df, meta = read_cell(out)
+    assert intervals_overlap(df) >= 1 and meta["peak_in_flight"] >= 2
 
 
 def test_metadata(cell_c4):
@@ -95,9 +109,10 @@ def test_no_overlap_at_concurrency_1(generate):
 @pytest.mark.model
 @pytest.mark.slow
 def test_124m_architecture_overlaps_at_default_spacing(generate):
-    """The issue's acceptance command: 8 ok rows, at least two of them overlapping in time."""
-    _, out = generate("--config", "baseline", "--concurrency", 4, "--num-requests", 8, "--max-new-tokens", 8,
-                      tiny=False)
+    """The issue's acceptance command: 8 ok rows, at least two of them overlapping in time, with requests on
+    their callers' threads (the paper's labels serve one at a time, as its server: --engine-thread one)."""
+    _, out = generate("--config", "baseline", "--engine-thread", "caller", "--concurrency", 4, "--num-requests", 8,
+                      "--max-new-tokens", 8, tiny=False)
     df, meta = read_cell(out)
     assert (df.status == "ok").sum() == 8 and (df.output_tokens == 8).all()
     assert intervals_overlap(df) >= 1

@@ -66,6 +66,16 @@ def test_quick_defaults_and_explicit_values():
     assert runner.parse(["-h"], "psi") is None
 
 
+def test_engine_is_each_labels_own_unless_given():
+    """Without --engine a cell runs its label's preset engine (generate for the paper's three)."""
+    for argv, want in (([], []), (["--engine", "loop"], ["--engine", "loop"])):
+        o = runner.parse(argv, "cgroups")
+        sweep = runner.Sweep("run_experiments.sh", o, "request_generator.py", {"cgroups": True})
+        cmd = sweep.commands(1, "cgroups", "1", 0)[0]
+        got = [cmd[i:i + 2] for i in range(len(cmd)) if cmd[i] == "--engine"]
+        assert got == ([want] if want else [])
+
+
 # ---- the exec wrapper ----------------------------------------------------------------------------------
 
 def test_spawn_joins_every_dir_before_the_command_runs(tmp_path):
