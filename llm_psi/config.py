@@ -46,7 +46,9 @@ FAITHFUL = dict(dtype="float32", quantize="none")
 # other label and a bare `serve` take the defaults: our loop, threads and wait policy from the CPU the
 # process may use, requests run on their callers' threads.
 PAPER_THREADS = dict(engine="generate", torch_threads="default", omp_wait_policy="unset", engine_thread="one")
-SERVE_THREADS = dict(torch_threads="auto", omp_wait_policy="auto")   # `serve` without --config
+# `serve` without --config: the threads of the CPU it may use, every request on its own thread, and (where no
+# precision is given, so SERVE_DEFAULTS does not apply) our loop engine, not the paper's preset of its label
+SERVE_THREADS = dict(torch_threads="auto", omp_wait_policy="auto", engine_thread="caller", engine="loop")
 FASTEST = dict(dtype="float32", quantize="int8")
 FASTEST_ENGINE = dict(engine="ort", **FASTEST)
 SERVE_DEFAULTS = dict(FASTEST_ENGINE)

@@ -309,13 +309,15 @@ class OrtEngine(Engine):
     kind = "ort"
 
     def __init__(self, model: str | None = None, tiny: bool = False, seed: int = 0, torch_threads=None,
-                 temperature: float = 0.7, dtype: str = "float32", quantize: str = "none"):
+                 temperature: float = 0.7, dtype: str = "float32", quantize: str = "none",
+                 omp_wait_policy: str | None = None):
         net.check_precision(dtype, quantize)
         if dtype != "float32":
             raise ValueError(f"the ort engine runs dtype float32 (quantize none or int8), not {dtype}")
         from llm_psi.engine import ort
         ort.require("onnxruntime")      # before the model is built: a missing package fails at once
-        super().__init__(model=model, tiny=tiny, seed=seed, torch_threads=torch_threads, temperature=temperature)
+        super().__init__(model=model, tiny=tiny, seed=seed, torch_threads=torch_threads, temperature=temperature,
+                         omp_wait_policy=omp_wait_policy)
         if self.forward is None:
             raise ValueError(f"the ort engine exports GPT-2 models only, not {self.model.config.model_type!r}")
         self.quantize = quantize

@@ -164,8 +164,10 @@ class Api:
             return JSONResponse({"status": "failed", "error": st.load_error}, status_code=503)
         if st.service is None:
             return JSONResponse({"status": "loading"}, status_code=503)
-        body = {"status": "draining" if st.draining else "ok", **st.about,
-                "state": {**st.service.state(), **st.probe.read()}}
+        state = {**st.service.state(), **st.probe.read()}
+        body = {"status": "draining" if st.draining else "ok", **st.about,   # JSON has no NaN: a reading not
+                "state": {k: None if isinstance(v, float) and math.isnan(v) else v   # yet made is null
+                          for k, v in state.items()}}
         return JSONResponse(body, status_code=503 if st.draining else 200)
 
     async def metrics(self, request):

@@ -378,9 +378,11 @@ def test_metrics_show_the_controllers_state():
     class Controller:
         def state(self):
             return {"share_quota_cores": 0.5, "share_others_pct": 42.0}
-    svc = SimpleNamespace(counts={}, running=0, waiting=0, admission=None, overload=None, sharing=Controller())
+    svc = SimpleNamespace(counts={}, running=0, waiting=0, admission=None, overload=None, sharing=Controller(),
+                          cfg=SimpleNamespace(model=None, batching="off", max_batch=1, max_waiting=None))
     probe_reading = SimpleNamespace(read=lambda: {})
-    families = {f.name: f.samples[0].value for f in ServiceCollector(SimpleNamespace(service=svc, probe=probe_reading)).collect()
+    families = {f.name: f.samples[0].value for f in ServiceCollector(SimpleNamespace(service=svc, probe=probe_reading, draining=False,
+                                                                             host_cpu=SimpleNamespace(share=None))).collect()
                 if f.samples}
     assert families["llm_share_quota_cores"] == 0.5 and families["llm_share_others_stall_ratio"] == 0.42
 

@@ -130,3 +130,17 @@ def test_serve_bad_input_exit_2():
                           (["--config", "cgroups"], "no CPU quota")):
         proc = run_script("llm_server.py", "serve", "--tiny", *args, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_health_writes_a_reading_not_yet_made_as_null():
+    """A controller's reading that is not yet made (NaN, e.g. --sharing share before its first second) is null
+    in /health's JSON, not a 500 (JSON has no NaN)."""
+    import asyncio
+    from types import SimpleNamespace
+    from llm_psi.service.http_app import Api
+    st = SimpleNamespace(load_error=None, draining=False, about={"model": "gpt2"},
+                         service=SimpleNamespace(state=lambda: {"share_others_pct": float("nan"), "running": 0}),
+                         probe=SimpleNamespace(read=lambda: {"cpu_some_avg10": 1.5}))
+    r = asyncio.run(Api.health(SimpleNamespace(app=SimpleNamespace(state=st)), None))
+    body = json.loads(r.body)
+    assert r.status_code == 200 and body["state"] == {"share_others_pct": None, "running": 0, "cpu_some_avg10": 1.5}
