@@ -82,6 +82,7 @@ def test_capacity_and_service_time_come_from_the_committed_rows(tmp_path):
     assert capacity == pytest.approx(4 / 8) and service == pytest.approx(1.65)
 
 
+@pytest.mark.slow
 def test_report_only_rewrites_the_summary_byte_for_byte(tmp_path):
     out = _folder(tmp_path)
     r = run_script("bench.overload", "--report-only", "--out", out)
@@ -100,6 +101,7 @@ def test_report_only_refuses_an_incomplete_trial(tmp_path):
     assert r.returncode == 2 and "not complete" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_and_the_quota_needs_root():
     r = run_script("bench.overload", "--phases", "1.5", "--no-quota")
     assert r.returncode == 2 and "MULTIPLE:SECONDS" in r.stderr and len(r.stderr.strip().splitlines()) == 1

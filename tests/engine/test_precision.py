@@ -114,6 +114,7 @@ def test_accuracy_command_prints_a_table(capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_draw_follows_the_softmax_and_each_rows_own_generator(engines):
     """``Engine.draw``: tokens distributed as softmax(logits / temperature), a token of probability 0 never
     drawn, one uniform per row and step from the row's own generator, whatever the other rows are."""
