@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import random
 
 from starlette.exceptions import HTTPException
@@ -25,8 +24,8 @@ log = logging.getLogger("http_api")
 
 def retry_headers(retry_after: float) -> dict:
     """Retry-After drawn from [d, 2d] (d at least 1 s): in ms for clients that read it, in whole seconds."""
-    delay = max(1.0, retry_after) * random.uniform(1.0, 2.0)
-    return {"Retry-After": str(math.ceil(delay)), "retry-after-ms": str(round(delay * 1000))}
+    ms = round(max(1.0, retry_after) * random.uniform(1.0, 2.0) * 1000)
+    return {"Retry-After": str(-(-ms // 1000)), "retry-after-ms": str(ms)}   # seconds: the ms rounded up
 
 
 def unavailable(message: str, kind: str, retry_after: float, **extra) -> ApiError:

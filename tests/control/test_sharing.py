@@ -402,7 +402,9 @@ def test_a_probe_cell_records_its_delays_in_json_and_timeline(generate, fake_cgr
     assert tl.loc[tl["t_s"] < 0.9, "probe_delay_p99_ms"].isna().all()
     samples = pd.read_csv(str(out)[:-4] + "_probe.csv")  # the raw samples beside the cell recompute the JSON's
     assert len(samples) == co["probe"]["n"] and set(samples["trial"]) == {1}
-    with_phase = samples[(samples["t_s"] >= 1) & (samples["t_s"] < 3)]
+    from llm_psi.analysis import phases
+    schedule = phases.parse_schedule("off:1,on:2")
+    with_phase = samples[[phases.phase_of(t, schedule) == "with" for t in samples["t_s"]]]
     assert probe.percentile(list(with_phase["delay_ms"]), 99) == pytest.approx(co["probe_phases"]["with"]["delay_p99_ms"])
 
 

@@ -39,7 +39,21 @@ def fleet(tmp_path):
     f.stop()
 
 
-def test_both_instances_serve_and_the_agent_drains_one_while_the_other_serves(fleet):
+@pytest.fixture
+def slow_fleet(tmp_path):
+    """Hosts whose 250-token request lasts seconds (the 124M architecture, our loop, one thread): the tiny model
+    finishes it in half a second, before a drain can be watched."""
+    serve = ["--engine", "loop", "--quantize", "none", "--torch-threads", "1", "--admission", "limit",
+             "--drain-timeout-s", "60"]
+    f = Fleet(2, "agent", serve, isolate=False, workdir=str(tmp_path), log=lambda m: None, ready_timeout_s=180)
+    f.start()
+    yield f
+    f.stop()
+
+
+@pytest.mark.model
+def test_both_instances_serve_and_the_agent_drains_one_while_the_other_serves(slow_fleet):
+    fleet = slow_fleet
     assert set(served_by(fleet.url, 6)) == {"h0", "h1"}
     h0 = fleet.hosts[0]
     long = {}
