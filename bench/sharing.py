@@ -30,7 +30,6 @@ import glob
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -181,11 +180,6 @@ def _config_list(text):
     return list(dict.fromkeys(names))
 
 
-def _cgroup_name(text):
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", text):
-        raise ValueError(f"bad cgroup name {text!r} (letters, digits, _ . - only)")
-
-
 def parse_args(argv):
     p = cli.OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -218,7 +212,7 @@ def parse_args(argv):
                            "starved idle service), the phased trial this long after its schedule: the requests "
                            "in flight are cut, and capacity = ok requests / the trial's span")
     svc = p.add_argument_group("service")
-    svc.add_argument("--cgroup-name", default=configs.CGROUP_NAME, type=cli.checked_by(_cgroup_name),
+    svc.add_argument("--cgroup-name", default=configs.CGROUP_NAME, type=cli.cgroup_name,
                      help="the service cgroup")
     svc.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
     a = p.parse_args(argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import re
 
 from llm_psi import config as configs
 from llm_psi.config import ServiceConfig
@@ -56,6 +57,13 @@ def word_list(allowed):
             raise argparse.ArgumentTypeError(f"expected words from {', '.join(allowed)}, got {text!r}")
         return values
     return parse
+
+
+def cgroup_name(text: str) -> str:
+    """An argparse type: a cgroup's name of letters, digits, '_', '.' and '-' only."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", text):
+        raise argparse.ArgumentTypeError(f"bad cgroup name {text!r} (letters, digits, _ . - only)")
+    return text
 
 
 def checked_by(check):

@@ -24,7 +24,6 @@ import argparse
 import glob
 import json
 import os
-import re
 import signal
 import sys
 
@@ -48,11 +47,6 @@ def _names(allowed):
             raise argparse.ArgumentTypeError(f"unknown {','.join(bad) or repr(text)} (choose from {', '.join(allowed)})")
         return list(dict.fromkeys(names))
     return parse
-
-
-def _cgroup_name(text):
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", text):
-        raise ValueError(f"bad cgroup name {text!r} (letters, digits, _ . - only)")
 
 
 def parse_args(argv):
@@ -81,7 +75,7 @@ def parse_args(argv):
     g.add_argument("--batch", type=cli.checked_by(owners.parse), default="batch:2", help="the batch owner, batch:N")
     g.add_argument("--alone-s", type=num(ge=1), default=20.0, help="the owner alone, per trial")
     g.add_argument("--with-s", type=num(ge=1), default=30.0, help="the owner with the LLM at its load, per trial")
-    g.add_argument("--owner-cgroup", default="llm_cotenant", type=cli.checked_by(_cgroup_name), help="its cgroup")
+    g.add_argument("--owner-cgroup", default="llm_cotenant", type=cli.cgroup_name, help="its cgroup")
     g = p.add_argument_group("LLM")
     g.add_argument("--llm-fraction", type=num(gt=0), default=0.5,
                    help="the interactive load's Poisson rate / the paper's quota's capacity (calibrated)")
@@ -91,7 +85,7 @@ def parse_args(argv):
     g.add_argument("--max-new-tokens", type=num(int, ge=1), default=32, help="tokens per request")
     g.add_argument("--slo", type=cli.checked_by(arrivals.parse_slo), default=rep.DEFAULT_SLO, help="goodput SLO")
     g.add_argument("--port", type=num(int, ge=1, le=65535), default=18000, help="the service's port")
-    g.add_argument("--cgroup-name", default=configs.CGROUP_NAME, type=cli.checked_by(_cgroup_name),
+    g.add_argument("--cgroup-name", default=configs.CGROUP_NAME, type=cli.cgroup_name,
                    help="the service cgroup")
     g.add_argument("--torch-threads", default=None,
                    help="passed to the service (default: the service's own default)")
