@@ -298,16 +298,18 @@ def test_cli_one_line_error():
 @real_cgroups
 def test_end_to_end_smoke(tmp_path):
     """Real cgroups (root): one limited configuration, tiny model, 2 tokens a request, a 1 s reference; the
-    load is low enough that an open-loop trial lasts over a second (the co-tenant is sampled every second)."""
+    load is low enough that an open-loop trial lasts over a second (the co-tenant is sampled every second).
+    ``cgroups``, not a gated configuration: the gate defers every request up to 5 s whenever the host's PSI is
+    high, as it is while other tests run beside this one."""
     d = tmp_path / "res"
-    proc = run_script("bench.cotenant", "--results-dir", d, "--tiny", "--num-requests", "30", "--max-new-tokens",
-                      "2", "--load", "0.25", "--reference-seconds", "1", "--configs", "psi_cgroup", timeout=180)
+    proc = run_script("bench.cotenant", "--results-dir", d, "--tiny", "--num-requests", "10", "--max-new-tokens",
+                      "2", "--load", "0.25", "--reference-seconds", "1", "--configs", "cgroups", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "cell 2/2" in proc.stderr
     rows = table_rows((d / "table.md").read_text())
-    assert set(rows) == {("psi_cgroup", "none"), ("psi_cgroup", "cpu:2")}
-    assert rows[("psi_cgroup", "none")][4] == "30" and rows[("psi_cgroup", "none")][9] == "—"
-    assert rows[("psi_cgroup", "cpu:2")][9].endswith("%")
+    assert set(rows) == {("cgroups", "none"), ("cgroups", "cpu:2")}
+    assert rows[("cgroups", "none")][4] == "10" and rows[("cgroups", "none")][9] == "—"
+    assert rows[("cgroups", "cpu:2")][9].endswith("%")
     assert (d / "capacity" / "cgroups_cpu2.csv").exists() and (d / "cotenant.png").exists()
     assert json.loads((d / "reference.json").read_text())["units_per_s"] > 0
 

@@ -115,19 +115,19 @@ def test_bad_input_exits_2_and_the_quota_needs_root():
 @pytest.mark.slow
 def test_smoke_run_writes_every_output_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "overload"
-    args = ["--quick", "--trials", "2", "--phases", "0.7:2,1.5:2", "--settings", "none,queue-delay", "--out", out]
+    args = ["--quick", "--trials", "1", "--phases", "0.7:2,1.5:2", "--settings", "none,queue-delay", "--out", out]
     r = run_script("bench.overload", *args, timeout=600)
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == sorted(["plan.json", "capacity.csv", "capacity.json", "trials", "trials.csv",
                                               "summary.csv", "summary.md", "overload.png"])
-    cells = [json.load(open(out / "trials" / f"{s}_t{k}.json")) for s in ("none", "queue-delay") for k in (1, 2)]
+    cells = [json.load(open(out / "trials" / f"{s}_t1.json")) for s in ("none", "queue-delay")]
     assert all(c["complete"] and c["counts"]["answered"] == c["counts"]["sent"] and
                "git_commit" in c["environment"] and "git_dirty" in c["environment"] for c in cells)
     assert json.load(open(out / "capacity.json"))["complete"]
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert [(x["setting"], x["phase"]) for x in rows] == [(s, p) for s in ("none", "queue-delay")
                                                          for p in ("0", "1", "drain")]
-    for k in (1, 2):  # every answered request is counted in exactly one phase, the drain included
+    for k in (1,):  # every answered request is counted in exactly one phase, the drain included
         trial = [x for x in csv.DictReader(open(out / "trials.csv")) if x["trial"] == str(k)]
         ok = sum(x["status"] == "ok" for x in csv.DictReader(open(out / "trials" / f"none_t{k}.csv")))
         assert sum(int(x["completed"]) for x in trial if x["setting"] == "none") == ok

@@ -233,8 +233,10 @@ def value(families: dict, name: str) -> float:
     return sum(s.value for s in families[name].samples if not s.name.endswith("_created"))
 
 
-def hold_the_slot(url: str) -> threading.Thread:
-    """A streamed 250-token request that holds the one admission slot; its thread, once it is generating."""
+def hold_the_slot(url: str, queued: int = 0) -> threading.Thread:
+    """A streamed 250-token request that holds the one admission slot, and ``queued`` more queued behind it (a
+    fast CPU makes 250 tiny-model tokens in a fraction of a second); a thread that ends when all have ended,
+    returned once the first is generating."""
     started = threading.Event()
 
     def blocker():
@@ -242,7 +244,14 @@ def hold_the_slot(url: str) -> threading.Thread:
                           json={"prompt": "Hi", "max_tokens": 250, "stream": True}) as r:
             for _ in r.iter_lines():
                 started.set()
-    b = threading.Thread(target=blocker)
+
+    def all_of_them():
+        threads = [threading.Thread(target=blocker) for _ in range(1 + queued)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    b = threading.Thread(target=all_of_them)
     b.start()
     assert started.wait(60)
     return b
@@ -302,7 +311,7 @@ def test_non_ascii_api_key(limited):
 
 
 def test_a_disconnect_mid_queue_logs_one_info_line(limited):
-    b = hold_the_slot(limited.url)
+    b = hold_the_slot(limited.url, queued=7)   # it waits behind at least 7 x 250 tokens
     since = len(limited.lines)
     with pytest.raises(httpx.ReadTimeout):   # it waits behind the blocker; the client gives up
         httpx.post(f"{limited.url}/v1/completions", headers=AUTH, json={"prompt": "Hi", "max_tokens": 4}, timeout=0.5)
