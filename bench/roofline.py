@@ -5,8 +5,12 @@ Two ceilings, each measured per CPU-second of this process (``time.process_time`
 - memory bandwidth ``BW`` (bytes/s): a stream copy ``dst.copy_(src)`` of a large float32 array, counting the
   bytes read and written (2 x its size);
 - matmul peak ``P[d]`` (FLOP/s) for d in float32, bfloat16 and int8: ``x @ w`` with x [64, 768] and w
-  [768, 3072], 2*64*768*3072 FLOP a call; int8 through ``torch._int_mm`` (else torch's dynamic quantized
-  Linear).
+  [768, 3072], 2*64*768*3072 FLOP a call, on the fastest kernel that this torch has for weights of that
+  precision: int8 through ``torch._int_mm`` and torch's dynamic quantized Linear (fbgemm), bfloat16 through
+  a bfloat16 ``torch.matmul`` and the same weights computed in float32. A ceiling is the best available: on a
+  CPU without int8 or bfloat16 instructions for ``torch._int_mm`` or a bfloat16 matmul (AVX2 only), those
+  run a reference loop at about 1 GFLOP per CPU-second, below what any engine reaches, and a peak taken from
+  them alone would put every engine far "above" its roofline (an AVX2 run of 2026-12-07 did).
 
 A decode step of a batch of b sequences reads every weight once, ``W`` bytes (matmul parameters x bytes per
 weight: 4 float32, 2 bfloat16, 1 int8), and costs ``F`` FLOP per token (2 x matmul parameters, plus the
@@ -49,38 +53,49 @@ def bandwidth(n_bytes: int, seconds: float = 0.5) -> float:
     return _rate(lambda: dst.copy_(src), 2 * src.nbytes, seconds)
 
 
-def _int8_matmul(m: int, k: int, n: int):
-    """A callable int8 matmul [m,k]x[k,n] and what it is; None where this torch has none."""
+def _int8_kernels(m: int, k: int, n: int) -> list:
+    """[(callable int8 matmul [m,k]x[k,n], what it is)] of the kernels this torch has."""
+    import warnings
     import torch
+    found = []
     a = torch.randint(-64, 64, (m, k), dtype=torch.int8)
     b = torch.randint(-64, 64, (k, n), dtype=torch.int8)
     try:
         torch._int_mm(a, b)
-        return (lambda: torch._int_mm(a, b)), "torch._int_mm"
+        found.append(((lambda: torch._int_mm(a, b)), "torch._int_mm"))
     except (AttributeError, RuntimeError):
         pass
     try:
-        import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             lin = torch.ao.nn.quantized.dynamic.Linear(k, n)
         x = torch.randn(m, k)
         lin(x)
-        return (lambda: lin(x)), "torch.ao dynamic quantized Linear"
+        found.append(((lambda: lin(x)), "torch.ao dynamic quantized Linear"))
     except (AttributeError, RuntimeError):
-        return None, "none"
+        pass
+    return found
+
+
+def _kernels(dtype: str, m: int, k: int, n: int) -> list:
+    """[(callable matmul [m,k]x[k,n] for weights stored in ``dtype``, what it is)]."""
+    import torch
+    if dtype == "int8":
+        return _int8_kernels(m, k, n)
+    x, w = torch.randn(m, k, dtype=getattr(torch, dtype)), torch.randn(k, n, dtype=getattr(torch, dtype))
+    found = [((lambda: torch.matmul(x, w)), "torch.matmul")]
+    if dtype == "bfloat16":
+        x32, w32 = x.float(), w.float()
+        found.append(((lambda: torch.matmul(x32, w32)), "torch.matmul in float32"))
+    return found
 
 
 def matmul_peak(dtype: str, seconds: float = 0.5) -> tuple[float | None, str]:
-    """(FLOP per CPU-second of the probe matmul in ``dtype``, the kernel used); None where unavailable."""
-    import torch
+    """(FLOP per CPU-second of the probe matmul in ``dtype`` on its fastest kernel, that kernel); (None,
+    "none") where this torch has none."""
     m, k, n = MATMUL
-    if dtype == "int8":
-        fn, how = _int8_matmul(m, k, n)
-    else:
-        x, w = torch.randn(m, k, dtype=getattr(torch, dtype)), torch.randn(k, n, dtype=getattr(torch, dtype))
-        fn, how = (lambda: torch.matmul(x, w)), "torch.matmul"
-    return (_rate(fn, 2 * m * k * n, seconds) if fn else None), how
+    rates = [(_rate(fn, 2 * m * k * n, seconds), how) for fn, how in _kernels(dtype, m, k, n)]
+    return max(rates) if rates else (None, "none")
 
 
 def measure(tiny: bool = False) -> dict:

@@ -36,9 +36,10 @@ QUANTIZE = ("none", "int8")       # int8: dynamic int8 linear layers (float32 on
 # setting within the accuracy guard (engine.accuracy; measured in issue 19: ~3x float32's tokens per
 # CPU-second at batch 1, ~1.7-2.9x at batch 8-32, one thread).
 # The engine: the batching presets and ``serve`` without --config run ``ort`` (our loop and scheduler on ONNX
-# Runtime's forward, issue 31: as a peer, ONNX Runtime's int8 GPT-2 made more tokens per CPU-second than our
-# torch engine at batch 1, 8, 16 and 32 under the quota, results/engines/summary.csv; the rows of ``ours-ort``
-# itself await a clean run); the paper's three run Hugging Face generate() as the paper's code did.
+# Runtime's forward, issue 31: in int8 under the quota it made more tokens per CPU-second than our torch
+# forward at batch 1, 8, 16 and 32 in the run of results/engines/ (AVX2 host, medians of 2, no interval;
+# docs/FINDINGS.md "Engines"), still 0.78-0.86x of ONNX Runtime run as a peer); the paper's three run Hugging
+# Face generate() as the paper's code did.
 # An explicit --dtype other than float32 selects the loop engine instead (ort runs float32 and int8 only).
 FAITHFUL = dict(dtype="float32", quantize="none")
 # The paper's engine as its code ran it: Hugging Face generate(), torch's own thread count, no OMP_WAIT_POLICY

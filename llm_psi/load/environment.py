@@ -36,11 +36,22 @@ def code_state() -> dict:
                                    ":(exclude)results", ":(exclude)paper.pdf"))}
 
 
+def _version(package: str) -> str | None:
+    """An installed package's version, without importing it (torch and transformers take ~6 CPU-seconds to
+    import: a load generator that only talks HTTP to a service need not pay them)."""
+    from importlib import metadata
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def environment(identity: dict) -> dict:
-    """Facts about the host and software that a reader needs to interpret the numbers."""
-    import numpy
-    import torch
-    import transformers
+    """Facts about the host and software that a reader needs to interpret the numbers. The torch thread counts
+    are this process's where it runs torch (an in-process engine), None where it never imported torch (a load
+    generator in service mode: the service's own are in its identity, ``identity``)."""
+    import sys
+    torch = sys.modules.get("torch")
     cpuinfo = (_read("/proc/cpuinfo") or "").splitlines()
     cpu_model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
                      platform.processor() or None)
@@ -51,10 +62,9 @@ def environment(identity: dict) -> dict:
         **code_state(),
         "hostname": socket.gethostname(),
         "python": platform.python_version(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "numpy": numpy.__version__},
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
+        "versions": {p: _version(p) for p in ("torch", "transformers", "numpy")},
+        "torch_threads": torch.get_num_threads() if torch else None,
+        "torch_interop_threads": torch.get_num_interop_threads() if torch else None,
         "thread_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")},
         "cpu_model": cpu_model,
         "cpu_simd": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}),

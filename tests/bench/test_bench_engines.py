@@ -97,6 +97,21 @@ def test_roofline_is_the_lower_of_bandwidth_and_peak():
     assert costs["flop_per_token"] == 2 * costs["matmul_params"]
 
 
+def test_a_peak_is_the_fastest_kernel_for_the_precision(monkeypatch):
+    """A ceiling is the best available: an AVX2 CPU runs torch._int_mm and a bfloat16 matmul in a reference
+    loop (~1 GFLOP per CPU-second), below fbgemm's int8 Linear and a float32 matmul of the same weights."""
+    names = {how for _, how in roofline._kernels("int8", 4, 8, 16)}
+    assert "torch.ao dynamic quantized Linear" in names
+    assert {how for _, how in roofline._kernels("bfloat16", 4, 8, 16)} == {"torch.matmul",
+                                                                            "torch.matmul in float32"}
+    slow, fast = (lambda: None), (lambda: None)
+    monkeypatch.setattr(roofline, "_kernels", lambda dtype, m, k, n: [(slow, "reference"), (fast, "fbgemm")])
+    monkeypatch.setattr(roofline, "_rate", lambda fn, work, seconds: 1e9 if fn is slow else 300e9)
+    assert roofline.matmul_peak("int8") == (300e9, "fbgemm")
+    monkeypatch.setattr(roofline, "_kernels", lambda dtype, m, k, n: [])
+    assert roofline.matmul_peak("int8") == (None, "none")
+
+
 def search_args(**kw):
     return SimpleNamespace(**{"capacity_start_rps": 1.0, "capacity_max_rps": 32.0, "capacity_bisections": 3, **kw})
 

@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from llm_psi.load import arrivals
+
 from conftest import real_cgroups, run_script
 from bench.protection import report as rep
 from bench.protection import run as runs
@@ -81,6 +83,23 @@ def test_report_from_synthetic_trials_and_its_rewrite(tmp_path):
     assert plan["trials"] == next(r["trials_for_80pct"] for r in plan["metrics"] if r["metric"] == "lat_imp_p99_pct")
 
 
+def test_a_closed_loops_goodput_counts_from_the_send(tmp_path):
+    """The saturated load is a closed loop: its requests enter the generator's queue at once (t_submit_s 0) and
+    go out as a worker takes each (t_dequeue_s). Timed from the send, all 6 meet a 5 s TTFT; timed from the
+    queue, only the first 4 would (the pilot's defect)."""
+    path = tmp_path / "llm.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["status", "output_tokens", "t_submit_s", "t_dequeue_s", "t_admit_s", "t_start_s",
+                    "t_first_token_s", "t_end_s"])
+        for i in range(6):
+            sent = 3.0 * (i // 2)                   # two workers, 3 s a request
+            w.writerow(["ok", 32, 0.0, sent, sent, sent, sent + 1.0, sent + 3.0])
+    slo = arrivals.parse_slo("ttft:5000,e2e:15000")
+    assert rep.llm_rates(str(path), 30.0, slo, closed_loop=True) == pytest.approx((6 / 30, 6 * 32 / 30))
+    assert rep.llm_rates(str(path), 30.0, slo)[0] == pytest.approx(4 / 30)   # TTFT 1, 1, 4, 4, 7, 7 s from the queue
+
+
 def test_one_line_errors(tmp_path, capsys):
     from bench.protection.__main__ import main
     for args in (["--configs", "nope"], ["--interactive", "interactive:20:60"], ["--force", "--resume"]):
@@ -109,7 +128,11 @@ def test_quick_smoke_run_resume_and_report_only(tmp_path):
         metrics = {r["metric"] for r in csv.DictReader(f)}
     assert {"isol_mean_pct", "isol_p01_pct", "lat_imp_p99_pct", "owner_cpu_share", "llm_work_conservation",
             "llm_tokens_per_s", "llm_goodput_rps", "llm_send_lateness_max_ms"} <= metrics
-    assert "headroom: quota" in open(os.path.join(d, "trials", "headroom_batch_interactive_t1_headroom.log")).read()
+    # the controller's law line in each trial's log, and a change of the quota in at least one (beside the
+    # batch owner, which takes the whole host, the quota may rightly stay at its floor for the whole trial)
+    logs = [open(os.path.join(d, "trials", f"headroom_{o}_interactive_t1_headroom.log")).read()
+            for o in ("batch", "interactive")]
+    assert all("headroom: llm_service from" in log for log in logs) and any("headroom: quota" in log for log in logs)
     first = open(os.path.join(d, "summary.csv"), "rb").read()
     p = run_script("bench.protection", "--report-only", "--results-dir", d)
     assert p.returncode == 0 and open(os.path.join(d, "summary.csv"), "rb").read() == first

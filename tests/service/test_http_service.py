@@ -114,6 +114,10 @@ def test_generator_as_client_writes_rows(server, tmp_path):
     assert (df.status == "ok").sum() == 3 and (df.output_tokens == 5).all()
     assert df.srv_start_s.notna().all() and (df.t_first_token_s >= df.t_submit_s).all()
     assert meta["mode"] == "service" and meta["service"]["config"]["config"] == "baseline"
+    # a client only: it never imported torch (its thread counts are None), yet the versions are recorded
+    env = meta["environment"]
+    assert env["torch_threads"] is None and env["torch_interop_threads"] is None
+    assert env["versions"]["torch"].startswith("2.") and env["versions"]["transformers"]
 
 
 @pytest.mark.slow
