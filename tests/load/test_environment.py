@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 PROBE = ("import json, sys{pre}; from llm_psi.load.environment import environment; e = environment({{}}); "
@@ -24,6 +26,7 @@ def test_a_client_process_records_versions_without_importing_torch():
     assert isinstance(simd, list) and has_commit
 
 
+@pytest.mark.slow    # imports torch in a fresh process
 def test_an_engine_process_records_its_torch_threads():
     versions, threads, torch_loaded, _, _, _ = probe("; import torch; torch.set_num_threads(1)")
     assert torch_loaded and threads == 1
