@@ -109,8 +109,8 @@ def trial_metrics(st: str, rec: dict, slo: dict) -> dict:
                                                                 alone["seconds"], with_["seconds"], rec["cpus"])
     if rec["llm_load"] != "idle":
         llm = st + "_llm.csv"
-        out["llm_goodput_rps"] = llm_rates(llm, rec["with_s"], slo, closed_loop=rec["llm_load"] == "saturated")[0]
-        out["llm_tokens_per_s"] = llm_rates(llm, rec["with_s"])[1]
+        out["llm_goodput_rps"], out["llm_tokens_per_s"] = llm_rates(llm, rec["with_s"], slo,
+                                                                    closed_loop=rec["llm_load"] == "saturated")
         out["llm_send_lateness_max_ms"] = _lateness_max_ms(llm)
     return out
 

@@ -6,6 +6,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 
 from llm_psi import REPO
 
@@ -50,7 +51,6 @@ def environment(identity: dict) -> dict:
     """Facts about the host and software that a reader needs to interpret the numbers. The torch thread counts
     are this process's where it runs torch (an in-process engine), None where it never imported torch (a load
     generator in service mode: the service's own are in its identity, ``identity``)."""
-    import sys
     torch = sys.modules.get("torch")
     cpuinfo = (_read("/proc/cpuinfo") or "").splitlines()
     cpu_model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
