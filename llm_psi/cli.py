@@ -115,6 +115,8 @@ def add_service_options(p, defaults=ServiceConfig) -> None:
     option(g, defaults, "--quantize", choices=configs.QUANTIZE,
            help="int8: dynamic int8 linear layers (GPT-2's Conv1D converted to nn.Linear; needs --dtype float32)")
     option(g, defaults, "--temperature", type=finite_number(float, gt=0))
+    option(g, defaults, "--top-k", type=finite_number(int, ge=0),
+           help="sample among the k likeliest tokens (0: the whole vocabulary); Hugging Face generate()'s default")
     option(g, defaults, "--seed", type=finite_number(int, ge=0), help="weight init and sampling seed")
     g.add_argument("--torch-threads", default=None,
                    help="N, 'auto' (the whole CPUs the process may use: its cpuset under its cgroups' CPU quota, "

@@ -28,6 +28,7 @@ API_KEY_ENV = "LLM_PSI_API_KEY"  # the environment variable that sets --api-key
 ENGINES = ("loop", "generate", "ort")  # our decode loop | Hugging Face generate() | the loop on ONNX Runtime
                                       # (engine.loop.make_engine kinds)
 ARRIVALS = ("closed", "constant", "poisson", "gamma")
+TOP_K = 50                       # sampling among the k likeliest tokens: Hugging Face generate()'s default
 DTYPES = ("float32", "bfloat16")  # weights, activations and KV cache (engine.net); logits and sampling float32
 QUANTIZE = ("none", "int8")       # int8: dynamic int8 linear layers (float32 only)
 
@@ -149,6 +150,7 @@ class ServiceConfig:
     tiny: bool = False
     seed: int = 0                    # weight init seed (and the base of per-request sampling seeds)
     temperature: float = 0.7
+    top_k: int = TOP_K               # 0: the whole vocabulary
     torch_threads: str | None = "auto"   # auto: from the CPU it may use | default: torch's own | N
     omp_wait_policy: str = "auto"    # auto (PASSIVE unless the environment sets it) | passive | active | unset
     engine_thread: str = "caller"    # caller: each request on its caller's thread | one: the paper's server loop

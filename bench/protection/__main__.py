@@ -36,6 +36,8 @@ from bench.protection import report as rep
 from bench.protection import run as runs
 
 PROG = "python -m bench.protection"
+ENGINE_ARGS = ("--engine ort --dtype float32 --quantize int8 --batching dynamic --torch-threads auto "
+               "--omp-wait-policy auto --engine-thread caller")
 PILOT = dict(configs="baseline,cgroups,weight1,idle,headroom", owners="interactive,batch", loads="saturated")
 
 
@@ -89,6 +91,9 @@ def parse_args(argv):
                    help="the service cgroup")
     g.add_argument("--torch-threads", default=None,
                    help="passed to the service (default: the service's own default)")
+    g.add_argument("--engine-args", default=ENGINE_ARGS,
+                   help="the service's engine options, the same for every configuration (so that only the "
+                        "controls differ): the serving default, batched; threads from the CPU it may use")
     g.add_argument("--tiny", action="store_true", help="tiny GPT-2 config (tests)")
     a = p.parse_args(argv)
     if a.quick:
@@ -108,7 +113,7 @@ def parse_args(argv):
 
 
 SETTINGS = ("interactive", "batch", "alone_s", "with_s", "llm_fraction", "saturate_concurrency", "max_new_tokens",
-            "slo", "seed", "torch_threads", "tiny")
+            "slo", "seed", "torch_threads", "engine_args", "tiny")
 
 
 def prepare(a) -> dict:
@@ -125,6 +130,12 @@ def prepare(a) -> dict:
         if a.resume and doc.get("git_commit") and doc.get("git_commit") != head:
             raise ValueError(f"{path} started at commit {doc['git_commit'][:12]}, this is {str(head)[:12]}: a "
                              f"part runs from the same commit (or --force)")
+    if a.force and not a.pilot:        # a new grid: its settings, and the calibration redone with them
+        for key in ("quota_capacity_rps", "quota_tokens_per_s", "rate_rps"):
+            doc.pop(key, None)
+        if doc.get("settings") and doc["settings"] != mine:
+            doc["pilot_settings"] = doc["settings"]
+        doc["settings"] = mine
     doc.setdefault("settings", mine)
     doc.update({k: v for k, v in code_state().items() if k not in doc or a.force or a.pilot})
     return doc

@@ -1,6 +1,7 @@
 """The protection study's report, from the files of a results dir alone (llm_psi.analysis.protection's metrics):
 DIR/summary.csv (config, owner, llm_load, metric, mean, ci_lo, ci_hi, n_trials: the mean over trials with a
-95% t-interval) and DIR/power.csv (each goal metric's per-trial SD pooled over the cells, the fewest trials of
+95% t-interval; lat_imp_p99_pooled_pct: over the requests of every trial pooled, with a bootstrap
+interval over trials) and DIR/power.csv (each goal metric's per-trial SD pooled over the cells, the fewest trials of
 any cell, the difference to resolve and the power a two-sample t-test has to resolve it with them).
 Only complete trials count (their cell JSON says complete: true); the others are named and left out."""
 from __future__ import annotations
@@ -19,7 +20,8 @@ from llm_psi.load import owner as owners
 CONFIGS = ("baseline", "cgroups", "weight100", "weight", "weight10", "weight1", "idle", "burst", "share", "headroom")
 OWNERS = ("interactive", "batch")
 LOADS = ("idle", "interactive", "saturated")
-METRICS = ("isol_mean_pct", "isol_p01_pct", "lat_imp_p50_pct", "lat_imp_p99_pct", "owner_cpu_share",
+METRICS = ("isol_mean_pct", "isol_p01_pct", "lat_imp_p50_pct", "lat_imp_p99_pct", "lat_imp_p99_pooled_pct",
+           "owner_cpu_share",
            "llm_work_conservation", "llm_tokens_per_s", "llm_goodput_rps", "llm_send_lateness_max_ms")
 RESOLVE = {"isol_mean_pct": 5.0, "isol_p01_pct": 5.0, "lat_imp_p99_pct": 10.0}   # the goal's differences
 COLUMNS = ["config", "owner", "llm_load", "metric", "mean", "ci_lo", "ci_hi", "n_trials"]
@@ -141,17 +143,35 @@ def trial_values(d: str) -> dict:
     return values
 
 
+def pooled_rows(d: str) -> list[dict]:
+    """Per interactive-owner cell of complete trials: lat_imp_p99_pooled_pct, the p99 latency increase over
+    every request of its trials pooled, with a bootstrap interval over trials (protection.pooled_lat_imp)."""
+    cells = {}
+    for st, rec in sorted(trials_in(d), key=lambda sr: sr[1]["trial"]):
+        if rec.get("complete") and owners.parse(rec["owner_spec"])[0] == "interactive":
+            a, w = _col(_rows(st + "_alone_owner.csv"), "latency_ms"), _col(_rows(st + "_with_owner.csv"), "latency_ms")
+            cells.setdefault((rec["config"], rec["owner"], rec["llm_load"]), []).append((a, w))
+    out = []
+    for (c, o, l), pairs in cells.items():
+        est, lo, hi = protection.pooled_lat_imp([p[0] for p in pairs], [p[1] for p in pairs], 99)
+        if math.isfinite(est):
+            out.append(dict(config=c, owner=o, llm_load=l, metric="lat_imp_p99_pooled_pct", mean=est, ci_lo=lo,
+                            ci_hi=hi, n_trials=len(pairs)))
+    return out
+
+
 def _rank(seq, x):
     return seq.index(x) if x in seq else len(seq)
 
 
-def summary_rows(values: dict) -> list[dict]:
-    rows = []
-    for (c, o, l, m), vs in sorted(values.items(), key=lambda kv: (
-            _rank(CONFIGS, kv[0][0]), kv[0][0], _rank(OWNERS, kv[0][1]), _rank(LOADS, kv[0][2]), METRICS.index(kv[0][3]))):
+def summary_rows(values: dict, pooled: list[dict] = ()) -> list[dict]:
+    """The t-interval rows of the per-trial values, and the pooled rows, in one order."""
+    rows = list(pooled)
+    for (c, o, l, m), vs in values.items():
         mean, lo, hi = stats.t_interval(vs)
         rows.append(dict(config=c, owner=o, llm_load=l, metric=m, mean=mean, ci_lo=lo, ci_hi=hi, n_trials=len(vs)))
-    return rows
+    return sorted(rows, key=lambda r: (_rank(CONFIGS, r["config"]), r["config"], _rank(OWNERS, r["owner"]),
+                                       _rank(LOADS, r["llm_load"]), METRICS.index(r["metric"])))
 
 
 def pooled_sd(values: dict, metric: str) -> tuple[float, int, int]:
@@ -189,7 +209,7 @@ def report(d: str) -> str:
     values = trial_values(d)
     if not values:
         return f"{d}: no complete trials to report\n"
-    rows = summary_rows(values)
+    rows = summary_rows(values, pooled_rows(d))
     _write(os.path.join(d, "summary.csv"), rows, COLUMNS)
     power = power_rows(values)
     _write(os.path.join(d, "power.csv"), power, ["metric", "sd_pooled", "cells", "n_trials_min", "resolve", "power",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -99,8 +100,8 @@ class Trial:
     def start_service(self):
         a, py = self.a, sys.executable
         cmd = [py, os.path.join(REPO, "llm_server.py"), "serve", "--config", self.config, "--port", str(self.port),
-               "--host", "127.0.0.1", *(["--torch-threads", a.torch_threads] if a.torch_threads else []),
-               *(["--tiny"] if a.tiny else [])]
+               "--host", "127.0.0.1", *shlex.split(a.engine_args or ""),
+               *(["--torch-threads", a.torch_threads] if a.torch_threads else []), *(["--tiny"] if a.tiny else [])]
         served = runner.wrap(cmd, self.config, name=a.cgroup_name, meta=f"{self.stem}_service.json", root=True,
                              own=True)
         log = open(f"{self.stem}_service.log", "w")

@@ -67,6 +67,30 @@ def lat_imp_pct(alone_ms, with_ms, q: float) -> float:
     return 100.0 * (float(np.percentile(w, q)) / ref - 1.0) if ref > 0 else math.nan
 
 
+def pooled_lat_imp(alone_by_trial, with_by_trial, q: float, n_boot: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """(lat_imp_pct of the q-th percentile over every trial's requests pooled, and its bootstrap interval over
+    trials): each resample draws trials with replacement (a trial's alone and with samples together, since the
+    reference is measured inside the same trial) and pools their requests; percentile interval at ``level``.
+    A tail percentile from a few hundred requests per trial is nearly a per-trial maximum; pooled, it rests on
+    all of them, while the resampling of whole trials keeps the trial-to-trial variation in the interval.
+    (NaN, NaN, NaN) without trials; the interval is NaN with one."""
+    pairs = [(_finite(a), _finite(w)) for a, w in zip(alone_by_trial, with_by_trial)]
+    pairs = [(a, w) for a, w in pairs if a.size and w.size]
+    if not pairs:
+        return math.nan, math.nan, math.nan
+
+    def imp(idx):
+        return lat_imp_pct(np.concatenate([pairs[i][0] for i in idx]), np.concatenate([pairs[i][1] for i in idx]), q)
+    est = imp(range(len(pairs)))
+    if len(pairs) < 2:
+        return est, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    boots = np.array([imp(rng.integers(0, len(pairs), len(pairs))) for _ in range(n_boot)])
+    lo, hi = np.nanpercentile(boots, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return est, float(lo), float(hi)
+
+
 def cpu_share(cpu_with_s: float, with_s: float, cpu_alone_s: float, alone_s: float) -> float:
     """The owner's CPU seconds per second with the LLM over its CPU seconds per second alone (NaN if unknown)."""
     try:
@@ -83,12 +107,13 @@ def idle_left_s(owner_cpu_alone_s: float, alone_s: float, with_s: float, cpus: f
 
 
 def work_conservation(llm_cpu_s: float, owner_cpu_alone_s: float, alone_s: float, with_s: float,
-                      cpus: float) -> float:
-    """The LLM's CPU seconds over the CPU seconds the owner leaves idle (idle_left_s); NaN if unknown or none is
-    left."""
+                      cpus: float, least_idle: float = 0.1) -> float:
+    """The LLM's CPU seconds over the CPU seconds the owner leaves idle (idle_left_s); NaN if unknown, or where
+    the owner leaves less than ``least_idle`` of the host idle (a batch owner that fills the host: the ratio of
+    two small numbers then says nothing; the pilot of 2026-12-07 gave 26-34 there)."""
     try:
         idle = idle_left_s(owner_cpu_alone_s, alone_s, with_s, cpus)
-        return llm_cpu_s / idle if idle > 0 else math.nan
+        return llm_cpu_s / idle if idle > least_idle * cpus * with_s else math.nan
     except (TypeError, ZeroDivisionError):
         return math.nan
 

@@ -1,21 +1,25 @@
 """headroom: the LLM's CPU quota set from the owner's measured CPU use plus a headroom, in the style of Meta's
-resctl-demo sideloader; cut hard when the owner stalls.
+resctl-demo sideloader; cut hard when the owner stalls; the LLM at the lowest priority while the owner leaves room.
 
 Control law, one step every --interval-ms (default 1 s):
 
     use     = the owner cgroup's CPU time over the last interval / the interval (CPUs)
     demand  = the largest use over the last --window intervals (default 5)
     stall   = the share of the last interval in which the owner cgroup's tasks waited for CPU (cpu.pressure some, %)
-    stall >= --stall-pct (default 5):   quota = floor                                  cut hard: the owner waits
+    stall >= --stall-pct (default 5):   quota = floor, held there --hold steps (default 5)   cut hard: the owner waits
     otherwise:                          target = clamp(cpus - demand - headroom, floor, cpus)
                                         quota  = target if target <= quota, else min(target, quota + ramp)
+    idle    = quota > floor             (--idle auto: cpu.idle = 1 above the floor, 0 at it)
 
 headroom is --headroom-pct of the host's CPUs (default 20, the sideloader's), floor --floor-pct of one CPU
 (default 50: the paper's quota, which the LLM's users keep), ramp --ramp-pct of one CPU per step (default 50).
+Above the floor the owner leaves room, and the LLM runs as SCHED_IDLE (cpu.idle): an owner task that wakes takes
+the CPU from it at once. At the floor the owner fills the host, and the LLM runs at the default weight, so that
+it keeps the floor's CPU (an idle cgroup beside a busy owner gets almost none). --idle off keeps the weight.
 It starts at the floor. An owner cgroup that does not exist (yet) uses nothing and never stalls; one without
-cpu.pressure (pure v1) is never seen to stall. The quota is the LLM cgroup's cpu.max (v2) or cpu.cfs_quota_us (v1,
-hybrid); every change is one timestamped log line. It runs until SIGTERM or Ctrl-C (or --seconds), and leaves
-the last quota in place.
+cpu.pressure (pure v1) is never seen to stall; a kernel without cpu.idle keeps the weight. The quota is the LLM
+cgroup's cpu.max (v2) or cpu.cfs_quota_us (v1, hybrid); every change is one timestamped log line. It runs until
+SIGTERM or Ctrl-C (or --seconds), and leaves the last quota in place.
 
     sudo python -m llm_psi.control.headroom --llm llm_service --owner llm_cotenant
 """
@@ -78,33 +82,51 @@ class Headroom:
     """The control law applied to the LLM cgroup `llm` (info) from the owner's reader; step() once per interval."""
 
     def __init__(self, llm, reader, *, cpus, headroom_pct=20.0, floor_pct=50.0, stall_pct=5.0, ramp_pct=50.0,
-                 window=5, log=print, clock=time.monotonic):
+                 window=5, hold=5, idle=True, log=print, clock=time.monotonic):
         self.llm, self.reader, self.log, self.clock = llm, reader, log, clock
         self.cpus, self.headroom = float(cpus), cpus * headroom_pct / 100.0
         self.floor, self.ramp, self.stall_limit = floor_pct / 100.0, ramp_pct / 100.0, stall_pct
         self.period_us = cgroups.read_limits(llm)["cpu_period_us"] or 100000
         self.uses = collections.deque(maxlen=window)
+        self.hold, self.held = hold, 0
         self.quota, self.changes = self.floor, 0
+        self.idle_file = os.path.join(llm["cpu"], "cpu.idle")
+        self.use_idle = idle and os.path.exists(self.idle_file)
+        self.idle = False
         write_quota(llm, self._us(self.quota), self.period_us)
+        if self.use_idle:
+            cgroups.fs._write(self.idle_file, 0)
 
     def _us(self, cores):
         return max(1000, round(cores * self.period_us))
 
     def step(self):
-        """Read the owner, decide, write and log the quota if it changes; returns the quota (CPUs)."""
+        """Read the owner, decide, write and log the quota (and cpu.idle) if they change; returns the quota (CPUs)."""
         use, stall = self.reader()
         if use is not None:
             self.uses.append(use)
         demand = max(self.uses) if self.uses else None
-        new = decide(self.quota, demand, stall, cpus=self.cpus, headroom=self.headroom, floor=self.floor,
-                     stall_limit=self.stall_limit, ramp=self.ramp)
-        if self._us(new) != self._us(self.quota):
+        cut = stall is not None and stall >= self.stall_limit
+        holding = not cut and self.held > 0
+        if cut:
+            self.held = self.hold
+        elif holding:
+            self.held -= 1
+        new = self.floor if cut or holding else decide(
+            self.quota, demand, stall, cpus=self.cpus, headroom=self.headroom, floor=self.floor,
+            stall_limit=self.stall_limit, ramp=self.ramp)
+        idle = self.use_idle and self._us(new) > self._us(self.floor)
+        if self._us(new) != self._us(self.quota) or idle != self.idle:
+            if idle and not self.idle:                 # lowest priority first, then more CPU
+                cgroups.fs._write(self.idle_file, 1)
             write_quota(self.llm, self._us(new), self.period_us)
-            why = "owner stalls: cut" if stall is not None and stall >= self.stall_limit else "from demand"
+            if self.idle and not idle:
+                cgroups.fs._write(self.idle_file, 0)
+            why = "owner stalls: cut" if cut else "held after a cut" if holding else "from demand"
             self.log(f"{datetime.now(timezone.utc).isoformat(timespec='milliseconds')} headroom: quota "
-                     f"{self.quota:.2f} -> {new:.2f} CPUs ({why}; owner use {_fmt(use)} CPUs, demand {_fmt(demand)}, "
-                     f"stall {_fmt(stall, '%')})")
-            self.quota, self.changes = new, self.changes + 1
+                     f"{self.quota:.2f} -> {new:.2f} CPUs{', idle' if idle else ''} ({why}; owner use {_fmt(use)} "
+                     f"CPUs, demand {_fmt(demand)}, stall {_fmt(stall, '%')})")
+            self.quota, self.idle, self.changes = new, idle, self.changes + 1
         return self.quota
 
 
@@ -128,6 +150,9 @@ def main(argv=None) -> int:
     p.add_argument("--stall-pct", type=num(gt=0, le=100), default=5.0, help="cut at this owner stall (default %(default)s)")
     p.add_argument("--ramp-pct", type=num(gt=0), default=50.0, help="rise per step, of one CPU (default %(default)s)")
     p.add_argument("--window", type=num(int, ge=1), default=5, help="intervals of owner use kept (default %(default)s)")
+    p.add_argument("--hold", type=num(int, ge=0), default=5, help="steps at the floor after a cut (default %(default)s)")
+    p.add_argument("--idle", choices=["auto", "off"], default="auto",
+                   help="auto: cpu.idle = 1 above the floor, where the kernel has it (default %(default)s)")
     p.add_argument("--interval-ms", type=num(ge=50), default=1000.0, help="(default %(default)s)")
     p.add_argument("--cpus", type=num(gt=0), default=None, help="the host's CPUs (default: those this process may use)")
     p.add_argument("--seconds", type=num(gt=0), default=None, help="stop after this long (default: at SIGTERM)")
@@ -142,12 +167,14 @@ def main(argv=None) -> int:
             raise cgroups.CgroupError(f"no cgroup {llm['cpu']} (start the LLM in it first)")
         cpus = a.cpus or len(os.sched_getaffinity(0))
         ctl = Headroom(llm, OwnerReader(owner), cpus=cpus, headroom_pct=a.headroom_pct, floor_pct=a.floor_pct,
-                       stall_pct=a.stall_pct, ramp_pct=a.ramp_pct, window=a.window, log=log)
+                       stall_pct=a.stall_pct, ramp_pct=a.ramp_pct, window=a.window, hold=a.hold,
+                       idle=a.idle == "auto", log=log)
     except (cgroups.CgroupError, OSError) as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
     log(f"headroom: {a.llm} from {a.owner}, {cpus:g} CPUs, headroom {ctl.headroom:.2f} CPUs, floor {ctl.floor:.2f}, "
-        f"cut at owner stall >= {a.stall_pct:g}%")
+        f"cut at owner stall >= {a.stall_pct:g}% (held {a.hold} steps), idle above the floor: "
+        f"{'yes' if ctl.use_idle else 'no'}")
     signal.signal(signal.SIGTERM, _stop)
     end = math.inf if a.seconds is None else time.monotonic() + a.seconds
     try:

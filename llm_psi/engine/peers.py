@@ -22,13 +22,14 @@ from __future__ import annotations
 import os
 import tempfile
 
+from llm_psi.config import TOP_K  # Hugging Face generate()'s default, as our engines'
+
 PEERS = ("hf-generate", "onnxruntime", "ctranslate2")
 # (dtype, quantize) settings each peer supports here
 SETTINGS = {"hf-generate": [("float32", "none"), ("bfloat16", "none"), ("float32", "int8")],
             "onnxruntime": [("float32", "none"), ("float32", "int8")],
             "ctranslate2": [("float32", "none"), ("float32", "int8")]}
 TEMPERATURE = 0.7
-TOP_K = 50
 
 
 class PeerUnavailable(Exception):

@@ -88,7 +88,8 @@ def load_engine(cfg: ServiceConfig):
     def build():
         return engines.make_engine(cfg.engine, model=cfg.model, tiny=cfg.tiny, seed=cfg.seed,
                                    torch_threads=cfg.torch_threads, omp_wait_policy=cfg.omp_wait_policy,
-                                   temperature=cfg.temperature, dtype=cfg.dtype, quantize=cfg.quantize)
+                                   temperature=cfg.temperature, top_k=cfg.top_k, dtype=cfg.dtype,
+                                   quantize=cfg.quantize)
     eng = OneThread(build) if cfg.engine_thread == "one" else build()
     if cfg.batching != "off":
         from llm_psi.engine import batch as batch_engine

@@ -19,7 +19,7 @@ CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assist
 CHAT_STOP = "\nUser:"            # the template's next user turn ends the reply
 # parameters accepted only at their default value: (default values, what the service does instead)
 DEFAULT_ONLY = {"n": ((None, 1), "one choice per request"), "best_of": ((None, 1), "one choice per request"),
-                "top_p": ((None, 1, 1.0), "plain temperature sampling"),
+                "top_p": ((None, 1, 1.0), "temperature sampling among the top-k likeliest tokens"),
                 "presence_penalty": ((None, 0, 0.0), "no penalties"),
                 "frequency_penalty": ((None, 0, 0.0), "no penalties"), "suffix": ((None,), "no insertion"),
                 "logit_bias": ((None, {}), "no logit bias"), "tools": ((None, []), "no tools"),

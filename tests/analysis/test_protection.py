@@ -71,3 +71,31 @@ def test_power_and_trials_needed():
     assert stats.power(17, 1.0, 1.0) >= 0.8 > stats.power(16, 1.0, 1.0)
     assert stats.trials_needed(2.0, 5.0) < stats.trials_needed(5.0, 5.0)
     assert stats.trials_needed(0.0, 5.0) == 2
+
+
+def test_work_conservation_has_no_value_where_the_owner_leaves_almost_nothing_idle():
+    # alone the owner used 1.85 of 2 CPUs: 0.15 x 30 = 4.5 CPU-s idle, under a tenth of the host's 60
+    assert math.isnan(pr.work_conservation(3.0, 37.0, 20, 30, 2))
+    assert pr.work_conservation(3.0, 37.0, 20, 30, 2, least_idle=0.05) == pytest.approx(3.0 / 4.5)
+
+
+def test_pooled_p99_rests_on_every_request_and_its_interval_on_whole_trials():
+    import numpy as np
+    rng = np.random.default_rng(1)
+    alone = [rng.normal(20, 1, 300) for _ in range(6)]
+    same = [rng.normal(20, 1, 300) for _ in range(6)]
+    slower = [x * 1.5 for x in same]
+    est, lo, hi = pr.pooled_lat_imp(alone, same, 99)
+    assert lo <= 0 <= hi and abs(est) < 5
+    est, lo, hi = pr.pooled_lat_imp(alone, slower, 99)
+    assert 40 < lo <= est <= hi < 60
+    assert est == pytest.approx(pr.lat_imp_pct(np.concatenate(alone), np.concatenate(slower), 99))
+    assert pr.pooled_lat_imp(alone, slower, 99) == (est, lo, hi)              # seeded: the same figures again
+    one = pr.pooled_lat_imp(alone[:1], slower[:1], 99)
+    assert math.isfinite(one[0]) and math.isnan(one[1]) and math.isnan(one[2])
+    assert all(math.isnan(v) for v in pr.pooled_lat_imp([], [], 99))
+    # one trial with a stall: the interval over trials widens to take it in
+    stalled = [x.copy() for x in same]
+    stalled[0][:10] = 200.0
+    _, lo2, hi2 = pr.pooled_lat_imp(alone, stalled, 99)
+    assert hi2 - lo2 > 50

@@ -46,11 +46,14 @@ def tree(tmp_path, mode):
     if mode == "v2":
         _put(f"{root}/cgroup.controllers", "cpu memory\n")
         _put(f"{root}/llm/cpu.max", "max 100000\n")
+        _put(f"{root}/llm/cpu.idle", "0\n")
         return root, f"{root}/llm/cpu.max", (f"{root}/owner/cpu.stat", "usage_usec {}\n"), f"{root}/owner/cpu.pressure"
     _put(f"{root}/cpu/cpu.cfs_quota_us", "-1\n")
     _put(f"{root}/memory/memory.limit_in_bytes", "9223372036854771712\n")
     _put(f"{root}/cpu/llm/cpu.cfs_quota_us", "-1\n")
     _put(f"{root}/cpu/llm/cpu.cfs_period_us", "100000\n")
+    if mode == "hybrid":                           # v1 cpu.idle exists on recent kernels; pure v1 here lacks it
+        _put(f"{root}/cpu/llm/cpu.idle", "0\n")
     if mode == "hybrid":
         _put(f"{root}/unified/cgroup.controllers", "\n")
         return (root, f"{root}/cpu/llm/cpu.cfs_quota_us", (f"{root}/unified/owner/cpu.stat", "usage_usec {}\n"),
@@ -87,11 +90,28 @@ def test_controller_on_a_fake_tree(tmp_path, mode):
         q = ctl.step()
     assert q == pytest.approx(1.3)                                        # 2 - 0.3 - 0.4
     assert _read(quota_file).split()[0] == "130000"
+    idle_file = os.path.join(os.path.dirname(quota_file), "cpu.idle")
+    assert ctl.use_idle == (mode != "v1")
+    if ctl.use_idle:                                                      # above the floor: SCHED_IDLE
+        assert _read(idle_file) == "1" and lines[-1].split(" (")[0].endswith("CPUs, idle")
     if psi:                                                               # the owner stalls 50% of a second
         clock.t += 1.0
         owner(300000 * 4, 500000)
         assert ctl.step() == 0.5 and _read(quota_file).split()[0] == "50000"
-        assert "owner stalls: cut" in lines[-1]
+        assert "owner stalls: cut" in lines[-1] and _read(idle_file) == "0"
+        for k in range(5, 10):                                            # held at the floor 5 steps, no stall
+            clock.t += 1.0
+            owner(300000 * k, 500000)
+            assert ctl.step() == 0.5
+        clock.t += 1.0
+        owner(300000 * 10, 500000)
+        assert ctl.step() == 1.0 and "from demand" in lines[-1] and _read(idle_file) == "1"
+    clock.t += 1.0                                                        # the owner fills the host
+    usage = int(_read(usage_file).split()[-1].replace("000", "", 1) if mode == "v1" else _read(usage_file).split()[1])
+    owner(usage + 2000000, 500000 if psi else 0)
+    assert ctl.step() == 0.5 and _read(quota_file).split()[0] == "50000"
+    if ctl.use_idle:                                                      # at the floor: the default weight
+        assert _read(idle_file) == "0"
     assert all(" headroom: quota " in line and line[:4].isdigit() for line in lines)
 
 

@@ -115,10 +115,12 @@ def test_accuracy_command_prints_a_table(capsys):
 
 
 @pytest.mark.slow
-def test_draw_follows_the_softmax_and_each_rows_own_generator(engines):
-    """``Engine.draw``: tokens distributed as softmax(logits / temperature), a token of probability 0 never
-    drawn, one uniform per row and step from the row's own generator, whatever the other rows are."""
+def test_draw_follows_the_softmax_and_each_rows_own_generator(engines, monkeypatch):
+    """``Engine.draw``: tokens distributed as softmax(logits / temperature) over the top-k likeliest, a token
+    of probability 0 or outside the top k never drawn, one uniform per row and step from the row's own
+    generator, whatever the other rows are."""
     e = engines[("float32", "none")]
+    assert e.top_k == 50 and e.identity()["top_k"] == 50
     torch = e.torch
     logits = torch.tensor([[0.0, 1.0, -1.0, float("-inf"), 0.5]])
     g = torch.Generator().manual_seed(0)
@@ -127,6 +129,13 @@ def test_draw_follows_the_softmax_and_each_rows_own_generator(engines):
     expected = e.probabilities(logits)[0] * n
     assert counts[3] == 0
     assert ((counts - expected).abs() <= 4 * expected.sqrt() + 1).all(), (counts, expected)
+    monkeypatch.setattr(e, "top_k", 2)           # tokens 1 and 4 only, renormalised
+    counts = torch.bincount(torch.tensor([e.draw(logits, [g])[0] for _ in range(n)]), minlength=5)
+    expected = torch.zeros(5)
+    expected[[1, 4]] = torch.softmax(logits[0, [1, 4]] / e.temperature, dim=0) * n
+    assert counts[[0, 2, 3]].sum() == 0
+    assert ((counts - expected).abs() <= 4 * expected.sqrt() + 1).all(), (counts, expected)
+    monkeypatch.undo()
     rows = torch.randn(6, 50257, generator=torch.Generator().manual_seed(1)) * 3
     alone = [e.draw(rows[2:3], [g]) for g in [torch.Generator().manual_seed(7)] for _ in range(5)]
     mates = [torch.Generator().manual_seed(s) for s in range(6)]
@@ -139,6 +148,14 @@ def test_draw_follows_the_softmax_and_each_rows_own_generator(engines):
     assert torch.equal(mine.get_state(), ref.get_state())   # exactly one uniform per row and step
     with pytest.raises(RuntimeError, match="nan"):
         e.draw(torch.full((1, 5), float("nan")), [mine])
+    top50 = set(torch.topk(rows[2], 50).indices.tolist())
+    assert {e.draw(rows[2:3], [g])[0] for g in [torch.Generator().manual_seed(5)] for _ in range(200)} <= top50
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "50"])
+def test_top_k_is_checked(bad):
+    with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
+        Engine(tiny=True, top_k=bad)
 
 
 def test_dtype_defaults_paper_float32_batching_and_serve_int8():
