@@ -3,11 +3,14 @@
     python -m bench.engines                          # full run (long): results/engines/
     python -m bench.engines --quick --tiny --output-dir /tmp/e --no-quota
     python -m bench.engines --capacity-only --force  # only the capacity over HTTP (bench/engines_capacity.py)
+    python -m bench.engines --pairs 10 --output-dir results/engines --force   # ours-ort / ONNX Runtime in turn
 
 In one run, on one thread (torch, OpenMP, MKL, ONNX Runtime and CTranslate2 all set to 1):
 
-- engines: ``ours`` (the decode loop at batch 1, the continuous-batching engine above it: b simultaneous
-  requests), ``ours-ort`` (the same with ONNX Runtime as the forward, ``--engine ort``), ``hf-generate``
+- engines: ``ours`` (the decode loop at batch 1, the continuous-batching engine above it at b > 1: b requests
+  queued at once with ``BatchEngine.generate_many``, so that they prefill together and decode in step, as
+  the peers' static batch; until 2026-12-07 b threads released by a barrier submitted them, and the
+  scheduler, woken by the first, ran it alone for a step before the others joined), ``ours-ort`` (the same with ONNX Runtime as the forward, ``--engine ort``), ``hf-generate``
   (Hugging Face ``generate()`` on a static batch), ``onnxruntime`` (past KV) and ``ctranslate2``, all on
   our seeded GPT-2 weights (``llm_psi.engine.peers``; their packages come from
   bench/requirements-peers.txt, and a peer that is missing is skipped with the reason; the saved and
@@ -50,7 +53,7 @@ import sys
 import tempfile
 import time
 
-from bench import engines_capacity
+from bench import engines_capacity, engines_pairs
 from llm_psi import REPO
 from llm_psi.cli import OneLineParser, finite_number, int_list, word_list
 
@@ -83,6 +86,10 @@ def build_parser():
                    help="where the outputs go (default: results/engines)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs (default: refuse)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--pairs", type=finite_number(int, ge=2), default=None, metavar="N",
+                   help="instead of the table: N rounds of two settings in turn per batch size, their ratio with "
+                        "an interval (bench/engines_pairs.py), unconstrained and under the quota")
+    p.add_argument("--pair", default=engines_pairs.DEFAULT, help="the two settings of --pairs (default: %(default)s)")
     p.add_argument("--inner", metavar="JSON", help=argparse.SUPPRESS)  # the run under the quota writes here
     engines_capacity.add_options(p)
     return p
@@ -120,13 +127,18 @@ def our_engine(tiny: bool, dtype: str, quantize: str, kind: str = "loop"):
 def runner(engine: str, dtype: str, quantize: str, tiny: bool):
     """A callable (batch, tokens, seed) -> new tokens for one setting; Skip where it cannot run."""
     if engine in ("ours", "ours-ort"):
-        from bench.batching import run_batch
+        from llm_psi.engine.batch import BatchEngine
         eng = our_engine(tiny, dtype, quantize, kind="ort" if engine == "ours-ort" else "loop")
 
         def run(batch, tokens, seed):
             if batch == 1:
                 return eng.generate(PROMPT, tokens, seed=seed).output_tokens
-            return run_batch(eng, batch, tokens)["tokens"]
+            be = BatchEngine(eng, max_batch=batch)      # a static batch on the serving path, as the peers'
+            try:
+                gens = be.generate_many([PROMPT] * batch, tokens, seeds=range(seed * batch, (seed + 1) * batch))
+            finally:
+                be.close()
+            return sum(g.output_tokens for g in gens)
         return run
     from transformers import AutoTokenizer
     from llm_psi.engine import peers
@@ -214,14 +226,24 @@ def main(argv=None) -> int:
     if bad:
         print(f"{PROG}: error: {bad}", file=sys.stderr)
         return 2
+    args.engine_names = ENGINES
+    if args.pairs:
+        try:
+            pair = engines_pairs.parse(args.pair, ENGINES)
+        except ValueError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
     import torch
     torch.set_num_threads(1)
     if args.inner:
         from llm_psi import cgroups
-        rows, skipped = measure(args, constrained=True)
+        rows, skipped = (engines_pairs.measure(args, True, runner, timed, log), []) if args.pairs else \
+            measure(args, constrained=True)
         with open(args.inner, "w") as f:
             json.dump({"rows": rows, "skipped": skipped, "quota_cores": cgroups.cpu_quota_cores()}, f)
         return 0
+    if args.pairs:
+        return pairs(args, argv, pair)
     check_outputs(args)
     if args.capacity_only:
         print("\n".join(capacity(args)))
@@ -248,6 +270,28 @@ def main(argv=None) -> int:
         with open(os.path.join(args.output_dir, "table.md"), "w") as f:
             f.write(table)
     print(table, end="")
+    return 0
+
+
+def pairs(args, argv, pair) -> int:
+    """--pairs: the two settings in turn, unconstrained and (as root) under the quota; pairs*.csv and pairs.md."""
+    for fname in engines_pairs.OUTPUTS:
+        path = os.path.join(args.output_dir, fname)
+        if os.path.exists(path) and not args.force:
+            print(f"{PROG}: error: {path} exists; use --force to overwrite it", file=sys.stderr)
+            return 2
+    try:
+        rows = engines_pairs.measure(args, False, runner, timed, log)
+        quota_rows, _, why = ([], [], "--no-quota given") if args.no_quota else run_under_quota(args, argv)
+    except Skip as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    if why:
+        print(f"{PROG}: rows under the quota skipped: {why}", file=sys.stderr)
+    print(engines_pairs.write(args.output_dir, rows + quota_rows, pair), end="")
     return 0
 
 

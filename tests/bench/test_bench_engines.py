@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from bench import engines_capacity, engines_report, roofline
+from bench import engines_capacity, engines_pairs, engines_report, roofline
 from conftest import real_cgroups_reason, run_script
 
 SUMMARY = ["engine", "dtype", "quantize", "batch", "constrained", "tokens_per_cpu_s", "roofline_tokens_per_cpu_s",
@@ -66,7 +66,10 @@ def test_quota_rows_as_root(tmp_path, env):
                                   ["--tokens", "0"], ["--repeats", "nan"], ["--slo", "ttft:0"],
                                   ["--capacity-config", "cgroups"], ["--capacity-engines", "vllm"],
                                   ["--no-capacity", "--capacity-only"], ["--capacity-start-rps", "9",
-                                                                         "--capacity-max-rps", "4"]])
+                                                                         "--capacity-max-rps", "4"],
+                                  ["--pairs", "1"], ["--pairs", "2", "--pair", "ours:int8"],
+                                  ["--pairs", "2", "--pair", "vllm:int8,ours:none"],
+                                  ["--pairs", "2", "--pair", "ours:int8,ours:int8"]])
 def test_bad_input_exits_2_with_one_line(tmp_path, args):
     proc = run_script("bench.engines", *args, "--output-dir", tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -159,3 +162,32 @@ def test_quick_capacity_only_run(tmp_path, env):
         assert best <= cap.set_index("engine").loc[engine, "ci_hi"] + 1e-9 or cap.ci_hi.isna().any()
     assert "## Capacity over HTTP" in (tmp_path / "capacity.md").read_text()
     assert not (tmp_path / "summary.csv").exists()
+
+
+@pytest.mark.slow
+def test_pairs_time_two_settings_in_turn_and_state_the_ratio(tmp_path, env):
+    proc = run_script("bench.engines", "--tiny", "--no-quota", "--pairs", "3", "--pair", "ours:none,ours:int8",
+                      "--batches", "1 4", "--tokens", "3", "--output-dir", tmp_path, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = pd.read_csv(tmp_path / "pairs.csv")
+    assert list(runs.columns) == engines_pairs.RUNS and len(runs) == 2 * 3 * 2
+    assert (runs["tokens"] == 3 * runs["batch"]).all() and (runs["cpu_s"] > 0).all()
+    first = runs[runs.order == 0].sort_values(["batch", "pair"])
+    assert list(first["quantize"]) == ["none", "int8", "none"] * 2          # A first, then B, then A ...
+    summary = pd.read_csv(tmp_path / "pairs_summary.csv")
+    assert list(summary.columns) == engines_pairs.SUMMARY and list(summary["batch"]) == [1, 4]
+    assert (summary["n_pairs"] == 3).all() and (summary["ci_lo"] <= summary["ratio_mean"]).all()
+    assert "| 1 | no |" in (tmp_path / "pairs.md").read_text()
+    assert not (tmp_path / "summary.csv").exists()
+
+
+def test_pair_ratios_and_their_interval():
+    rows = [dict(engine=e, dtype="float32", quantize="int8", batch=8, constrained=True, pair=k, order=0,
+                 tokens=80, cpu_s=1.0, tokens_per_cpu_s=v)
+            for k, (a, b) in enumerate([(110, 100), (90, 100), (120, 100), (80, 100)])
+            for e, v in (("ours-ort", a), ("onnxruntime", b))]
+    pair = engines_pairs.parse(engines_pairs.DEFAULT, ["ours-ort", "onnxruntime"])
+    [s] = engines_pairs.summarize(rows, pair)
+    assert s["ratio_mean"] == pytest.approx(1.0) and s["n_pairs"] == 4 and s["ci_lo"] < 1 < s["ci_hi"]
+    assert (s["a"], s["b"], s["batch"], s["constrained"]) == ("ours-ort float32/int8", "onnxruntime float32/int8",
+                                                              8, True)
