@@ -20,6 +20,7 @@ from conftest import ROOT
 FINDINGS = os.path.join(ROOT, "docs", "FINDINGS.md")
 # The sections checked, by their heading; (section, bullet lead) -> why a bullet is not.
 CHECKED = ("## Sharing a host: the kernel's controls against our controller", "## Overload: shedding by queueing delay",
+           "## Protecting the owner: a saturated LLM beside the owner's work",
            "## Many hosts: the service's headroom steers HAProxy",
            "### Controllers against cgroups-only, in one sweep", "## Engines at the limit of this CPU",
            "### The thread defaults, measured")

@@ -9,13 +9,16 @@ Control law, one step every --interval-ms (default 1 s):
     stall >= --stall-pct (default 5):   quota = floor, held there --hold steps (default 5)   cut hard: the owner waits
     otherwise:                          target = clamp(cpus - demand - headroom, floor, cpus)
                                         quota  = target if target <= quota, else min(target, quota + ramp)
-    idle    = quota > floor             (--idle auto: cpu.idle = 1 above the floor, 0 at it)
+    idle    = cpus - demand - headroom > floor   (--idle auto: cpu.idle = 1 while the owner leaves room)
 
 headroom is --headroom-pct of the host's CPUs (default 20, the sideloader's), floor --floor-pct of one CPU
 (default 50: the paper's quota, which the LLM's users keep), ramp --ramp-pct of one CPU per step (default 50).
-Above the floor the owner leaves room, and the LLM runs as SCHED_IDLE (cpu.idle): an owner task that wakes takes
-the CPU from it at once. At the floor the owner fills the host, and the LLM runs at the default weight, so that
-it keeps the floor's CPU (an idle cgroup beside a busy owner gets almost none). --idle off keeps the weight.
+While the owner's demand leaves room above the floor, the LLM runs as SCHED_IDLE (cpu.idle), a cut included:
+an owner task that wakes takes the CPU from it at once. When the owner's demand fills the host, the LLM runs
+at the default weight, so that it keeps the floor's CPU (an idle cgroup beside a busy owner gets almost none).
+(Until 2026-12-07 idle followed the quota: a cut to the floor also restored the default weight, and beside an
+interactive owner that stalled 5% the LLM then sat at the floor at full priority for the whole phase.)
+--idle off keeps the weight.
 It starts at the floor. An owner cgroup that does not exist (yet) uses nothing and never stalls; one without
 cpu.pressure (pure v1) is never seen to stall; a kernel without cpu.idle keeps the weight. The quota is the LLM
 cgroup's cpu.max (v2) or cpu.cfs_quota_us (v1, hybrid); every change is one timestamped log line. It runs until
@@ -115,7 +118,8 @@ class Headroom:
         new = self.floor if cut or holding else decide(
             self.quota, demand, stall, cpus=self.cpus, headroom=self.headroom, floor=self.floor,
             stall_limit=self.stall_limit, ramp=self.ramp)
-        idle = self.use_idle and self._us(new) > self._us(self.floor)
+        idle = self.idle if demand is None else (   # the owner leaves room: a cut keeps the LLM idle
+            self.use_idle and self.cpus - demand - self.headroom > self.floor)
         if self._us(new) != self._us(self.quota) or idle != self.idle:
             if idle and not self.idle:                 # lowest priority first, then more CPU
                 cgroups.fs._write(self.idle_file, 1)
