@@ -16,8 +16,6 @@ headroom is --headroom-pct of the host's CPUs (default 20, the sideloader's), fl
 While the owner's demand leaves room above the floor, the LLM runs as SCHED_IDLE (cpu.idle), a cut included:
 an owner task that wakes takes the CPU from it at once. When the owner's demand fills the host, the LLM runs
 at the default weight, so that it keeps the floor's CPU (an idle cgroup beside a busy owner gets almost none).
-(Until 2026-12-07 idle followed the quota: a cut to the floor also restored the default weight, and beside an
-interactive owner that stalled 5% the LLM then sat at the floor at full priority for the whole phase.)
 --idle off keeps the weight.
 It starts at the floor. An owner cgroup that does not exist (yet) uses nothing and never stalls; one without
 cpu.pressure (pure v1) is never seen to stall; a kernel without cpu.idle keeps the weight. The quota is the LLM

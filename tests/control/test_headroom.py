@@ -99,14 +99,14 @@ def test_controller_on_a_fake_tree(tmp_path, mode):
         owner(300000 * 4, 500000)
         assert ctl.step() == 0.5 and _read(quota_file).split()[0] == "50000"
         assert "owner stalls: cut" in lines[-1]
-        assert _read(idle_file) == ("1" if ctl.use_idle else "0")         # a cut keeps the owner's priority
+        assert _read(idle_file) == "1"                                    # a cut keeps the LLM idle
         for k in range(5, 10):                                            # held at the floor 5 steps, no stall
             clock.t += 1.0
             owner(300000 * k, 500000)
             assert ctl.step() == 0.5
         clock.t += 1.0
         owner(300000 * 10, 500000)
-        assert ctl.step() == 1.0 and "from demand" in lines[-1]
+        assert ctl.step() == 1.0 and "from demand" in lines[-1] and _read(idle_file) == "1"
     clock.t += 1.0                                                        # the owner fills the host
     usage = int(_read(usage_file).split()[-1].replace("000", "", 1) if mode == "v1" else _read(usage_file).split()[1])
     owner(usage + 2000000, 500000 if psi else 0)
