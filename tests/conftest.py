@@ -138,7 +138,8 @@ def pytest_collection_modifyitems(config, items):
     """With pytest-xdist (``-n 2 --dist loadgroup``, pyproject's addopts): every test that uses the host's real
     cgroups runs on one worker, one after another, as in a serial run. They share fixed cgroup names (the
     co-tenant's ``llm_cotenant``, the service's default ``llm_service``) and some start CPU burners; the
-    other worker takes the rest."""
+    other worker takes the rest. Tests marked ``host_cgroups`` join them: they run without root too, but as
+    root they take the same names (a co-tenant started through the request generator is ``llm_cotenant``)."""
     for item in items:
-        if item.get_closest_marker("root"):
+        if item.get_closest_marker("root") or item.get_closest_marker("host_cgroups"):
             item.add_marker(pytest.mark.xdist_group("real_cgroups"))

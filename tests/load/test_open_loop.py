@@ -79,6 +79,7 @@ def _alive(pids):
 
 
 @pytest.mark.slow
+@pytest.mark.host_cgroups
 def test_cotenant_throughput_recorded_and_stopped(generate):
     _, out = generate("--antagonist", "cpu:1", "--num-requests", 4, "--max-new-tokens", 40, "--spacing-ms", 400,
                       "--timeline-interval-ms", 100)
@@ -94,6 +95,7 @@ def test_cotenant_throughput_recorded_and_stopped(generate):
 
 
 @pytest.mark.slow
+@pytest.mark.host_cgroups
 def test_cotenant_stopped_after_ctrl_c(tmp_path):
     out = tmp_path / "c.csv"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "request_generator.py"), "--tiny", "--quiet",
