@@ -167,6 +167,9 @@ class Trial:
                 raise RuntimeError(f"the load generator ran {GENERATOR_GRACE_S:g} s past its deadline")
             if rc != 0:
                 raise RuntimeError(f"the load generator failed (exit status {rc})")
+            # the generator's own CPU (outside every cgroup of the study, at the default priority): its cost
+            # to the owner is in lat-imp, not in the LLM's counters
+            record["with"]["client_cpu_s"] = (rep.read_json(f"{self.stem}_llm.json") or {}).get("client_cpu_s")
         record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         record["complete"] = True
         return record
@@ -186,7 +189,7 @@ class Harness:
         print(f"[{(time.monotonic() - self.t0) / 60:5.1f} min] {msg}", file=sys.stderr, flush=True)
 
     def quiet_log(self, msg):
-        if "warning" in msg or "error" in msg:
+        if "warning" in msg or "error" in msg or "could not" in msg:
             self.say(msg)
 
     def calibrate(self, plan_doc):

@@ -9,6 +9,7 @@ Control law, one step every --interval-ms (default 1 s):
     stall >= --stall-pct (default 5):   quota = floor, held there --hold steps (default 5)   cut hard: the owner waits
     otherwise:                          target = clamp(cpus - demand - headroom, floor, cpus)
                                         quota  = target if target <= quota, else min(target, quota + ramp)
+                                        (to 0.01 CPU: a smaller move is no change)
     idle    = cpus - demand - headroom > floor   (--idle auto: cpu.idle = 1 while the owner leaves room)
 
 headroom is --headroom-pct of the host's CPUs (default 20, the sideloader's), floor --floor-pct of one CPU
@@ -17,7 +18,8 @@ While the owner's demand leaves room above the floor, the LLM runs as SCHED_IDLE
 an owner task that wakes takes the CPU from it at once. When the owner's demand fills the host, the LLM runs
 at the default weight, so that it keeps the floor's CPU (an idle cgroup beside a busy owner gets almost none).
 --idle off keeps the weight.
-It starts at the floor. An owner cgroup that does not exist (yet) uses nothing and never stalls; one without
+It starts at the floor, idle (where the kernel has cpu.idle) until a reading of the owner's demand says
+otherwise: an owner that arrives before the first reading finds the LLM at the lowest priority. An owner cgroup that does not exist (yet) uses nothing and never stalls; one without
 cpu.pressure (pure v1) is never seen to stall; a kernel without cpu.idle keeps the weight. The quota is the LLM
 cgroup's cpu.max (v2) or cpu.cfs_quota_us (v1, hybrid); every change is one timestamped log line. It runs until
 SIGTERM or Ctrl-C (or --seconds), and leaves the last quota in place.
@@ -93,10 +95,15 @@ class Headroom:
         self.quota, self.changes = self.floor, 0
         self.idle_file = os.path.join(llm["cpu"], "cpu.idle")
         self.use_idle = idle and os.path.exists(self.idle_file)
-        self.idle = False
+        self.idle = self.use_idle                    # the owner unknown yet: the lowest priority
         write_quota(llm, self._us(self.quota), self.period_us)
         if self.use_idle:
-            cgroups.fs._write(self.idle_file, 0)
+            cgroups.fs._write(self.idle_file, 1)
+
+    @staticmethod
+    def _cents(cores):
+        """A quota at the law's resolution, 0.01 CPU: a demand that moves by less changes nothing, logs nothing."""
+        return round(cores, 2)
 
     def _us(self, cores):
         return max(1000, round(cores * self.period_us))
@@ -113,9 +120,9 @@ class Headroom:
             self.held = self.hold
         elif holding:
             self.held -= 1
-        new = self.floor if cut or holding else decide(
+        new = self.floor if cut or holding else self._cents(decide(
             self.quota, demand, stall, cpus=self.cpus, headroom=self.headroom, floor=self.floor,
-            stall_limit=self.stall_limit, ramp=self.ramp)
+            stall_limit=self.stall_limit, ramp=self.ramp))
         idle = self.idle if demand is None else (   # the owner leaves room: a cut keeps the LLM idle
             self.use_idle and self.cpus - demand - self.headroom > self.floor)
         if self._us(new) != self._us(self.quota) or idle != self.idle:
@@ -154,7 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=num(int, ge=1), default=5, help="intervals of owner use kept (default %(default)s)")
     p.add_argument("--hold", type=num(int, ge=0), default=5, help="steps at the floor after a cut (default %(default)s)")
     p.add_argument("--idle", choices=["auto", "off"], default="auto",
-                   help="auto: cpu.idle = 1 above the floor, where the kernel has it (default %(default)s)")
+                   help="auto: cpu.idle = 1 from the start and while the owner leaves room, where the kernel has it "
+                        "(default %(default)s)")
     p.add_argument("--interval-ms", type=num(ge=50), default=1000.0, help="(default %(default)s)")
     p.add_argument("--cpus", type=num(gt=0), default=None, help="the host's CPUs (default: those this process may use)")
     p.add_argument("--seconds", type=num(gt=0), default=None, help="stop after this long (default: at SIGTERM)")
@@ -175,8 +183,8 @@ def main(argv=None) -> int:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
     log(f"headroom: {a.llm} from {a.owner}, {cpus:g} CPUs, headroom {ctl.headroom:.2f} CPUs, floor {ctl.floor:.2f}, "
-        f"cut at owner stall >= {a.stall_pct:g}% (held {a.hold} steps), idle above the floor: "
-        f"{'yes' if ctl.use_idle else 'no'}")
+        f"cut at owner stall >= {a.stall_pct:g}% (held {a.hold} steps), idle while the owner leaves room: "
+        f"{'yes (idle from the start)' if ctl.use_idle else 'no'}")
     signal.signal(signal.SIGTERM, _stop)
     end = math.inf if a.seconds is None else time.monotonic() + a.seconds
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import resource
 import signal
 import sys
 import threading
@@ -121,6 +122,8 @@ class CellRun:
             self.client.close()
         self.sink.close()  # flushed to the disk before the cell can be marked complete
         meta["end_wall"] = datetime.now(timezone.utc).isoformat()
+        use = resource.getrusage(resource.RUSAGE_SELF)    # this process's own CPU: in service mode, what the
+        meta["client_cpu_s"] = round(use.ru_utime + use.ru_stime, 3)   # load generator took beside the service
         meta["counts"] = {s: sum(t["counts"].get(s, 0) for t in meta["trials"]) for s in metrics.STATUSES}
         meta["peak_in_flight"] = max((t["peak_in_flight"] for t in meta["trials"]), default=0)
         meta["complete"] = self.cell.is_complete(meta)

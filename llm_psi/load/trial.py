@@ -106,22 +106,42 @@ class Trial:
 
     def run(self) -> None:
         """Send request i at t0 + times[i] into a pool: C workers (closed loop: a request waits for a free
-        worker) or one per request up to --max-concurrency (open loop)."""
+        worker) or one per request up to --max-concurrency (open loop).
+
+        The closed loop hands the pool a request only when one of its C workers is free, so that a deep plan
+        (a saturating load of 100000 requests cut by a deadline) costs nothing up front: queued all at once,
+        it took this process seconds of CPU at the start and the end of a trial, beside whatever it measured.
+        A request's t_submit is still the time it joined the client's queue: its time in the plan, or the
+        time the loop reached it if that was later, not the time a worker came free (t_dequeue)."""
         cfg = self.cfg
-        workers = cfg.concurrency if cfg.arrival == "closed" else (cfg.max_concurrency or len(self.times))
+        closed = cfg.arrival == "closed"
+        workers = cfg.concurrency if closed else (cfg.max_concurrency or len(self.times))
         pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="worker")
+        free = threading.Semaphore(workers) if closed else None
         futures = []
         end = math.inf if cfg.deadline_s is None else cfg.deadline_s
         timer = threading.Timer(max(0.0, self.t0 + end - time.monotonic()), self._deadline)
         if cfg.deadline_s is not None:
             timer.start()
         try:
+            slot_waits = 0.0        # closed loop: the time the loop spent waiting for a free worker
             for rid, t in enumerate(self.times):
                 if t >= end:
                     self.cut = True  # the deadline ended the schedule
                 if self.cut or self.halt.wait(max(0.0, self.t0 + t - time.monotonic())):
                     break  # nothing is sent at or after the deadline
-                futures.append(pool.submit(self._one, rid, self._now()))
+                t_submit = max(t, self._now() - slot_waits) if closed else self._now()
+                if free is not None:
+                    waited = time.monotonic()
+                    while not (self.halt.is_set() or free.acquire(timeout=0.05)):
+                        pass
+                    if self.halt.is_set():
+                        break
+                    slot_waits += time.monotonic() - waited
+                fut = pool.submit(self._one, rid, t_submit)
+                if free is not None:
+                    fut.add_done_callback(lambda _f: free.release())
+                futures.append(fut)
             for fut in cf.as_completed(futures):
                 fut.result()
         except BaseException:

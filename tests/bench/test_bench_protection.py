@@ -124,6 +124,7 @@ def test_quick_smoke_run_resume_and_report_only(tmp_path):
     for name in trials:
         rec = json.load(open(os.path.join(d, "trials", name)))
         assert rec["complete"] and rec["git_commit"] and rec["with"]["llm_cpu_s"] > 0 and rec["alone"]["cpu_s"] > 0
+        assert rec["with"]["client_cpu_s"] > 0                  # the load generator's own CPU, recorded
     with open(os.path.join(d, "summary.csv")) as f:
         metrics = {r["metric"] for r in csv.DictReader(f)}
     assert {"isol_mean_pct", "isol_p01_pct", "lat_imp_p99_pct", "owner_cpu_share", "llm_work_conservation",

@@ -80,7 +80,9 @@ def test_controller_on_a_fake_tree(tmp_path, mode):
             _put(psi, PSI.format(stall_us))
     llm, own = hr.info_of("llm", root), hr.info_of("owner", root)
     ctl = hr.Headroom(llm, hr.OwnerReader(own, clock), cpus=2, log=lines.append, clock=clock)
-    assert _read(quota_file).split()[0] == "50000"                       # starts at the floor
+    assert _read(quota_file).split()[0] == "50000"                       # starts at the floor,
+    idle_file = os.path.join(os.path.dirname(quota_file), "cpu.idle")
+    assert ctl.idle == (mode != "v1") and (mode == "v1" or _read(idle_file) == "1")   # idle: the owner unknown
     assert ctl.step() == 1.0 and "from demand" in lines[-1]               # no owner cgroup yet: it uses 0
     owner(0, 0)
     assert ctl.step() == 1.5                                              # first owner reading: demand still 0
@@ -89,8 +91,11 @@ def test_controller_on_a_fake_tree(tmp_path, mode):
         owner(300000 * k, 0)
         q = ctl.step()
     assert q == pytest.approx(1.3)                                        # 2 - 0.3 - 0.4
+    said = len(lines)
+    clock.t += 1.0                                                        # a demand 0.001 CPU higher: no change
+    owner(300000 * 3 + 301000, 0)
+    assert ctl.step() == pytest.approx(1.3) and len(lines) == said
     assert _read(quota_file).split()[0] == "130000"
-    idle_file = os.path.join(os.path.dirname(quota_file), "cpu.idle")
     assert ctl.use_idle == (mode != "v1")
     if ctl.use_idle:                                                      # above the floor: SCHED_IDLE
         assert _read(idle_file) == "1" and lines[-1].split(" (")[0].endswith("CPUs, idle")
@@ -114,6 +119,24 @@ def test_controller_on_a_fake_tree(tmp_path, mode):
     if ctl.use_idle:                                                      # at the floor: the default weight
         assert _read(idle_file) == "0"
     assert all(" headroom: quota " in line and line[:4].isdigit() for line in lines)
+
+
+@pytest.mark.parametrize("mode", ["v2", "hybrid"])
+def test_an_owner_there_before_the_first_reading_finds_the_llm_idle(tmp_path, mode):
+    root, quota_file, (usage_file, usage_fmt), psi = tree(tmp_path, mode)
+    clock, lines = Clock(), []
+    llm, own = hr.info_of("llm", root), hr.info_of("owner", root)
+    os.makedirs(own["cpu"])
+    _put(usage_file, usage_fmt.format(0))
+    _put(psi, PSI.format(0))
+    ctl = hr.Headroom(llm, hr.OwnerReader(own, clock), cpus=2, log=lines.append, clock=clock)
+    idle_file = os.path.join(os.path.dirname(quota_file), "cpu.idle")
+    assert ctl.step() == 0.5 and not lines                                # one reading: no demand known yet
+    assert _read(idle_file) == "1" and _read(quota_file).split()[0] == "50000"
+    clock.t += 1.0                                                        # the owner fills the host and stalls
+    _put(usage_file, usage_fmt.format(2000000))
+    _put(psi, PSI.format(500000))
+    assert ctl.step() == 0.5 and _read(idle_file) == "0" and "owner stalls: cut" in lines[-1]
 
 
 def test_cli_help_states_the_law_and_refuses_a_missing_cgroup(tmp_path):

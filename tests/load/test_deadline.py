@@ -60,6 +60,32 @@ def test_closed_loop_deadline_cuts_the_requests_in_flight_and_sends_no_more():
     assert all(r["t_end_s"] == pytest.approx(0.3) and r["output_tokens"] == 0 for r in cut)
 
 
+def test_a_deep_closed_loop_hands_the_pool_no_more_than_its_workers(monkeypatch):
+    """A saturating plan (100000 requests cut by a deadline) is queued a request per free worker, not all at
+    once; each row's t_submit is still the plan's time (0 here), its wait for a worker in t_dequeue."""
+    import concurrent.futures as cf
+    submitted, submit = [], cf.ThreadPoolExecutor.submit
+
+    def counting(self, fn, *args, **kwargs):
+        submitted.append(args[0])
+        return submit(self, fn, *args, **kwargs)
+    monkeypatch.setattr(cf.ThreadPoolExecutor, "submit", counting)
+    import time
+
+    class Slow(Client):                                   # each answered request takes 20 ms
+        def send(self, *args):
+            time.sleep(0.02)
+            return super().send(*args)
+    cfg = RunConfig(concurrency=2, num_requests=100000, spacing_ms=0, deadline_s=0.3)
+    sink, client = Sink(), Slow(7)
+    t = Trial(cfg, client, ["a prompt"], sink, 1, threading.Event(), Bar(), [0.0] * 100000)
+    t.t0 = time.monotonic()
+    t.run()
+    assert client.sent == 9 and len(submitted) <= 9 + 2                  # 7 answered, 2 cut, at most 2 more queued
+    assert sorted(r["status"] for r in sink) == ["cut"] * 2 + ["ok"] * 7
+    assert max(r["t_submit_s"] for r in sink) < 0.01 and max(r["t_dequeue_s"] for r in sink) > 0.05
+
+
 def test_open_loop_sends_nothing_at_or_after_the_deadline():
     cfg = RunConfig(arrival="constant", rate=10, duration=2, deadline_s=0.35)
     t, rows, client = run(cfg, [i / 10 for i in range(20)], quick=100)
