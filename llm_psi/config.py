@@ -93,12 +93,11 @@ CONFIGS = {
     "share": dict(limited=False, cgroup=dict(own=True), sharing="share"),
     "share_batch": dict(limited=False, cgroup=dict(own=True), sharing="share", batching="dynamic"),
     # The protection study (issue 32, bench/protection): cpu.weight at 100 (the kernel's default, the owner's),
-    # 10 and 1 (33 is "weight" above); headroom: a cgroup of its own that starts under the paper's quota
-    # (so the engine's threads follow the floor, one on a 2-CPU host; part 2 of the study ran two threads
-    # chosen before any quota and beside the batch owner got 60 tokens/s at the floor, where the quota's one
-    # thread got 85-97: two threads under half a CPU may explain it, a guess not isolated) and whose quota the headroom controller (python -m llm_psi.control.headroom, started
-    # beside the service by the bench) then sets from the owner's CPU use plus a headroom, in the style of
-    # Meta's sideloader. One thread caps the LLM at one CPU whatever the quota.
+    # 10 and 1 (33 is "weight" above); headroom: a cgroup of its own that starts under the paper's quota, so
+    # that the engine's threads follow the floor (one on a 2-CPU host, which caps the LLM at one CPU whatever
+    # the quota), and whose quota the headroom controller (python -m llm_psi.control.headroom, started beside
+    # the service by the bench) then sets from the owner's CPU use plus a headroom, in the style of Meta's
+    # sideloader. Why it starts under the quota: docs/METHODS.md, "Protecting the owner".
     "weight100": dict(limited=False, cgroup=dict(weight=100)),
     "weight10": dict(limited=False, cgroup=dict(weight=10)),
     "weight1": dict(limited=False, cgroup=dict(weight=1)),

@@ -118,6 +118,17 @@ def fake_quota(fake_cgroupfs):
     return fake_cgroupfs.env
 
 
+@pytest.fixture(scope="module")
+def shared_server():
+    """One default `llm_server.py serve --tiny` for a module's tests that only send it requests and assert
+    nothing of its counters or its life (per module, and per xdist worker)."""
+    from helpers import Server
+    s = Server()
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
 @pytest.fixture
 def server():
     """server(*args, env=None): a started `llm_server.py serve --tiny` (helpers.Server), killed at the end."""

@@ -19,7 +19,8 @@ an owner task that wakes takes the CPU from it at once. When the owner's demand 
 at the default weight, so that it keeps the floor's CPU (an idle cgroup beside a busy owner gets almost none).
 --idle off keeps the weight.
 It starts at the floor, idle (where the kernel has cpu.idle) until a reading of the owner's demand says
-otherwise: an owner that arrives before the first reading finds the LLM at the lowest priority. An owner cgroup that does not exist (yet) uses nothing and never stalls; one without
+otherwise: an owner that arrives before the first reading finds the LLM at the lowest priority. An owner
+cgroup that does not exist (yet) uses nothing and never stalls; one without
 cpu.pressure (pure v1) is never seen to stall; a kernel without cpu.idle keeps the weight. The quota is the LLM
 cgroup's cpu.max (v2) or cpu.cfs_quota_us (v1, hybrid); every change is one timestamped log line. It runs until
 SIGTERM or Ctrl-C (or --seconds), and leaves the last quota in place.

@@ -131,7 +131,7 @@ class Trial:
                 if self.cut or self.halt.wait(max(0.0, self.t0 + t - time.monotonic())):
                     break  # nothing is sent at or after the deadline
                 t_submit = max(t, self._now() - slot_waits) if closed else self._now()
-                if free is not None:
+                if closed:
                     waited = time.monotonic()
                     while not (self.halt.is_set() or free.acquire(timeout=0.05)):
                         pass
@@ -139,7 +139,7 @@ class Trial:
                         break
                     slot_waits += time.monotonic() - waited
                 fut = pool.submit(self._one, rid, t_submit)
-                if free is not None:
+                if closed:
                     fut.add_done_callback(lambda _f: free.release())
                 futures.append(fut)
             for fut in cf.as_completed(futures):

@@ -9,16 +9,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import read_cell, run_script
-from helpers import Server
-
-
-@pytest.fixture(scope="module")
-def shared():
-    """One default service for the tests that only send it requests and assert nothing of its counters."""
-    s = Server()
-    s.wait_ready()
-    yield s
-    s.stop()
 
 
 @pytest.mark.slow
@@ -51,8 +41,8 @@ def test_completion_stream_health_and_metrics(server):
     ({"prompt": "Hi", "seed": -1}, "seed must be an integer >= 0"),
 ])
 @pytest.mark.slow
-def test_bad_requests_get_400(shared, body, message):
-    r = httpx.post(f"{shared.url}/v1/completions", json=body, timeout=30)
+def test_bad_requests_get_400(shared_server, body, message):
+    r = httpx.post(f"{shared_server.url}/v1/completions", json=body, timeout=30)
     assert r.status_code == 400 and message in r.json()["error"]["message"]
 
 
@@ -113,8 +103,8 @@ def test_disconnected_client_frees_its_slot(server, fake_quota):
 
 
 @pytest.mark.slow
-def test_generator_as_client_writes_rows(shared, tmp_path):
-    s = shared
+def test_generator_as_client_writes_rows(shared_server, tmp_path):
+    s = shared_server
     out = tmp_path / "cell.csv"
     proc = run_script("request_generator.py", "--target", s.url, "--concurrency", 2, "--num-requests", 3,
                       "--max-new-tokens", 5, "--quiet", "--output", out)
@@ -130,8 +120,8 @@ def test_generator_as_client_writes_rows(shared, tmp_path):
 
 
 @pytest.mark.slow
-def test_generator_refuses_a_service_of_another_config(shared, tmp_path):
-    s = shared
+def test_generator_refuses_a_service_of_another_config(shared_server, tmp_path):
+    s = shared_server
     proc = run_script("request_generator.py", "--target", s.url, "--config", "psi", "--num-requests", 1,
                       "--quiet", "--output", tmp_path / "c.csv")
     assert proc.returncode == 2 and "serves config 'baseline', not 'psi'" in proc.stderr

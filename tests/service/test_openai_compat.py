@@ -17,11 +17,8 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
-def svc():
-    s = Server()
-    s.wait_ready()
-    yield s
-    s.stop()
+def svc(shared_server):
+    return shared_server
 
 
 def post(s, body, **kw):
