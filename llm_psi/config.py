@@ -102,9 +102,13 @@ CONFIGS = {
     "weight10": dict(limited=False, cgroup=dict(weight=10)),
     "weight1": dict(limited=False, cgroup=dict(weight=1)),
     "headroom": dict(limited=True, cgroup=dict(own=True)),
+    # pinned: `idle` confined to the host's last CPU (a cpuset), so that the owner has a CPU the LLM never
+    # runs on: a diagnosis more than a candidate (it caps the LLM at one CPU); beside `idle` it separates
+    # what sharing a CPU costs the owner from what sharing the rest of the machine (caches, memory) does.
+    "pinned": dict(limited=False, cgroup=dict(idle=True, cpus="last")),
 }
 
-CGROUP_KEYS = ("weight", "idle", "burst_us", "own")  # what a preset's ``cgroup`` may name
+CGROUP_KEYS = ("weight", "idle", "burst_us", "own", "cpus")  # what a preset's ``cgroup`` may name
 
 # Varied prompts of 27-41 characters, as in the paper.
 PROMPTS = [
@@ -134,7 +138,7 @@ def preset(label: str) -> dict:
 def cgroup_settings(label: str) -> dict:
     """The kernel's sharing controls ``label`` presets for the service cgroup: weight (cpu.weight), idle
     (cpu.idle), burst_us (the quota's burst), own (it needs a cgroup of its own: its controller writes the
-    cgroup's quota); {} for none or an unknown label."""
+    cgroup's quota), cpus (a cpuset: a CPU list, or "last"); {} for none or an unknown label."""
     return dict(CONFIGS.get(label, {}).get("cgroup", {}))
 
 

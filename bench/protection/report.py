@@ -17,7 +17,8 @@ from llm_psi.analysis import metrics, protection, stats
 from llm_psi.load import arrivals
 from llm_psi.load import owner as owners
 
-CONFIGS = ("baseline", "cgroups", "weight100", "weight", "weight10", "weight1", "idle", "burst", "share", "headroom")
+CONFIGS = ("baseline", "cgroups", "weight100", "weight", "weight10", "weight1", "idle", "pinned", "burst", "share",
+           "headroom")
 OWNERS = ("interactive", "batch")
 LOADS = ("idle", "interactive", "saturated")
 METRICS = ("isol_mean_pct", "isol_p01_pct", "lat_imp_p50_pct", "lat_imp_p99_pct", "lat_imp_p99_pooled_pct",

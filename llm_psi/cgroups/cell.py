@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 
+from llm_psi.cgroups import cpuset
 from llm_psi.cgroups.fs import (CELL_ENV, CgroupError, _read, _root, _write, cgroup_dirs, cgroup_info, check_sharing,
                                 counter_delta, detect_mode, procs, read_counters, read_limits, read_sharing,
                                 weight_to_shares)
@@ -265,9 +266,10 @@ def merge_meta(path, record, log):
 
 
 
-def run(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, cmd, meta=None, log=print, **sharing):
+def run(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, cmd, meta=None, log=print, cpus=None, **sharing):
     """Run cmd inside a fresh cgroup `name` (None limits: unlimited; sharing: create()'s cpu_weight, cpu_idle,
-    cpu_burst_us); tear down on every exit path. Returns exit status.
+    cpu_burst_us; cpus: a CPU list that the cgroup is pinned to, cpuset.pin); tear down on every exit path.
+    Returns exit status.
 
     SIGINT/SIGTERM/SIGHUP are forwarded to cmd (started in its own process group, with
     $CGROUP_LIB_CELL=name); after STOP_GRACE_S whatever is left in the cgroup is killed, the cgroup
@@ -291,10 +293,12 @@ def run(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, cmd, meta=None, lo
         info, created = create(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, log=log,
                                stop_orphans=True, **sharing)
         try:
+            if cpus:
+                created += cpuset.pin(info, name, cpus)
             limits, shares = read_limits(info), read_sharing(info)
             log(f"cgroup: {info['mode']} {name}: cpu {limits['cpu_quota_us'] or 'max'}/"
                 f"{limits['cpu_period_us']} us, memory {limits['memory_max_bytes'] or 'max'} bytes"
-                f"{describe_sharing(shares)}")
+                f"{describe_sharing(shares)}{f', cpus {cpus}' if cpus else ''}")
             before, t0 = read_counters(info), time.monotonic()
             if not received:
                 try:
@@ -315,7 +319,7 @@ def run(name, cpu_quota_pct, cpu_period_us, memory_max_bytes, cmd, meta=None, lo
                 time.sleep(0.1)
             if child is not None and child.poll() is not None:
                 record = {"mode": info["mode"], "name": name, "dirs": created, "limits": limits,
-                          "sharing": shares, "counters": counter_delta(before, read_counters(info)),
+                          "sharing": shares, "cpus": cpus, "counters": counter_delta(before, read_counters(info)),
                           "wall_s": round(time.monotonic() - t0, 3), "exit_status": child.returncode,
                           "stopped_by": signal.Signals(received[0][0]).name if received else None}
                 merge_meta(meta, record, log)
@@ -343,8 +347,10 @@ def cleanup(name, root=None, log=print):
     held = lock(name)
     try:
         root = _root(root)
-        info = cgroup_info(detect_mode(root), root, name, name, name)
-        present = [d for d in cgroup_dirs(info) if os.path.isdir(d)]
+        mode = detect_mode(root)
+        info = cgroup_info(mode, root, name, name, name)
+        pinned = [] if mode == "v2" else [os.path.join(root, "cpuset", name)]   # run(cpus=...)'s v1 cpuset
+        present = [d for d in cgroup_dirs(info) + pinned if os.path.isdir(d)]
         if present:
             log(f"cgroup: cleaning up {', '.join(present)}")
             remove(present, log)

@@ -2,8 +2,9 @@
 
   cgroup_lib.py detect
   cgroup_lib.py run --name llm_service --cpu-quota 50 --cpu-period-us 100000 --memory-max 4G
-                    [--cpu-weight N | --cpu-idle] [--cpu-burst-us N] [--meta CELL.json] -- CMD...
-  cgroup_lib.py run --name llm_service --unlimited [--cpu-weight N | --cpu-idle] [--meta CELL.json] -- CMD...
+                    [--cpu-weight N | --cpu-idle] [--cpu-burst-us N] [--cpus LIST] [--meta CELL.json] -- CMD...
+  cgroup_lib.py run --name llm_service --unlimited [--cpu-weight N | --cpu-idle] [--cpus LIST] [--meta CELL.json]
+                    -- CMD...
   cgroup_lib.py cleanup --name llm_service
 
 Bad numbers or arguments: one line `cgroup_lib.py ...: error: ...` on stderr, exit status 2.
@@ -13,6 +14,7 @@ import os
 import sys
 
 from llm_psi.cgroups.cell import cleanup, run
+from llm_psi.cgroups.cpuset import parse_cpus
 from llm_psi.cgroups.fs import MAX_WEIGHT, CgroupError, check_sharing, describe_mode, parse_bytes
 from llm_psi.cli import OneLineParser, finite_number
 
@@ -25,6 +27,19 @@ def _memory_size(text):
         raise argparse.ArgumentTypeError("must be > 0 bytes or max, got '0'")
     return size
 
+
+
+def _cpu_list(text):
+    """A CPU list ('1', '0-2,5') of CPUs this process may use, as given; one line otherwise."""
+    try:
+        want = parse_cpus(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    missing = sorted(set(want) - os.sched_getaffinity(0))
+    if missing:
+        raise argparse.ArgumentTypeError(f"CPU {missing[0]} is not among this process's CPUs "
+                                         f"({','.join(map(str, sorted(os.sched_getaffinity(0))))})")
+    return text.strip()
 
 
 def main(argv=None):
@@ -55,6 +70,9 @@ def main(argv=None):
                        help="unused quota the cgroup may carry over into a later period, in microseconds, at most "
                             "the quota: v2 cpu.max.burst, v1 cpu.cfs_burst_us (Linux >= 5.14; needs a quota, so "
                             "not with --unlimited; default: none)")
+    p_run.add_argument("--cpus", type=_cpu_list, default=None, metavar="LIST",
+                       help="pin the cgroup to these CPUs (cpuset; e.g. 1 or 0-2,5): v2 cpuset.cpus of the cgroup, "
+                            "v1 and hybrid a cpuset cgroup of the same name (default: every CPU, untouched)")
     p_run.add_argument("--meta", help="cell JSON that the command writes: append the cell's counters to its list "
                        "'cgroup_runs' when the command ends (a missing file is reported, not made)")
     p_run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command to run, after --")
@@ -84,7 +102,7 @@ def main(argv=None):
         quota, memory = (None, None) if args.unlimited else (
             getattr(args, "cpu_quota", 50.0), getattr(args, "memory_max", 4 << 30))
         return run(args.name, quota, args.cpu_period_us, memory, cmd, args.meta, log, cpu_weight=args.cpu_weight,
-                   cpu_idle=args.cpu_idle, cpu_burst_us=args.cpu_burst_us)
+                   cpu_idle=args.cpu_idle, cpu_burst_us=args.cpu_burst_us, cpus=args.cpus)
     except CgroupError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2

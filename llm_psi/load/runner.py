@@ -76,7 +76,7 @@ class Stopped(Exception):
 
 def wrap(cmd, limited, *, name=config.CGROUP_NAME, meta=None, quota=config.CPU_QUOTA_PCT,
          period_us=config.CPU_PERIOD_US, memory_max=config.MEMORY_MAX, root=None, python=None,
-         cpu_weight=None, cpu_idle=False, cpu_burst_us=None, own=False):
+         cpu_weight=None, cpu_idle=False, cpu_burst_us=None, own=False, cpus=None):
     """argv that runs cmd in a cgroup made for it by `cgroup_lib.py run`: limited (a bool, or a config label
     whose config.is_limited() and config.cgroup_settings() preset this and the sharing controls) under the
     quota, period and memory limit; otherwise, as root (root=None: this process's euid), in an --unlimited
@@ -89,10 +89,12 @@ def wrap(cmd, limited, *, name=config.CGROUP_NAME, meta=None, quota=config.CPU_Q
         cpu_idle = cpu_idle or bool(preset.get("idle"))
         cpu_burst_us = preset.get("burst_us") if cpu_burst_us is None else cpu_burst_us
         own = own or bool(preset.get("own"))
+        cpus = preset.get("cpus") if cpus is None else cpus
         limited = config.is_limited(limited)
     sharing = ((["--cpu-weight", str(cpu_weight)] if cpu_weight is not None else [])
                + (["--cpu-idle"] if cpu_idle else [])
-               + (["--cpu-burst-us", str(cpu_burst_us)] if cpu_burst_us is not None else []))
+               + (["--cpu-burst-us", str(cpu_burst_us)] if cpu_burst_us is not None else [])
+               + (["--cpus", _cpus(cpus)] if cpus is not None else []))
     root = os.geteuid() == 0 if root is None else root
     if not limited and not root and not sharing and not own:
         return list(cmd)
@@ -100,6 +102,11 @@ def wrap(cmd, limited, *, name=config.CGROUP_NAME, meta=None, quota=config.CPU_Q
               if limited else ["--unlimited"])
     return [python or sys.executable, os.path.join(REPO, "cgroup_lib.py"), "run", "--name", name, *limits,
             *sharing, *(["--meta", meta] if meta else []), "--", *cmd]
+
+
+def _cpus(value) -> str:
+    """A preset's CPU list: 'last' is the highest CPU this process may use; anything else as given."""
+    return str(max(os.sched_getaffinity(0))) if value == "last" else str(value)
 
 
 def _number(value):

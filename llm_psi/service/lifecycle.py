@@ -54,9 +54,22 @@ def check_limits(label: str) -> None:
     wanted = {"weight": ("cpu_weight", settings.get("weight")), "idle": ("cpu_idle", 1 if settings.get("idle") else None),
               "burst_us": ("cpu_burst_us", settings.get("burst_us"))}
     missing = [f"{key} {want}" for key, (field, want) in wanted.items() if want is not None and got.get(field) != want]
+    if settings.get("cpus") is not None and not _pinned_as(settings["cpus"]):
+        missing.append(f"cpus {settings['cpus']}")
     if missing or (settings and own is None):
         why = f"its cgroup lacks {', '.join(missing)}" if missing else "it runs in no cgroup made for it"
         raise UsageError(f"config {label!r} needs a cgroup of its own with {settings}, but {why}; {how}")
+
+
+def _pinned_as(cpus) -> bool:
+    """True if this process may run on exactly the CPUs of a preset's list ('last': on one CPU, the last of
+    those its starter could use, which this process cannot see)."""
+    import os
+    have = sorted(os.sched_getaffinity(0))
+    if cpus == "last":
+        return len(have) == 1
+    from llm_psi.cgroups.cpuset import parse_cpus
+    return have == parse_cpus(str(cpus))
 
 
 def build_admission(cfg: ServiceConfig, read=None):

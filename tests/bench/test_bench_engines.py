@@ -134,6 +134,19 @@ def test_capacity_search_doubles_then_bisects(true_capacity, expected, probes):
     assert cap == expected and tried == probes and len(rows) == len(probes)
 
 
+def test_capacity_ratio_pairs_trial_k_of_each_engine():
+    """The paired ratio is the mean of trial-by-trial ratios (not the ratio of means), a zero trial left out."""
+    mean, lo, hi, n = engines_capacity.paired_ratio([2.0, 6.0, 3.0], [1.0, 4.0, 0.0])
+    assert n == 2 and mean == pytest.approx(1.75) and lo < 1.75 < hi
+    args = SimpleNamespace(capacity_config="batch", capacity_requests=40, capacity_tokens=20, slo="ttft:1,e2e:2",
+                           capacity_start_rps=1.0, capacity_bisections=3, capacity_max_rps=64.0)
+    caps = [dict(engine=e, slo="s", capacity_rps=sum(v) / 3, ci_lo=0.0, ci_hi=9.0, n_trials=3, capped=0,
+                 constrained=True, trials=v) for e, v in (("ours", [2.0, 4.0, 3.0]), ("ours-ort", [3.0, 6.0, 4.5]))]
+    text = "\n".join(engines_capacity.table(args, caps))
+    assert "trial by trial (trial k of each, run in turn): mean ratio 1.50x, 95% t-interval 1.50–1.50 over 3 pairs" \
+        in text
+
+
 def test_capacity_service_options_are_the_preset_with_the_engine():
     """Under the quota, the label; without it (a limited label refuses to run there), the preset's options."""
     from llm_psi.service.server import parse_serve

@@ -180,7 +180,8 @@ def test_own_cell_cgroup(monkeypatch):
     (["--cpu-period-us", "0"], "--cpu-period-us"), (["--cpu-period-us", "nan"], "--cpu-period-us"),
     (["--memory-max", "-1G"], "--memory-max"), (["--memory-max", "0"], "--memory-max"),
     (["--memory-max", "nan"], "--memory-max"), (["--unlimited", "--cpu-quota", "50"], "--unlimited"),
-    (["--unlimited", "--memory-max", "max"], "--unlimited")])
+    (["--unlimited", "--memory-max", "max"], "--unlimited"), (["--cpus", "one"], "--cpus"),
+    (["--cpus", "1-"], "--cpus"), (["--cpus", "4096"], "--cpus")])
 def test_cli_rejects_bad_numbers_in_one_line(v2, args, flag):
     p = subprocess.run([sys.executable, LIB, "run", "--name", "svc", *args, "--", "true"], capture_output=True,
                        text=True, timeout=30, env=dict(os.environ, CGROUP_ROOT=v2))
@@ -430,6 +431,38 @@ def test_real_child_ignoring_signals_is_killed(real_cleanup):
     assert p.returncode == -signal.SIGTERM
     assert "via cgroup.kill" in err or "sending SIGKILL" in err     # cgroup.kill: v2 and hybrid, kernel >= 5.14
     assert time.monotonic() - t0 < cgroups.STOP_GRACE_S + 10
+
+
+@real
+def test_real_cpus_pin_the_cell_and_go_with_it(tmp_path, real_cleanup):
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs to tell a pinned cell from an unpinned one")
+    meta = tmp_path / "cell.json"
+    meta.write_text("{}")
+    mode = cgroups.detect_mode(REAL)
+    pinned_dir = os.path.join(REAL, "cpuset", NAME)       # v1 and hybrid: a cpuset cgroup of the cell's name
+    p = _runner(sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))", meta=meta,
+                limits=["--unlimited", "--cpu-idle", "--cpus", str(cpus[-1])])
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert out.strip() == f"[{cpus[-1]}]"
+    assert f"idle, cpus {cpus[-1]}" in err
+    rec = json.loads(meta.read_text())["cgroup_runs"][0]
+    assert rec["cpus"] == str(cpus[-1]) and rec["sharing"]["cpu_idle"] == 1
+    assert (pinned_dir in rec["dirs"]) == (mode != "v2")
+    assert not os.path.exists(pinned_dir) and not any(os.path.exists(d) for d in _real_dirs())
+
+
+@real
+def test_real_cleanup_removes_a_leftover_cpuset(real_cleanup):
+    if cgroups.detect_mode(REAL) == "v2":
+        pytest.skip("v2 pins the cell's own cgroup: no cpuset cgroup to leave behind")
+    pinned_dir = os.path.join(REAL, "cpuset", NAME)
+    os.mkdir(pinned_dir)
+    p = subprocess.run([sys.executable, LIB, "cleanup", "--name", NAME], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert not os.path.exists(pinned_dir) and f"cleaning up {pinned_dir}" in p.stderr
 
 
 @real

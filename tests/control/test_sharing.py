@@ -115,6 +115,9 @@ def test_wrap_applies_a_configs_cgroup_settings():
     assert tail("share", False)[2:] == ["--unlimited", "--", "x"]
     assert tail("baseline", False) == ["x"]
     assert "--cpu-weight" in runner.wrap(["x"], False, root=True, cpu_weight=5)
+    last = str(max(os.sched_getaffinity(0)))
+    assert tail("pinned", False)[2:] == ["--unlimited", "--cpu-idle", "--cpus", last, "--", "x"]
+    assert tail("idle", True)[-4:] == ["--unlimited", "--cpu-idle", "--", "x"]       # no cpuset unless asked
 
 
 def test_check_limits_refuses_a_weight_config_outside_its_cgroup(fake_cgroupfs):
@@ -126,6 +129,18 @@ def test_check_limits_refuses_a_weight_config_outside_its_cgroup(fake_cgroupfs):
     with pytest.raises(UsageError, match="no cgroup made for it"):   # the weight, but not a cell of its own
         lifecycle.check_limits("weight")
     lifecycle.check_limits("baseline")
+
+
+def test_check_limits_refuses_pinned_unless_on_one_cpu(fake_cgroupfs, monkeypatch):
+    from llm_psi.cli import UsageError
+    from llm_psi.service import lifecycle
+    (fake_cgroupfs.own / "cpu.idle").write_text("1\n")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    with pytest.raises(UsageError, match="lacks cpus last"):
+        lifecycle.check_limits("pinned")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
+    with pytest.raises(UsageError, match="no cgroup made for it"):   # pinned, but not in a cell of its own
+        lifecycle.check_limits("pinned")
 
 
 # ---- the probe co-tenant and its schedule ----------------------------------------------------------------
