@@ -194,26 +194,41 @@ class Harness:
 
     def calibrate(self, plan_doc):
         """The paper's quota's capacity alone (cgroups, closed loop at the saturating depth): the interactive
-        load's rate is --llm-fraction of it, and its tokens/s the LLM's promise beside a saturating owner."""
-        if self.rate is not None or "quota_capacity_rps" in plan_doc:
-            self.rate = self.rate or plan_doc["rate_rps"]
-            return
-        trial = Trial(self, "cgroups", "calibration", "saturated", 0)
-        trial.stem = os.path.join(self.a.results_dir, "calibration")
-        self.say(f"calibration: cgroups alone, closed loop c={self.a.saturate_concurrency}, {self.a.with_s:g} s")
+        load's rate is --llm-fraction of it, and its tokens/s the LLM's promise beside a saturating owner.
+        Then the LLM alone without a limit (baseline, the same load): the CPU it can use at all, the ceiling
+        of its work conservation beside an owner."""
+        if self.rate is None and "quota_capacity_rps" not in plan_doc:
+            rps, tps, _ = self._alone("cgroups", "calibration")
+            self.rate = self.a.llm_fraction * rps
+            plan_doc.update(quota_capacity_rps=rps, quota_tokens_per_s=tps, rate_rps=self.rate)
+            self.say(f"calibration: {rps:.3f} req/s, {tps:.1f} tokens/s; interactive load {self.rate:.3f} req/s")
+        self.rate = self.rate or plan_doc["rate_rps"]
+        if self.a.llm_rate is None and "llm_alone_cpu_per_s" not in plan_doc:
+            rps, tps, cpu = self._alone("baseline", "calibration_alone")
+            plan_doc.update(llm_alone_rps=rps, llm_alone_tokens_per_s=tps, llm_alone_cpu_per_s=cpu)
+            self.say(f"calibration: no limit, alone: {rps:.3f} req/s, {tps:.1f} tokens/s, {cpu:.3f} CPU-s/s")
+
+    def _alone(self, config, name):
+        """The LLM alone under ``config``, the saturating closed loop for --with-s: (req/s, tokens/s, the
+        service cgroup's CPU-seconds per second over the load)."""
+        trial = Trial(self, config, "calibration", "saturated", 0)
+        trial.stem = os.path.join(self.a.results_dir, name)
+        self.say(f"calibration: {config} alone, closed loop c={self.a.saturate_concurrency}, {self.a.with_s:g} s")
         try:
             trial.start_service()
+            llm = info_of(self.a.cgroup_name)
+            before, t0 = _counters(llm), time.monotonic()
             trial.start_generator(self.a.with_s)
             if trial.generator.wait(self.a.with_s + GENERATOR_GRACE_S) != 0:
                 raise RuntimeError("calibration: the load generator failed")
+            usage = (cgroups.counter_delta(before, _counters(llm)) or {}).get("usage_usec")
+            seconds = time.monotonic() - t0
         finally:
             trial.close()
         rps, tps = rep.llm_rates(trial.stem + "_llm.csv", self.a.with_s)
         if not rps > 0:
-            raise RuntimeError("calibration: no request finished")
-        self.rate = self.a.llm_fraction * rps
-        plan_doc.update(quota_capacity_rps=rps, quota_tokens_per_s=tps, rate_rps=self.rate)
-        self.say(f"calibration: {rps:.3f} req/s, {tps:.1f} tokens/s; interactive load {self.rate:.3f} req/s")
+            raise RuntimeError(f"calibration ({config}): no request finished")
+        return rps, tps, None if usage is None else round(usage / 1e6 / seconds, 4)
 
     def run_trials(self, runs):
         a, done = self.a, 0

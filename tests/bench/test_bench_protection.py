@@ -116,9 +116,13 @@ def test_one_line_errors(tmp_path, capsys):
 def test_quick_smoke_run_resume_and_report_only(tmp_path):
     d = str(tmp_path / "p")
     args = ["--tiny", "--quick", "--results-dir", d, "--configs", "headroom", "--owners", "interactive,batch",
-            "--loads", "interactive", "--trials", "1", "--llm-rate", "2"]
+            "--loads", "interactive", "--trials", "1"]
     p = run_script("bench.protection", *args, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
+    plan = json.load(open(os.path.join(d, "plan.json")))      # both calibrations: the quota's, and no limit's
+    assert plan["quota_capacity_rps"] > 0 and plan["rate_rps"] == pytest.approx(0.5 * plan["quota_capacity_rps"])
+    assert plan["llm_alone_tokens_per_s"] > 0 and 0 < plan["llm_alone_cpu_per_s"] <= len(os.sched_getaffinity(0))
+    assert os.path.exists(os.path.join(d, "calibration_alone_llm.csv"))
     trials = sorted(f for f in os.listdir(os.path.join(d, "trials")) if f.endswith("_t1.json"))
     assert trials == ["headroom_batch_interactive_t1.json", "headroom_interactive_interactive_t1.json"]
     for name in trials:
