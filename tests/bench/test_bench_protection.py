@@ -115,8 +115,11 @@ def test_one_line_errors(tmp_path, capsys):
 @real_cgroups
 def test_quick_smoke_run_resume_and_report_only(tmp_path):
     d = str(tmp_path / "p")
+    service = f"llm_ptest_service_{os.getpid()}"
     args = ["--tiny", "--quick", "--results-dir", d, "--configs", "headroom", "--owners", "interactive,batch",
-            "--loads", "interactive", "--trials", "1"]
+            "--loads", "interactive", "--trials", "1",
+            # names of its own: the co-tenant tests on the other worker lock the default llm_cotenant
+            "--owner-cgroup", f"llm_ptest_owner_{os.getpid()}", "--cgroup-name", service]
     p = run_script("bench.protection", *args, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     plan = json.load(open(os.path.join(d, "plan.json")))      # both calibrations: the quota's, and no limit's
@@ -137,7 +140,7 @@ def test_quick_smoke_run_resume_and_report_only(tmp_path):
     # batch owner, which takes the whole host, the quota may rightly stay at its floor for the whole trial)
     logs = [open(os.path.join(d, "trials", f"headroom_{o}_interactive_t1_headroom.log")).read()
             for o in ("batch", "interactive")]
-    assert all("headroom: llm_service from" in log for log in logs) and any("headroom: quota" in log for log in logs)
+    assert all(f"headroom: {service} from" in log for log in logs) and any("headroom: quota" in log for log in logs)
     first = open(os.path.join(d, "summary.csv"), "rb").read()
     p = run_script("bench.protection", "--report-only", "--results-dir", d)
     assert p.returncode == 0 and open(os.path.join(d, "summary.csv"), "rb").read() == first
