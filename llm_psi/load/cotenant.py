@@ -100,6 +100,21 @@ def _signal_group(pgid, sig):
         pass
 
 
+def _wait_stopped(pids, timeout_s=1.0):
+    """Wait (at most timeout_s) until every pid is stopped (state T), gone, or a zombie."""
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                break
+            if state in "TtZX":
+                break
+            time.sleep(0.002)
+
+
 class Cotenant:
     """A co-tenant in a sibling cgroup `name`: start(), units(), cpu_usage_s(), stop(), describe()."""
 
@@ -185,6 +200,7 @@ class Cotenant:
         if self.state == "running" and not self.paused:
             for p in self.procs:
                 _signal_group(p.pid, signal.SIGSTOP)
+            _wait_stopped([p.pid for p in self.procs])   # SIGSTOP is asynchronous: off means off on return
             self.paused = True
 
     def resume(self):

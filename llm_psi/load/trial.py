@@ -215,7 +215,8 @@ class Schedule:
 
     def __init__(self, text, tenant, t0):
         from llm_psi.analysis import phases
-        self.items, self.tenant, self.t0 = phases.boundaries(phases.parse_schedule(text)), tenant, t0
+        self.schedule = phases.parse_schedule(text)
+        self.items, self.tenant, self.t0 = phases.boundaries(self.schedule), tenant, t0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cotenant-schedule", daemon=True)
 
@@ -229,6 +230,14 @@ class Schedule:
         (self.tenant.resume if self.items[0][1] == "on" else self.tenant.pause)()  # before the first request
         self._thread.start()
         return self
+
+    def wait_to_end(self, halt, deadline_s=None):
+        """Block until the schedule's last item has run its seconds (or the trial's deadline, or halt): a trial
+        whose requests end early still observes every phase of the co-tenant's schedule."""
+        end = sum(secs for _, secs in self.schedule)
+        if deadline_s is not None:
+            end = min(end, deadline_s)
+        halt.wait(max(0.0, self.t0 + end - time.monotonic()))
 
     def stop(self):
         self._stop.set()
@@ -253,11 +262,14 @@ def run_trial(cfg: RunConfig, client, prompts, sink, trial: int, stop, probe, te
         schedule = (Schedule(cfg.antagonist_schedule, tenant, t.t0).start()
                     if tenant is not None and cfg.antagonist_schedule else None)
         probe_start = tenant.probe_records()[1] if tenant is not None else 0
+        t._probe_at = probe_start   # the timeline, like the summary, starts at this trial's first record
         sampler.start()
         if tenant_rate is not None:
             tenant_rate.start()
         try:
             t.run()
+            if schedule is not None:
+                schedule.wait_to_end(t.halt, cfg.deadline_s)
             record["complete"] = True
         finally:
             sampler.stop()

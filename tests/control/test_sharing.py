@@ -209,8 +209,8 @@ def test_probe_cotenant_records_delays_and_pauses(fake_cgroupfs):
             time.sleep(0.05)
         assert co.probe_records()[1] >= 5
         co.pause()
-        time.sleep(0.3)
-        n, units = co.probe_records()[1], co.units()
+        n, units = co.probe_records()[1], co.units()      # on return every process is stopped: nothing after
+        assert {open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] for p in co.procs} == {"T"}
         time.sleep(0.3)
         assert co.probe_records()[1] == n and co.units() == units      # stopped: no work, no records
         co.resume()
@@ -421,6 +421,17 @@ def test_a_probe_cell_records_its_delays_in_json_and_timeline(generate, fake_cgr
     schedule = phases.parse_schedule("off:1,on:2")
     with_phase = samples[[phases.phase_of(t, schedule) == "with" for t in samples["t_s"]]]
     assert probe.percentile(list(with_phase["delay_ms"]), 99) == pytest.approx(co["probe_phases"]["with"]["delay_p99_ms"])
+
+
+@pytest.mark.slow
+def test_a_trial_lasts_its_whole_schedule_however_few_its_requests(generate, fake_cgroupfs):
+    from conftest import read_cell
+    _, out = generate("--num-requests", "1", "--max-new-tokens", "2", "--antagonist", "cpu:1",
+                      "--antagonist-schedule", "off:1,on:1.5")
+    _, meta = read_cell(out)
+    assert meta["trials"][0]["complete"] and meta["trials"][0]["wall_s"] >= 2.5   # one request, then the schedule
+    tl = pd.read_csv(str(out)[:-4] + "_timeline.csv")
+    assert set(tl["cotenant_on"]) == {0, 1} and tl["t_s"].max() >= 2.2
 
 
 def test_a_cells_probe_samples_belong_to_the_cell(tmp_path):
