@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(g, "--antagonist-quota", type=finite_number(float, gt=0),
          help="its CPU quota, percent of one CPU (None: unlimited)")
     _opt(g, "--antagonist-schedule", help="'off:45,on:60,off:45': seconds off and on from each trial's start "
-                                          "(paused with SIGSTOP while off; the last state stays; a trial lasts at least the schedule; None: always on)")
+                                          "(paused with SIGSTOP while off; the last state stays; a trial lasts "
+                                          "at least the schedule; None: always on)")
     g = p.add_argument_group("requests")
     _opt(g, "--max-new-tokens", type=COUNT, help="exact tokens per request")
     g.add_argument("--prompts", dest="prompts_file", default=None, help="file with one prompt per line "

@@ -215,8 +215,9 @@ class Schedule:
 
     def __init__(self, text, tenant, t0):
         from llm_psi.analysis import phases
-        self.schedule = phases.parse_schedule(text)
-        self.items, self.tenant, self.t0 = phases.boundaries(self.schedule), tenant, t0
+        schedule = phases.parse_schedule(text)
+        self.items, self.tenant, self.t0 = phases.boundaries(schedule), tenant, t0
+        self.length_s = sum(secs for _, secs in schedule)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cotenant-schedule", daemon=True)
 
@@ -234,9 +235,7 @@ class Schedule:
     def wait_to_end(self, halt, deadline_s=None):
         """Block until the schedule's last item has run its seconds (or the trial's deadline, or halt): a trial
         whose requests end early still observes every phase of the co-tenant's schedule."""
-        end = sum(secs for _, secs in self.schedule)
-        if deadline_s is not None:
-            end = min(end, deadline_s)
+        end = self.length_s if deadline_s is None else min(self.length_s, deadline_s)
         halt.wait(max(0.0, self.t0 + end - time.monotonic()))
 
     def stop(self):

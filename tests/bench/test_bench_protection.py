@@ -118,7 +118,7 @@ def test_quick_smoke_run_resume_and_report_only(tmp_path):
     service = f"llm_ptest_service_{os.getpid()}"
     args = ["--tiny", "--quick", "--results-dir", d, "--configs", "headroom", "--owners", "interactive,batch",
             "--loads", "interactive", "--trials", "1",
-            # names of its own: the co-tenant tests on the other worker lock the default llm_cotenant
+            # names of its own, so that its last check sees only its own cgroups
             "--owner-cgroup", f"llm_ptest_owner_{os.getpid()}", "--cgroup-name", service]
     p = run_script("bench.protection", *args, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
