@@ -10,7 +10,9 @@ In one run, on one thread (torch, OpenMP, MKL, ONNX Runtime and CTranslate2 all 
 - engines: ``ours`` (the decode loop at batch 1, the continuous-batching engine above it at b > 1: b requests
   queued at once with ``BatchEngine.generate_many``, so that they prefill together and decode in step, as
   the peers' static batch; until 2026-12-07 b threads released by a barrier submitted them, and the
-  scheduler, woken by the first, ran it alone for a step before the others joined), ``ours-ort`` (the same with ONNX Runtime as the forward, ``--engine ort``), ``hf-generate``
+  scheduler, woken by the first, ran it alone for a step before the others joined), ``ours-ort`` (the same
+  with ONNX Runtime as the forward, ``--engine ort``, its KV cache updated in place), ``ours-ort-concat``
+  (the same, the cache concatenated per step, as until 2026-12-07), ``hf-generate``
   (Hugging Face ``generate()`` on a static batch), ``onnxruntime`` (past KV) and ``ctranslate2``, all on
   our seeded GPT-2 weights (``llm_psi.engine.peers``; their packages come from
   bench/requirements-peers.txt, and a peer that is missing is skipped with the reason; the saved and
@@ -58,7 +60,8 @@ from llm_psi import REPO
 from llm_psi.cli import OneLineParser, finite_number, int_list, word_list
 
 PROG = "python -m bench.engines"
-ENGINES = ("ours", "ours-ort", "hf-generate", "onnxruntime", "ctranslate2")
+ENGINES = ("ours", "ours-ort", "ours-ort-concat", "hf-generate", "onnxruntime", "ctranslate2")
+TABLE = tuple(e for e in ENGINES if e != "ours-ort-concat")   # the table's engines; the old cache for --pair
 OURS = [("float32", "none"), ("bfloat16", "none"), ("float32", "int8")]
 OURS_ORT = [("float32", "none"), ("float32", "int8")]   # our engine on ONNX Runtime's forward (--engine ort)
 PROMPT = "Explain the theory of relativity."
@@ -72,8 +75,8 @@ class Skip(Exception):
 
 def build_parser():
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engines", type=word_list(ENGINES), default=list(ENGINES), metavar="LIST",
-                   help=f"engines to measure (default: {' '.join(ENGINES)})")
+    p.add_argument("--engines", type=word_list(ENGINES), default=list(TABLE), metavar="LIST",
+                   help=f"engines to measure, of {' '.join(ENGINES)} (default: {' '.join(TABLE)})")
     p.add_argument("--batches", type=int_list, metavar="LIST", help="batch sizes (default: 1 8 16 32)")
     p.add_argument("--tokens", type=finite_number(int, ge=1), help="new tokens per sequence (default: 50)")
     p.add_argument("--repeats", type=finite_number(int, ge=1), help="timed runs per row, the median kept (default: 3)")
@@ -102,7 +105,7 @@ def log(args, text):
 
 def settings(engines) -> list[tuple[str, str, str]]:
     from llm_psi.engine.peers import SETTINGS
-    table = {"ours": OURS, "ours-ort": OURS_ORT}
+    table = {"ours": OURS, "ours-ort": OURS_ORT, "ours-ort-concat": OURS_ORT}
     return [(e, d, q) for e in engines for d, q in table.get(e) or SETTINGS[e]]
 
 
@@ -112,10 +115,11 @@ def timed(fn):
     return n, time.monotonic() - wall0, time.process_time() - cpu0
 
 
-def our_engine(tiny: bool, dtype: str, quantize: str, kind: str = "loop"):
+def our_engine(tiny: bool, dtype: str, quantize: str, kind: str = "loop", kv: str = "shared"):
     """make_engine with only the options that differ from the default, so it works on engines without them."""
     from llm_psi.engine.loop import make_engine
-    extra = {k: v for k, v in (("dtype", dtype), ("quantize", quantize)) if v not in ("float32", "none")}
+    extra = {k: v for k, v in (("dtype", dtype), ("quantize", quantize), ("kv", kv))
+             if v not in ("float32", "none", "shared")}
     try:
         return make_engine(kind, tiny=tiny, seed=0, torch_threads=1, **extra)
     except ImportError as e:      # the ort engine without onnxruntime
@@ -126,9 +130,10 @@ def our_engine(tiny: bool, dtype: str, quantize: str, kind: str = "loop"):
 
 def runner(engine: str, dtype: str, quantize: str, tiny: bool):
     """A callable (batch, tokens, seed) -> new tokens for one setting; Skip where it cannot run."""
-    if engine in ("ours", "ours-ort"):
+    if engine in ("ours", "ours-ort", "ours-ort-concat"):
         from llm_psi.engine.batch import BatchEngine
-        eng = our_engine(tiny, dtype, quantize, kind="ort" if engine == "ours-ort" else "loop")
+        eng = our_engine(tiny, dtype, quantize, kind="loop" if engine == "ours" else "ort",
+                         kv="concat" if engine == "ours-ort-concat" else "shared")
 
         def run(batch, tokens, seed):
             if batch == 1:

@@ -318,13 +318,15 @@ class HFGenerateEngine(Engine):
 class OrtEngine(Engine):
     """The decode loop and the batching scheduler of ``Engine`` with ONNX Runtime as the forward
     (``engine.ort``): the model (float32, from ``seed`` or ``model``) is exported once into a cache keyed by its
-    weights, in ``quantize`` (none | int8); ``dtype`` float32 only. Sampling stays the engine's own."""
+    weights, in ``quantize`` (none | int8); ``dtype`` float32 only; ``kv`` "shared" (the cache updated in place,
+    ``ort.OrtSharedDecodeBatch``) or "concat" (concatenated per step, the first export's). Sampling stays the
+    engine's own."""
 
     kind = "ort"
 
     def __init__(self, model: str | None = None, tiny: bool = False, seed: int = 0, torch_threads=None,
                  temperature: float = 0.7, dtype: str = "float32", quantize: str = "none",
-                 omp_wait_policy: str | None = None, top_k: int = TOP_K):
+                 omp_wait_policy: str | None = None, top_k: int = TOP_K, kv: str = "shared"):
         net.check_precision(dtype, quantize)
         if dtype != "float32":
             raise ValueError(f"the ort engine runs dtype float32 (quantize none or int8), not {dtype}")
@@ -335,15 +337,19 @@ class OrtEngine(Engine):
         if self.forward is None:
             raise ValueError(f"the ort engine exports GPT-2 models only, not {self.model.config.model_type!r}")
         self.quantize = quantize
-        self.sessions = ort.Sessions(ort.export_dir(self.model, quantize), threads=self.torch.get_num_threads())
+        self.sessions = ort.Sessions(ort.export_dir(self.model, quantize), threads=self.torch.get_num_threads(),
+                                     kv=kv)
         self._ort = ort
 
     def decode_batch(self, reserve: int = 64):
+        if self.sessions.kv == "shared":
+            return self._ort.OrtSharedDecodeBatch(self.sessions, reserve=reserve)
         return self._ort.OrtDecodeBatch(self.sessions)
 
     def identity(self) -> dict:
         meta = self.sessions.meta
-        return {**super().identity(), "quantized_linears": meta["quantized_matmuls"], "kv_cache": "ort-past",
+        return {**super().identity(), "quantized_linears": meta["quantized_matmuls"],
+                "kv_cache": f"ort-{self.sessions.kv}",
                 "onnxruntime": self.sessions.ort.__version__, "ort_threads": self.sessions.threads,
                 "ort_spinning": False, "ort_export": os.path.basename(self.sessions.path)}
 

@@ -11,9 +11,15 @@ out as two graphs with ``torch.onnx.export``:
 
 - prefill ``(input_ids [B, L]) -> (logits [B, vocab], present_key0, present_value0, ...)``: prompts of one
   length side by side, causal, logits of the last position only;
-- decode ``(input_ids [B, 1], position_ids [B, 1], bias [B, 1, 1, W+1], past_key0 ... [B, heads, W, dim])
-  -> (logits, present_* [B, heads, W+1, dim])``: one token per row, each at its own position; the additive
-  ``bias`` (0 or -inf) masks each row's left padding, as ``net.DecodeBatch`` does.
+- decode_shared (the default decode, ``kv`` "shared"; ``_shared_decode_graph``, written with onnx.helper
+  from the same weights) ``(input_ids [B, 1], position_ids [B, 1], seqlens_k [B], total_sequence_length [1],
+  past_key0 ... [B, heads, C, dim]) -> (logits, present_* [B, heads, C, dim])``: one token per row, each at
+  its own position, attention by ONNX Runtime's ``GroupQueryAttention`` kernel, the present bound to the past's
+  buffer so that a step writes one column in place (``OrtSharedDecodeBatch``);
+- decode (``kv`` "concat", the first export's) ``(input_ids [B, 1], position_ids [B, 1], bias [B, 1, 1,
+  W+1], past_key0 ... [B, heads, W, dim]) -> (logits, present_* [B, heads, W+1, dim])``: the additive
+  ``bias`` (0 or -inf) masks each row's left padding, as ``net.DecodeBatch`` does, and each step
+  concatenates the new column, copying the whole cache (``OrtDecodeBatch``).
 
 Linear layers are MatMul + Add so that ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, per
 tensor; activations quantized per call, per tensor over the whole batch, as torch's dynamic int8) finds them,
@@ -31,10 +37,12 @@ renamed), so concurrent processes may race to build it. A service exports on its
 the 124M model under the paper's quota); ``python -m llm_psi.engine.accuracy --full`` exports ahead (it runs
 the ort engine in float32 and int8 from seed 0, as ``serve`` and the batching presets do).
 
-The KV cache lives in ONNX Runtime's own tensors (``OrtValue``): a step's ``present`` outputs are the next
-step's ``past`` inputs, run through ``run_with_ort_values`` (IO binding without copies to numpy; only the
-logits are read out). The decode graph concatenates the new column (a copy of the cache per step, as the ONNX
-Runtime peer did); the cache is re-padded in numpy only when sequences join or leave.
+Why the shared graph: with the concatenating one a step's time grew with the cache's width (the copy of
+every layer's keys and values, as the ONNX Runtime peer does too), so long sequences and big batches paid
+most. With ``kv`` "shared" the cache is a numpy buffer per layer, with free columns, bound through IO
+binding as both the past and the present; with "concat" it lives in ONNX Runtime's tensors and a step's
+``present`` outputs are the next step's ``past`` inputs (``run_with_ort_values``). Either way only the logits
+are read out, and the cache is re-laid in numpy only when sequences join or leave.
 """
 from __future__ import annotations
 
@@ -47,8 +55,10 @@ import warnings
 
 from llm_psi.engine import net
 
-EXPORT_VERSION = 1          # bump when the graphs below change: a new cache key
+EXPORT_VERSION = 2          # bump when the graphs below change: a new cache key
 QUANTIZE = ("none", "int8")
+GRAPHS = ("prefill", "decode", "decode_shared")
+KV = ("shared", "concat")   # the decode graph: the cache updated in place (default), or concatenated per step
 
 
 class OrtUnavailable(ImportError):
@@ -85,8 +95,8 @@ def cache_key(model, quantize: str) -> str:
 
 
 def export_dir(model, quantize: str = "none", root: str | None = None) -> str:
-    """The directory holding prefill.onnx, decode.onnx and meta.json for ``model`` (a float32 Hugging Face
-    GPT-2) in ``quantize``; exported on the first call, reused after."""
+    """The directory holding prefill.onnx, decode.onnx, decode_shared.onnx and meta.json for ``model`` (a
+    float32 Hugging Face GPT-2) in ``quantize``; exported on the first call, reused after."""
     if quantize not in QUANTIZE:
         raise ValueError(f"the ort engine's quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
     path = os.path.join(root or cache_root(), "ort", cache_key(model, quantize))
@@ -159,6 +169,80 @@ def _graphs(model):
     return Prefill().eval(), Decode().eval()
 
 
+def _shared_decode_graph(model):
+    """The decode step over a KV cache that ONNX Runtime updates in place (written by hand with onnx.helper,
+    from the model's own weights): ``(input_ids [B, 1], position_ids [B, 1], seqlens_k [B] int32 (each row's
+    tokens before this one), total_sequence_length [1] int32, past_key0 ... [B, heads, C, dim]) -> (logits
+    [B, vocab], present_key0 ...)``. Each layer's attention is ONNX Runtime's ``GroupQueryAttention``
+    (com.microsoft, its CPU kernel; as many key/value heads as query heads, GPT-2's packed q|k|v as its query):
+    bound to the same buffer as its past (IO binding), the present is the past, and a step writes one column
+    per row instead of copying the cache. Rows are right-padded: row i's tokens are its first ``seqlens_k[i]``
+    columns, and the kernel attends to those and the new one only."""
+    import numpy as np
+    onnx = require("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    t, cfg = model.transformer, model.config
+    heads, embed = cfg.n_head, cfg.n_embd
+    act = getattr(cfg, "activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu"):
+        raise ValueError(f"the ort engine's shared KV graph knows gelu_new and gelu, not {act!r}")
+    eps = float(cfg.layer_norm_epsilon)
+    inits, nodes = [], []
+
+    def const(name, tensor):
+        arr = tensor.detach().cpu().float().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def node(op, ins, outs, domain="", **attrs):
+        nodes.append(helper.make_node(op, ins, outs, domain=domain or None, **attrs))
+        return outs[0]
+
+    def layer_norm(x, ln, name):
+        return node("LayerNormalization", [x, const(f"{name}.w", ln.weight), const(f"{name}.b", ln.bias)],
+                    [f"{name}.out"], axis=-1, epsilon=eps)
+
+    def linear(x, conv, name):
+        y = node("MatMul", [x, const(f"{name}.w", conv.weight)], [f"{name}.mm"])
+        return node("Add", [y, const(f"{name}.b", conv.bias)], [f"{name}.out"])
+
+    past, present = kv_names(cfg.n_layer, "past"), kv_names(cfg.n_layer, "present")
+    h = node("Add", [node("Gather", [const("wte", t.wte.weight), "input_ids"], ["tok"]),
+                     node("Gather", [const("wpe", t.wpe.weight), "position_ids"], ["pos"])], ["h0"])
+    for i, block in enumerate(t.h):
+        p = f"h{i}"
+        qkv = linear(layer_norm(h, block.ln_1, f"{p}.ln_1"), block.attn.c_attn, f"{p}.c_attn")
+        att = node("GroupQueryAttention", [qkv, "", "", past[2 * i], past[2 * i + 1], "seqlens_k",
+                                           "total_sequence_length"],
+                   [f"{p}.att", present[2 * i], present[2 * i + 1]], domain="com.microsoft", num_heads=heads,
+                   kv_num_heads=heads, scale=float(block.attn.scaling))
+        h = node("Add", [h, linear(att, block.attn.c_proj, f"{p}.c_proj")], [f"{p}.mid"])
+        x = layer_norm(h, block.ln_2, f"{p}.ln_2")
+        x = node("MatMul", [x, const(f"{p}.c_fc.w", block.mlp.c_fc.weight)], [f"{p}.c_fc.mm"])
+        gelu = "FastGelu" if act == "gelu_new" else "BiasGelu"
+        x = node(gelu, [x, const(f"{p}.c_fc.b", block.mlp.c_fc.bias)], [f"{p}.act"], domain="com.microsoft")
+        h = node("Add", [h, linear(x, block.mlp.c_proj, f"{p}.mlp.c_proj")], [f"{p}.out"])
+    last = node("Squeeze", [h, const("axis1", np.array([1], dtype=np.int64))], ["last"])
+    node("MatMul", [layer_norm(last, t.ln_f, "ln_f"), const("head.w", t.wte.weight.t())], ["logits"])
+    f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+    kv_shape = ["batch", heads, "capacity", embed // heads]
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", 1]),
+              helper.make_tensor_value_info("position_ids", i64, ["batch", 1]),
+              helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
+              helper.make_tensor_value_info("total_sequence_length", i32, [1]),
+              *(helper.make_tensor_value_info(n, f32, kv_shape) for n in past)]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", cfg.vocab_size]),
+               *(helper.make_tensor_value_info(n, f32, kv_shape) for n in present)]
+    # the types of the com.microsoft ops' outputs, which ONNX's shape inference does not know (the quantizer
+    # needs the type of every MatMul input)
+    typed = [helper.make_tensor_value_info(f"h{i}.{name}", f32, ["batch", 1, width]) for i in range(cfg.n_layer)
+             for name, width in (("att", embed), ("act", block.mlp.c_fc.weight.shape[1]))]
+    graph = helper.make_graph(nodes, "gpt2_decode_shared_kv", inputs, outputs, inits, value_info=typed)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=8)
+
+
 def kv_names(n_layer: int, prefix: str) -> list[str]:
     return [f"{prefix}_{kind}{i}" for i in range(n_layer) for kind in ("key", "value")]
 
@@ -184,6 +268,8 @@ def _export(model, out: str) -> None:
             torch.onnx.export(module, args, os.path.join(out, f"{name}.onnx"), input_names=inputs,
                               output_names=["logits", *present], dynamic_axes={"logits": {0: "batch"}, **axes},
                               opset_version=17, dynamo=False)
+    onnx = require("onnx")
+    onnx.save(_shared_decode_graph(model), os.path.join(out, "decode_shared.onnx"))
 
 
 def _quantize(out: str) -> int:
@@ -194,7 +280,7 @@ def _quantize(out: str) -> int:
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)   # its advice to pre-process goes to the root logger
     try:
-        for name in ("prefill", "decode"):
+        for name in GRAPHS:
             src, dst = os.path.join(out, f"{name}.onnx"), os.path.join(out, f"{name}-int8.onnx")
             quantization.quantize_dynamic(src, dst, weight_type=quantization.QuantType.QInt8)
             os.replace(dst, src)
@@ -208,10 +294,12 @@ def _quantize(out: str) -> int:
 
 
 class Sessions:
-    """The two ONNX Runtime sessions of one export, on ``threads`` intra-op threads, spinning off (a spinning
-    worker burns the CPU quota between steps)."""
+    """The ONNX Runtime sessions of one export, on ``threads`` intra-op threads, spinning off (a spinning
+    worker burns the CPU quota between steps): the prefill, and the decode graph of ``kv`` (one of ``KV``)."""
 
-    def __init__(self, path: str, threads: int = 1):
+    def __init__(self, path: str, threads: int = 1, kv: str = "shared"):
+        if kv not in KV:
+            raise ValueError(f"the ort engine's kv must be one of {', '.join(KV)}, got {kv!r}")
         ort = require("onnxruntime")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
@@ -224,8 +312,9 @@ class Sessions:
             self.meta = json.load(f)
         self.prefill = ort.InferenceSession(os.path.join(path, "prefill.onnx"), opts,
                                             providers=["CPUExecutionProvider"])
-        self.decode = ort.InferenceSession(os.path.join(path, "decode.onnx"), opts,
-                                           providers=["CPUExecutionProvider"])
+        graph = "decode_shared.onnx" if kv == "shared" else "decode.onnx"
+        self.kv = kv
+        self.decode = ort.InferenceSession(os.path.join(path, graph), opts, providers=["CPUExecutionProvider"])
         n_layer = int(self.meta["config"]["n_layer"])
         self.past, self.present = kv_names(n_layer, "past"), kv_names(n_layer, "present")
         self.outputs = ["logits", *self.present]
@@ -287,3 +376,60 @@ class OrtDecodeBatch(net.RunningRows):
         self._hold = []           # the cache now lives in ONNX Runtime's own tensors
         self.width, self.lengths = width, [n + 1 for n in self.lengths]
         return self._torch.from_numpy(logits.numpy())
+
+
+class OrtSharedDecodeBatch(OrtDecodeBatch):
+    """``OrtDecodeBatch`` over the shared-KV decode graph (``kv`` "shared"): per layer, keys and values live in
+    numpy buffers [B, heads, capacity, dim] that ONNX Runtime reads and writes in place (bound as both past and
+    present), right-padded: row i's ``lengths[i]`` tokens in its first columns. A step writes one column per
+    row; the buffers are rebuilt only when sequences join or leave, with ``reserve`` free columns (doubled when
+    they run out), as ``net.DecodeBatch`` does in torch."""
+
+    def __init__(self, sessions: Sessions, reserve: int = 64):
+        super().__init__(sessions)
+        if sessions.kv != "shared":
+            raise ValueError("OrtSharedDecodeBatch needs Sessions(kv='shared')")
+        self.reserve, self.capacity = max(1, reserve), 0
+
+    def _clear(self) -> None:
+        super()._clear()
+        self.capacity = 0
+
+    def _rows(self):
+        return [([a[r, :, :n] for a in self._hold], n) for r, n in enumerate(self.lengths)]
+
+    def _rebuild(self, rows, width: int, capacity: int | None = None) -> None:
+        np, ort = self._np, self.s.ort
+        capacity = max(capacity or 0, width + self.reserve)
+        hold = []
+        for i in range(len(rows[0][0])):
+            first = rows[0][0][i]
+            buf = np.zeros((len(rows), first.shape[0], capacity, first.shape[2]), dtype=np.float32)
+            for r, (kv, n) in enumerate(rows):
+                buf[r, :, :n] = kv[i][:, kv[i].shape[1] - n:]
+            hold.append(buf)
+        self._hold = hold            # the OrtValues below share these arrays' memory: kept alive here
+        self.cache = [ort.OrtValue.ortvalue_from_numpy(b) for b in hold]
+        self.width, self.lengths, self.capacity = width, [n for _, n in rows], capacity
+
+    def step(self, input_ids):
+        """One token per row (``input_ids`` [B, 1]); the next-token logits [B, vocab], float32 torch."""
+        np = self._np
+        if self.width + 1 > self.capacity:
+            self._rebuild(self._rows(), self.width, capacity=2 * self.capacity)
+        b = len(self.lengths)
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        feeds = {"input_ids": np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64).reshape(b, 1)),
+                 "position_ids": lengths.reshape(b, 1), "seqlens_k": lengths.astype(np.int32),
+                 "total_sequence_length": np.asarray([self.width + 1], dtype=np.int32)}
+        io = self.s.decode.io_binding()
+        io.bind_output("logits", "cpu")         # first: get_outputs() keeps the binding order
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
+        for past, present, value in zip(self.s.past, self.s.present, self.cache):
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)     # the same buffer: the kernel appends in place
+        self.s.decode.run_with_iobinding(io)
+        logits = io.get_outputs()[0].numpy()
+        self.width, self.lengths = self.width + 1, [n + 1 for n in self.lengths]
+        return self._torch.from_numpy(logits)

@@ -43,7 +43,47 @@ def test_identity_names_the_engine_and_its_export(engine, cache):
     ident = engine.identity()
     assert ident["engine"] == "ort" and ident["ort_threads"] == 1 and ident["ort_spinning"] is False
     assert (ident["quantized_linears"] > 0) == (ident["quantize"] == "int8")
-    assert (cache / "ort" / ident["ort_export"] / "decode.onnx").exists()
+    assert ident["kv_cache"] == "ort-shared"
+    assert all((cache / "ort" / ident["ort_export"] / f"{g}.onnx").exists() for g in ort.GRAPHS)
+
+
+def test_the_shared_kv_cache_gives_the_concatenating_graphs_logits(cache):
+    """The decode graph that updates its KV cache in place (the default) against the one that concatenates,
+    float32, step by step with the same tokens, through rows of other lengths joining and leaving and the
+    buffers growing past their reserve: the same logits within float tolerance."""
+    import torch
+    eng = make_engine("ort", tiny=True, seed=0, torch_threads=1)
+    assert eng.identity()["kv_cache"] == "ort-shared"
+    shared = ort.OrtSharedDecodeBatch(eng.sessions, reserve=2)
+    concat = ort.OrtDecodeBatch(ort.Sessions(eng.sessions.path, kv="concat"))
+    ids = [eng.encode(p).reshape(1, -1) for p in PROMPTS]
+    last = {}
+
+    def join(k):
+        for name, b in (("shared", shared), ("concat", concat)):
+            logits, row = b.prefill(ids[k])
+            b.add(row)
+            last[name] = torch.cat([last[name], logits]) if name in last else logits
+
+    def steps(n):
+        for _ in range(n):
+            torch.testing.assert_close(last["shared"], last["concat"], rtol=1e-4, atol=1e-4)
+            tokens = last["concat"].argmax(-1, keepdim=True)
+            last["shared"], last["concat"] = shared.step(tokens), concat.step(tokens)
+
+    join(1)
+    join(0)
+    first = shared.capacity
+    steps(3)
+    assert shared.capacity > first        # the reserve of 2 ran out at the third step: the buffers grew
+    join(2)
+    steps(2)
+    for name, b in (("shared", shared), ("concat", concat)):
+        b.remove([0])
+        last[name] = last[name][1:]
+    assert shared.lengths == concat.lengths and len(shared) == 2
+    steps(4)
+    torch.testing.assert_close(last["shared"], last["concat"], rtol=1e-4, atol=1e-4)
 
 
 def test_same_seed_same_tokens_whatever_the_batch_mates(engine):
