@@ -11,8 +11,9 @@ In one run, on one thread (torch, OpenMP, MKL, ONNX Runtime and CTranslate2 all 
   queued at once with ``BatchEngine.generate_many``, so that they prefill together and decode in step, as
   the peers' static batch; until 2026-12-07 b threads released by a barrier submitted them, and the
   scheduler, woken by the first, ran it alone for a step before the others joined), ``ours-ort`` (the same
-  with ONNX Runtime as the forward, ``--engine ort``, its KV cache updated in place), ``ours-ort-concat``
-  (the same, the cache concatenated per step, as until 2026-12-07), ``hf-generate``
+  with ONNX Runtime as the forward, ``--engine ort``, the serving default: its KV cache concatenated per step),
+  ``ours-ort-shared`` (the same, ``--ort-kv shared``: the cache updated in place; at commit 9cfa34b this was
+  ``ours-ort``, and ``ours-ort-concat`` the default's), ``hf-generate``
   (Hugging Face ``generate()`` on a static batch), ``onnxruntime`` (past KV) and ``ctranslate2``, all on
   our seeded GPT-2 weights (``llm_psi.engine.peers``; their packages come from
   bench/requirements-peers.txt, and a peer that is missing is skipped with the reason; the saved and
@@ -60,8 +61,8 @@ from llm_psi import REPO
 from llm_psi.cli import OneLineParser, finite_number, int_list, word_list
 
 PROG = "python -m bench.engines"
-ENGINES = ("ours", "ours-ort", "ours-ort-concat", "hf-generate", "onnxruntime", "ctranslate2")
-TABLE = tuple(e for e in ENGINES if e != "ours-ort-concat")   # the table's engines; the old cache for --pair
+ENGINES = ("ours", "ours-ort", "ours-ort-shared", "hf-generate", "onnxruntime", "ctranslate2")
+TABLE = tuple(e for e in ENGINES if e != "ours-ort-shared")   # the table's engines; the in-place KV for --pair
 OURS = [("float32", "none"), ("bfloat16", "none"), ("float32", "int8")]
 OURS_ORT = [("float32", "none"), ("float32", "int8")]   # our engine on ONNX Runtime's forward (--engine ort)
 PROMPT = "Explain the theory of relativity."
@@ -105,7 +106,7 @@ def log(args, text):
 
 def settings(engines) -> list[tuple[str, str, str]]:
     from llm_psi.engine.peers import SETTINGS
-    table = {"ours": OURS, "ours-ort": OURS_ORT, "ours-ort-concat": OURS_ORT}
+    table = {"ours": OURS, "ours-ort": OURS_ORT, "ours-ort-shared": OURS_ORT}
     return [(e, d, q) for e in engines for d, q in table.get(e) or SETTINGS[e]]
 
 
@@ -115,11 +116,11 @@ def timed(fn):
     return n, time.monotonic() - wall0, time.process_time() - cpu0
 
 
-def our_engine(tiny: bool, dtype: str, quantize: str, kind: str = "loop", kv: str = "shared"):
+def our_engine(tiny: bool, dtype: str, quantize: str, kind: str = "loop", kv: str = "concat"):
     """make_engine with only the options that differ from the default, so it works on engines without them."""
     from llm_psi.engine.loop import make_engine
     extra = {k: v for k, v in (("dtype", dtype), ("quantize", quantize), ("kv", kv))
-             if v not in ("float32", "none", "shared")}
+             if v not in ("float32", "none", "concat")}
     try:
         return make_engine(kind, tiny=tiny, seed=0, torch_threads=1, **extra)
     except ImportError as e:      # the ort engine without onnxruntime
@@ -130,10 +131,10 @@ def our_engine(tiny: bool, dtype: str, quantize: str, kind: str = "loop", kv: st
 
 def runner(engine: str, dtype: str, quantize: str, tiny: bool):
     """A callable (batch, tokens, seed) -> new tokens for one setting; Skip where it cannot run."""
-    if engine in ("ours", "ours-ort", "ours-ort-concat"):
+    if engine in ("ours", "ours-ort", "ours-ort-shared"):
         from llm_psi.engine.batch import BatchEngine
         eng = our_engine(tiny, dtype, quantize, kind="loop" if engine == "ours" else "ort",
-                         kv="concat" if engine == "ours-ort-concat" else "shared")
+                         kv="shared" if engine == "ours-ort-shared" else "concat")
 
         def run(batch, tokens, seed):
             if batch == 1:

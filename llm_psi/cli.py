@@ -114,6 +114,9 @@ def add_service_options(p, defaults=ServiceConfig) -> None:
            help="weights, activations and KV cache of our engines (logits and sampling stay float32)")
     option(g, defaults, "--quantize", choices=configs.QUANTIZE,
            help="int8: dynamic int8 linear layers (GPT-2's Conv1D converted to nn.Linear; needs --dtype float32)")
+    option(g, defaults, "--ort-kv", choices=configs.ORT_KV,
+           help="--engine ort's KV cache: concat (copied into a new tensor each step) or shared (updated in place; "
+                "faster only for long outputs: docs/FINDINGS.md, 'Engines')")
     option(g, defaults, "--temperature", type=finite_number(float, gt=0))
     option(g, defaults, "--top-k", type=finite_number(int, ge=0),
            help="sample among the k likeliest tokens (0: the whole vocabulary); Hugging Face generate()'s default")
@@ -221,6 +224,8 @@ def resolve(a: dict, defaults=ServiceConfig, keep_none=()) -> None:
         raise UsageError(f"--quantize {a['quantize']} needs --dtype float32, got --dtype {a['dtype']}")
     if a["engine"] == "ort" and a["dtype"] != "float32":
         raise UsageError(f"--engine ort runs --dtype float32 (--quantize none or int8), not {a['dtype']}")
+    if "ort_kv" in explicit and a["engine"] != "ort":
+        raise UsageError(f"--ort-kv is an option of --engine ort, not of --engine {a['engine']}")
     if a["engine"] == "ort" and importlib.util.find_spec("onnxruntime") is None:
         raise UsageError("--engine ort needs onnxruntime, a dependency of llm-psi: pip install -e .")
     if a["engine"] == "generate" and a["batching"] != "off":

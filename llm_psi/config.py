@@ -31,6 +31,7 @@ ARRIVALS = ("closed", "constant", "poisson", "gamma")
 TOP_K = 50                       # sampling among the k likeliest tokens: Hugging Face generate()'s default
 DTYPES = ("float32", "bfloat16")  # weights, activations and KV cache (engine.net); logits and sampling float32
 QUANTIZE = ("none", "int8")       # int8: dynamic int8 linear layers (float32 only)
+ORT_KV = ("concat", "shared")     # the ort engine's KV cache: concatenated per step | updated in place
 
 # The engine's precision: the paper's three configurations pin float32 (the faithful reproduction); the
 # batching ones, and ``llm_server.py serve`` without --config (SERVE_DEFAULTS), take dynamic int8, the fastest
@@ -163,6 +164,7 @@ class ServiceConfig:
     engine: str = "loop"             # loop (our decode loop) | generate (Hugging Face generate(), as the artifact)
     dtype: str = "float32"           # DTYPES
     quantize: str = "none"           # QUANTIZE
+    ort_kv: str = "concat"           # ORT_KV (--engine ort only)
     batching: str = "off"
     max_batch: int = 8
     admission: str = "none"          # none | gate | limit | adaptive

@@ -318,15 +318,15 @@ class HFGenerateEngine(Engine):
 class OrtEngine(Engine):
     """The decode loop and the batching scheduler of ``Engine`` with ONNX Runtime as the forward
     (``engine.ort``): the model (float32, from ``seed`` or ``model``) is exported once into a cache keyed by its
-    weights, in ``quantize`` (none | int8); ``dtype`` float32 only; ``kv`` "shared" (the cache updated in place,
-    ``ort.OrtSharedDecodeBatch``) or "concat" (concatenated per step, the first export's). Sampling stays the
-    engine's own."""
+    weights, in ``quantize`` (none | int8); ``dtype`` float32 only; ``kv`` "concat" (the cache concatenated per
+    step, the default: faster at the suite's short outputs, results/engines/shared_kv/) or "shared" (updated in
+    place, ``ort.OrtSharedDecodeBatch``). Sampling stays the engine's own."""
 
     kind = "ort"
 
     def __init__(self, model: str | None = None, tiny: bool = False, seed: int = 0, torch_threads=None,
                  temperature: float = 0.7, dtype: str = "float32", quantize: str = "none",
-                 omp_wait_policy: str | None = None, top_k: int = TOP_K, kv: str = "shared"):
+                 omp_wait_policy: str | None = None, top_k: int = TOP_K, kv: str = "concat"):
         net.check_precision(dtype, quantize)
         if dtype != "float32":
             raise ValueError(f"the ort engine runs dtype float32 (quantize none or int8), not {dtype}")

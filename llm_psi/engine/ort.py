@@ -11,12 +11,12 @@ out as two graphs with ``torch.onnx.export``:
 
 - prefill ``(input_ids [B, L]) -> (logits [B, vocab], present_key0, present_value0, ...)``: prompts of one
   length side by side, causal, logits of the last position only;
-- decode_shared (the default decode, ``kv`` "shared"; ``_shared_decode_graph``, written with onnx.helper
+- decode_shared (``kv`` "shared"; ``_shared_decode_graph``, written with onnx.helper
   from the same weights) ``(input_ids [B, 1], position_ids [B, 1], seqlens_k [B], total_sequence_length [1],
   past_key0 ... [B, heads, C, dim]) -> (logits, present_* [B, heads, C, dim])``: one token per row, each at
   its own position, attention by ONNX Runtime's ``GroupQueryAttention`` kernel, the present bound to the past's
   buffer so that a step writes one column in place (``OrtSharedDecodeBatch``);
-- decode (``kv`` "concat", the first export's) ``(input_ids [B, 1], position_ids [B, 1], bias [B, 1, 1,
+- decode (``kv`` "concat", the default) ``(input_ids [B, 1], position_ids [B, 1], bias [B, 1, 1,
   W+1], past_key0 ... [B, heads, W, dim]) -> (logits, present_* [B, heads, W+1, dim])``: the additive
   ``bias`` (0 or -inf) masks each row's left padding, as ``net.DecodeBatch`` does, and each step
   concatenates the new column, copying the whole cache (``OrtDecodeBatch``).
@@ -58,7 +58,7 @@ from llm_psi.engine import net
 EXPORT_VERSION = 2          # bump when the graphs below change: a new cache key
 QUANTIZE = ("none", "int8")
 GRAPHS = ("prefill", "decode", "decode_shared")
-KV = ("shared", "concat")   # the decode graph: the cache updated in place (default), or concatenated per step
+KV = ("concat", "shared")   # the decode graph: the cache concatenated per step (default), or updated in place
 
 
 class OrtUnavailable(ImportError):
@@ -297,7 +297,7 @@ class Sessions:
     """The ONNX Runtime sessions of one export, on ``threads`` intra-op threads, spinning off (a spinning
     worker burns the CPU quota between steps): the prefill, and the decode graph of ``kv`` (one of ``KV``)."""
 
-    def __init__(self, path: str, threads: int = 1, kv: str = "shared"):
+    def __init__(self, path: str, threads: int = 1, kv: str = "concat"):
         if kv not in KV:
             raise ValueError(f"the ort engine's kv must be one of {', '.join(KV)}, got {kv!r}")
         ort = require("onnxruntime")

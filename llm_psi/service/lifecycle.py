@@ -102,7 +102,7 @@ def load_engine(cfg: ServiceConfig):
         return engines.make_engine(cfg.engine, model=cfg.model, tiny=cfg.tiny, seed=cfg.seed,
                                    torch_threads=cfg.torch_threads, omp_wait_policy=cfg.omp_wait_policy,
                                    temperature=cfg.temperature, top_k=cfg.top_k, dtype=cfg.dtype,
-                                   quantize=cfg.quantize)
+                                   quantize=cfg.quantize, **({"kv": cfg.ort_kv} if cfg.engine == "ort" else {}))
     eng = OneThread(build) if cfg.engine_thread == "one" else build()
     if cfg.batching != "off":
         from llm_psi.engine import batch as batch_engine

@@ -43,16 +43,16 @@ def test_identity_names_the_engine_and_its_export(engine, cache):
     ident = engine.identity()
     assert ident["engine"] == "ort" and ident["ort_threads"] == 1 and ident["ort_spinning"] is False
     assert (ident["quantized_linears"] > 0) == (ident["quantize"] == "int8")
-    assert ident["kv_cache"] == "ort-shared"
+    assert ident["kv_cache"] == "ort-concat"                  # the default
     assert all((cache / "ort" / ident["ort_export"] / f"{g}.onnx").exists() for g in ort.GRAPHS)
 
 
 def test_the_shared_kv_cache_gives_the_concatenating_graphs_logits(cache):
-    """The decode graph that updates its KV cache in place (the default) against the one that concatenates,
+    """The decode graph that updates its KV cache in place (--ort-kv shared) against the one that concatenates,
     float32, step by step with the same tokens, through rows of other lengths joining and leaving and the
     buffers growing past their reserve: the same logits within float tolerance."""
     import torch
-    eng = make_engine("ort", tiny=True, seed=0, torch_threads=1)
+    eng = make_engine("ort", tiny=True, seed=0, torch_threads=1, kv="shared")
     assert eng.identity()["kv_cache"] == "ort-shared"
     shared = ort.OrtSharedDecodeBatch(eng.sessions, reserve=2)
     concat = ort.OrtDecodeBatch(ort.Sessions(eng.sessions.path, kv="concat"))
@@ -143,12 +143,23 @@ def test_defaults_ort_for_serve_and_batching_paper_keeps_its_generate():
     assert setting(parse_serve(["--dtype", "bfloat16"])[0]) == ("loop", "bfloat16", "none")
     assert setting(parse_config(["--config", "batch", "--dtype", "bfloat16"])) == ("loop", "bfloat16", "none")
     assert setting(parse_config(["--config", "batch", "--engine", "loop"])) == ("loop", "float32", "int8")
+    assert parse_serve([])[0].ort_kv == "concat" and parse_serve(["--ort-kv", "shared"])[0].ort_kv == "shared"
+
+
+def test_the_service_builds_the_ort_engine_with_its_kv_cache(cache):
+    from llm_psi.service import lifecycle
+    from llm_psi.service.server import parse_serve
+    for kv in ("concat", "shared"):
+        cfg = parse_serve(["--tiny", "--engine", "ort", "--ort-kv", kv, "--torch-threads", "1"])[0]
+        assert lifecycle.load_engine(cfg).identity()["kv_cache"] == f"ort-{kv}"
 
 
 def test_refusals_in_one_line(monkeypatch):
     from llm_psi.load.generator import parse_config
     with pytest.raises(UsageError, match="--engine ort runs --dtype float32"):
         parse_config(["--engine", "ort", "--dtype", "bfloat16"])
+    with pytest.raises(UsageError, match="--ort-kv is an option of --engine ort, not of --engine loop"):
+        parse_config(["--engine", "loop", "--ort-kv", "shared"])
     find = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find(name, *a))
     with pytest.raises(UsageError, match="--engine ort needs onnxruntime"):
