@@ -179,7 +179,7 @@ def _shared_decode_graph(model):
     per row instead of copying the cache. Rows are right-padded: row i's tokens are its first ``seqlens_k[i]``
     columns, and the kernel attends to those and the new one only."""
     import numpy as np
-    onnx = require("onnx")
+    require("onnx")
     from onnx import TensorProto, helper, numpy_helper
     t, cfg = model.transformer, model.config
     heads, embed = cfg.n_head, cfg.n_embd
@@ -235,8 +235,9 @@ def _shared_decode_graph(model):
                *(helper.make_tensor_value_info(n, f32, kv_shape) for n in present)]
     # the types of the com.microsoft ops' outputs, which ONNX's shape inference does not know (the quantizer
     # needs the type of every MatMul input)
+    inner = t.h[0].mlp.c_fc.weight.shape[1]
     typed = [helper.make_tensor_value_info(f"h{i}.{name}", f32, ["batch", 1, width]) for i in range(cfg.n_layer)
-             for name, width in (("att", embed), ("act", block.mlp.c_fc.weight.shape[1]))]
+             for name, width in (("att", embed), ("act", inner))]
     graph = helper.make_graph(nodes, "gpt2_decode_shared_kv", inputs, outputs, inits, value_info=typed)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                    helper.make_opsetid("com.microsoft", 1)],
@@ -249,7 +250,7 @@ def kv_names(n_layer: int, prefix: str) -> list[str]:
 
 def _export(model, out: str) -> None:
     import torch
-    require("onnx")
+    onnx = require("onnx")
     cfg = model.config
     heads, dim = cfg.n_head, cfg.n_embd // cfg.n_head
     past, present = kv_names(cfg.n_layer, "past"), kv_names(cfg.n_layer, "present")
@@ -268,7 +269,6 @@ def _export(model, out: str) -> None:
             torch.onnx.export(module, args, os.path.join(out, f"{name}.onnx"), input_names=inputs,
                               output_names=["logits", *present], dynamic_axes={"logits": {0: "batch"}, **axes},
                               opset_version=17, dynamo=False)
-    onnx = require("onnx")
     onnx.save(_shared_decode_graph(model), os.path.join(out, "decode_shared.onnx"))
 
 
@@ -349,16 +349,22 @@ class OrtDecodeBatch(net.RunningRows):
         arrays = [v.numpy() for v in self.cache]
         return [([a[r] for a in arrays], n) for r, n in enumerate(self.lengths)]
 
-    def _rebuild(self, rows, width: int) -> None:
-        np, ort = self._np, self.s.ort
-        self._hold = []
+    def _lay(self, rows, columns: int, left: bool) -> list:
+        """Per layer, a numpy buffer [B, heads, columns, dim] holding each row's last n keys or values in its
+        last n columns (``left`` padding) or its first n."""
+        np = self._np
+        out = []
         for i in range(len(rows[0][0])):
             first = rows[0][0][i]
-            buf = np.zeros((len(rows), first.shape[0], width, first.shape[2]), dtype=first.dtype)
+            buf = np.zeros((len(rows), first.shape[0], columns, first.shape[2]), dtype=first.dtype)
             for r, (kv, n) in enumerate(rows):
-                buf[r, :, width - n:] = kv[i][:, kv[i].shape[1] - n:]
-            self._hold.append(buf)
-        self.cache = [ort.OrtValue.ortvalue_from_numpy(b) for b in self._hold]
+                (buf[r, :, columns - n:] if left else buf[r, :, :n])[...] = kv[i][:, kv[i].shape[1] - n:]
+            out.append(buf)
+        return out
+
+    def _rebuild(self, rows, width: int) -> None:
+        self._hold = self._lay(rows, width, left=True)
+        self.cache = [self.s.ort.OrtValue.ortvalue_from_numpy(b) for b in self._hold]
         self.width, self.lengths = width, [n for _, n in rows]
 
     def step(self, input_ids):
@@ -399,17 +405,9 @@ class OrtSharedDecodeBatch(OrtDecodeBatch):
         return [([a[r, :, :n] for a in self._hold], n) for r, n in enumerate(self.lengths)]
 
     def _rebuild(self, rows, width: int, capacity: int | None = None) -> None:
-        np, ort = self._np, self.s.ort
         capacity = max(capacity or 0, width + self.reserve)
-        hold = []
-        for i in range(len(rows[0][0])):
-            first = rows[0][0][i]
-            buf = np.zeros((len(rows), first.shape[0], capacity, first.shape[2]), dtype=np.float32)
-            for r, (kv, n) in enumerate(rows):
-                buf[r, :, :n] = kv[i][:, kv[i].shape[1] - n:]
-            hold.append(buf)
-        self._hold = hold            # the OrtValues below share these arrays' memory: kept alive here
-        self.cache = [ort.OrtValue.ortvalue_from_numpy(b) for b in hold]
+        self._hold = self._lay(rows, capacity, left=False)   # the OrtValues share this memory: kept alive here
+        self.cache = [self.s.ort.OrtValue.ortvalue_from_numpy(b) for b in self._hold]
         self.width, self.lengths, self.capacity = width, [n for _, n in rows], capacity
 
     def step(self, input_ids):
