@@ -136,11 +136,12 @@ def test_quick_smoke_run_resume_and_report_only(tmp_path):
         metrics = {r["metric"] for r in csv.DictReader(f)}
     assert {"isol_mean_pct", "isol_p01_pct", "lat_imp_p99_pct", "owner_cpu_share", "llm_work_conservation",
             "llm_tokens_per_s", "llm_goodput_rps", "llm_send_lateness_max_ms"} <= metrics
-    # the controller's law line in each trial's log, and a change of the quota in at least one (beside the
-    # batch owner, which takes the whole host, the quota may rightly stay at its floor for the whole trial)
+    # the controller ran beside the service in each trial: its law line, naming the service's cgroup. Whether
+    # the quota moves in a 6 s trial is the owner's doing (an owner that stalls every second keeps the quota at
+    # its floor, as the law says), so the changes themselves are tested on a fake tree (tests/control)
     logs = [open(os.path.join(d, "trials", f"headroom_{o}_interactive_t1_headroom.log")).read()
             for o in ("batch", "interactive")]
-    assert all(f"headroom: {service} from" in log for log in logs) and any("headroom: quota" in log for log in logs)
+    assert all(f"headroom: {service} from" in log for log in logs)
     first = open(os.path.join(d, "summary.csv"), "rb").read()
     p = run_script("bench.protection", "--report-only", "--results-dir", d)
     assert p.returncode == 0 and open(os.path.join(d, "summary.csv"), "rb").read() == first

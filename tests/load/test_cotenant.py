@@ -16,7 +16,8 @@ from llm_psi.load.cotenant import Cotenant, ThroughputSampler, parse_spec
 NAME = f"cot_test_{os.getpid()}"
 CLI_NAME = "cot_test_cli"          # a subprocess locks it in /run/lock: one fixed name, one lock file
 REAL = "/sys/fs/cgroup"
-SCRIPT = """import json, os, signal, sys, time
+SCRIPT = """import faulthandler, json, os, signal, sys, time
+faulthandler.register(signal.SIGUSR1)                      # the test asks for its stack if it does not exit
 signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C -> KeyboardInterrupt even if inherited ignored
 sys.path.insert(0, {root!r})
 from llm_psi.cgroups import cell
@@ -166,7 +167,13 @@ def test_killed_parent_leaves_no_burner(sig, fake_quota, locks):
         pids = desc["pids"]
         assert len(pids) == 2 and all(alive(pid) for pid in pids)
         p.send_signal(sig)
-        p.wait(timeout=30)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:                  # where it hangs, for the failure's message
+            p.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            p.kill()
+            pytest.fail(f"the parent did not exit in 60 s after {sig!r}; its stack:\n{p.communicate()[1][-3000:]}")
     finally:
         p.kill()
         p.communicate()
