@@ -15,7 +15,8 @@ the configuration's controls; the load generator outside both, over HTTP. Steps:
  2. the grid: configs x owners x loads x trials (plan.json's, or --trials), interleaved in rounds drawn from
     --seed; each trial a cell JSON (commit, dirty state, complete). --resume skips the complete ones (from the
     commit plan.json names), --stop-after-min ends a part cleanly, --loads/--owners/--configs pick a part.
- 3. report: DIR/summary.csv and DIR/power.csv (bench/protection/report.py); --report-only rewrites them.
+ 3. report: DIR/summary.csv, DIR/power.csv and DIR/differences.csv (bench/protection/report.py); --report-only
+    rewrites them.
 Ctrl-C or SIGTERM stops the running trial (exit 130); complete trials are kept.
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ def parse_args(argv):
     g.add_argument("--results-dir", default=os.path.join("results", "protection"), help="where every file goes")
     g.add_argument("--force", action="store_true", help="replace the trials of an earlier run")
     g.add_argument("--resume", action="store_true", help="keep the complete trials and run the others")
-    g.add_argument("--report-only", action="store_true", help="summary.csv and power.csv from the files; run nothing")
+    g.add_argument("--report-only", action="store_true", help="summary.csv, power.csv and differences.csv from the files; run nothing")
     g.add_argument("--pilot", action="store_true", help=f"the pilot ({PILOT['configs']}; owners {PILOT['owners']}; "
                                                          f"load {PILOT['loads']}; unless given) and the power plan")
     g.add_argument("--pilot-trials", type=num(int, ge=2), default=3, help="trials per pilot cell")

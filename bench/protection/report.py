@@ -2,7 +2,9 @@
 DIR/summary.csv (config, owner, llm_load, metric, mean, ci_lo, ci_hi, n_trials: the mean over trials with a
 95% t-interval; lat_imp_p99_pooled_pct: over the requests of every trial pooled, with a bootstrap
 interval over trials) and DIR/power.csv (each goal metric's per-trial SD pooled over the cells, the fewest trials of
-any cell, the difference to resolve and the power a two-sample t-test has to resolve it with them).
+any cell, the difference to resolve and the power a two-sample t-test has to resolve it with them) and
+DIR/differences.csv (for each owner and LLM load, each pair of configurations and each per-trial metric: the
+difference of their means, config_a minus config_b, with a Welch 95% interval; `resolved` where it excludes 0).
 Only complete trials count (their cell JSON says complete: true); the others are named and left out."""
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ METRICS = ("isol_mean_pct", "isol_p01_pct", "lat_imp_p50_pct", "lat_imp_p99_pct"
            "llm_work_conservation", "llm_tokens_per_s", "llm_goodput_rps", "llm_send_lateness_max_ms")
 RESOLVE = {"isol_mean_pct": 5.0, "isol_p01_pct": 5.0, "lat_imp_p99_pct": 10.0}   # the goal's differences
 COLUMNS = ["config", "owner", "llm_load", "metric", "mean", "ci_lo", "ci_hi", "n_trials"]
+DIFF_COLUMNS = ["owner", "llm_load", "metric", "config_a", "config_b", "diff", "ci_lo", "ci_hi", "n_a", "n_b",
+                "resolved"]
 DEFAULT_SLO = "ttft:5000,e2e:15000"
 
 
@@ -200,6 +204,26 @@ def power_rows(values: dict, metrics_=RESOLVE) -> list[dict]:
     return out
 
 
+def difference_rows(values: dict) -> list[dict]:
+    """Per owner, LLM load and per-trial metric, every pair of configurations with >= 2 trials each, in the
+    study's order (config_a before config_b): mean(a) - mean(b) with its Welch interval (stats.difference)."""
+    cells = {}
+    for (c, o, l, m), vs in values.items():
+        if len(vs) >= 2 and m != "llm_send_lateness_max_ms":
+            cells.setdefault((o, l, m), []).append((c, vs))
+    out = []
+    for (o, l, m), group in cells.items():
+        group.sort(key=lambda cv: (_rank(CONFIGS, cv[0]), cv[0]))
+        for i, (ca, va) in enumerate(group):
+            for cb, vb in group[i + 1:]:
+                d, lo, hi = stats.difference(va, vb)
+                out.append(dict(owner=o, llm_load=l, metric=m, config_a=ca, config_b=cb, diff=d, ci_lo=lo, ci_hi=hi,
+                                n_a=len(va), n_b=len(vb), resolved=bool(lo > 0 or hi < 0)))
+    return sorted(out, key=lambda r: (_rank(OWNERS, r["owner"]), _rank(LOADS, r["llm_load"]), METRICS.index(r["metric"]),
+                                      _rank(CONFIGS, r["config_a"]), r["config_a"], _rank(CONFIGS, r["config_b"]),
+                                      r["config_b"]))
+
+
 def _write(path, rows, columns):
     import pandas as pd
     pd.DataFrame(rows, columns=columns).to_csv(path, index=False)
@@ -215,6 +239,7 @@ def report(d: str) -> str:
     power = power_rows(values)
     _write(os.path.join(d, "power.csv"), power, ["metric", "sd_pooled", "cells", "n_trials_min", "resolve", "power",
                                                  "trials_for_80pct"])
+    _write(os.path.join(d, "differences.csv"), difference_rows(values), DIFF_COLUMNS)
     lines = [f"{'config':<10} {'owner':<11} {'llm':<11} {'metric':<24} {'mean':>9} {'95% interval':>21} n"]
     for r in rows:
         ci = f"[{r['ci_lo']:.3g}, {r['ci_hi']:.3g}]" if math.isfinite(r["ci_lo"]) else "-"
@@ -226,4 +251,4 @@ def report(d: str) -> str:
     broken = [os.path.basename(st) for st, rec in trials_in(d) if not rec.get("complete")]
     if broken:
         lines.append(f"left out, not complete: {', '.join(broken)}")
-    return "\n".join(lines) + f"\nwritten: {os.path.join(d, 'summary.csv')}, power.csv\n"
+    return "\n".join(lines) + f"\nwritten: {os.path.join(d, 'summary.csv')}, power.csv, differences.csv\n"

@@ -3,6 +3,7 @@ drift checks are computed over per-trial values, never over pooled requests.
 
     t_interval    mean of per-trial values with a t-interval
     trial_ratio   ratio of geometric means of two sets of per-trial values, Welch interval on the log scale
+    difference    difference of the means of two sets of per-trial values, with a Welch interval
     drift         per-trial medians against the run order: Spearman's rho and p, least-squares slope with its
                   t-interval
     interleaving  how often consecutive trials of a sweep switch configuration
@@ -44,6 +45,24 @@ def trial_ratio(a, b, level: float = LEVEL) -> tuple[float, float, float]:
     df = (va + vb) ** 2 / (va ** 2 / (la.size - 1) + vb ** 2 / (lb.size - 1))
     half = stats.t.ppf(0.5 + level / 2, df) * np.sqrt(va + vb)
     return float(np.exp(d)), float(np.exp(d - half)), float(np.exp(d + half))
+
+
+def difference(a, b, level: float = LEVEL) -> tuple[float, float, float]:
+    """mean(a) - mean(b) of the finite values with a Welch t-interval (Welch–Satterthwaite df): the two-sample
+    comparison whose power stats.power states. Zero width where neither set varies; NaN interval unless
+    both have >= 2 values."""
+    va_, vb_ = (v[np.isfinite(v)] for v in (np.asarray(a, float), np.asarray(b, float)))
+    if not va_.size or not vb_.size:
+        return np.nan, np.nan, np.nan
+    d = float(va_.mean() - vb_.mean())
+    if va_.size < 2 or vb_.size < 2:
+        return d, np.nan, np.nan
+    sa, sb = va_.var(ddof=1) / va_.size, vb_.var(ddof=1) / vb_.size
+    if sa + sb == 0:
+        return d, d, d
+    df = (sa + sb) ** 2 / (sa ** 2 / (va_.size - 1) + sb ** 2 / (vb_.size - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, df) * np.sqrt(sa + sb))
+    return d, d - half, d + half
 
 
 def spearman(x, y) -> tuple[float, float]:

@@ -42,6 +42,22 @@ def test_every_interval_contains_its_ratio():
         assert lo < r < hi
 
 
+def test_difference_welch_by_hand_and_against_scipy():
+    # means 2 and 0, each variance of the mean 1/2 + ... : a = 1, 3 (var 2, /2 = 1), b = -1, 1 (var 2, /2 = 1): df 2
+    d, lo, hi = ts.difference([1.0, 3.0], [-1.0, 1.0])
+    assert (d, lo, hi) == pytest.approx((2.0, 2 - T975[2] * math.sqrt(2), 2 + T975[2] * math.sqrt(2)))
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a, b = rng.normal(5, 2, rng.integers(2, 30)), rng.normal(4, 1, rng.integers(2, 30))
+        want = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+        d, lo, hi = ts.difference(a, b)
+        assert d == pytest.approx(a.mean() - b.mean()) and (lo, hi) == pytest.approx((want.low, want.high))
+    assert ts.difference([100.0, 100.0], [100.0, 100.0, np.nan]) == (0.0, 0.0, 0.0)   # no spread: zero width
+    d, lo, hi = ts.difference([3.0], [1.0, 2.0])
+    assert d == pytest.approx(1.5) and np.isnan(lo) and np.isnan(hi)
+    assert all(np.isnan(ts.difference([], [1.0, 2.0])))
+
+
 def test_spearman_exact_for_few_points_scipy_above():
     assert ts.spearman([0, 1, 2], [5.0, 6.0, 7.0]) == pytest.approx((1.0, 2 / 6))   # 2 of 3! orderings as extreme
     assert ts.spearman(range(5), [9.0, 7, 5, 3, 1]) == pytest.approx((-1.0, 2 / 120))

@@ -83,6 +83,32 @@ def test_report_from_synthetic_trials_and_its_rewrite(tmp_path):
     assert plan["trials"] == next(r["trials_for_80pct"] for r in plan["metrics"] if r["metric"] == "lat_imp_p99_pct")
 
 
+def test_differences_between_configurations_with_welch_intervals(tmp_path):
+    d = str(tmp_path)
+    for k, lat in enumerate([11.0, 12.0, 13.0], 1):        # lat-imp 10, 20, 30
+        synthetic_trial(d, "headroom", k, lat, 3.8)
+    for k, lat in enumerate([10.5, 11.0, 11.5], 1):        # 5, 10, 15
+        synthetic_trial(d, "idle", k, lat, 3.8)
+    for k, lat in enumerate([20.0, 20.5, 21.0], 1):        # 100, 105, 110
+        synthetic_trial(d, "baseline", k, lat, 7.0)
+    synthetic_trial(d, "weight1", 1, 10.0, 3.8)             # one trial: no interval, no row
+    assert "differences.csv" in rep.report(d)
+    with open(os.path.join(d, "differences.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == rep.DIFF_COLUMNS
+    p99 = {(r["config_a"], r["config_b"]): r for r in rows if r["metric"] == "lat_imp_p99_pct"}
+    assert set(p99) == {("baseline", "idle"), ("baseline", "headroom"), ("idle", "headroom")}   # the study's order
+    assert float(p99["idle", "headroom"]["diff"]) == pytest.approx(-10.0)
+    assert p99["idle", "headroom"]["resolved"] == "False"   # Welch: 10 +- 3.2 x 6.45
+    assert float(p99["baseline", "idle"]["diff"]) == pytest.approx(95.0) and p99["baseline", "idle"]["resolved"] == "True"
+    assert float(p99["baseline", "idle"]["ci_lo"]) > 0 and p99["baseline", "idle"]["n_a"] == "3"
+    assert not any(r["metric"] == "llm_send_lateness_max_ms" for r in rows)
+    assert {r["owner"] for r in rows} == {"interactive"} and {r["llm_load"] for r in rows} == {"saturated"}
+    first = open(os.path.join(d, "differences.csv"), "rb").read()
+    rep.report(d)
+    assert open(os.path.join(d, "differences.csv"), "rb").read() == first
+
+
 def test_a_closed_loops_goodput_counts_from_the_send(tmp_path):
     """The saturated load is a closed loop: its requests enter the generator's queue at once (t_submit_s 0) and
     go out as a worker takes each (t_dequeue_s). Timed from the send, all 6 meet a 5 s TTFT; timed from the
@@ -126,6 +152,7 @@ def test_quick_smoke_run_resume_and_report_only(tmp_path):
     assert plan["quota_capacity_rps"] > 0 and plan["rate_rps"] == pytest.approx(0.5 * plan["quota_capacity_rps"])
     assert plan["llm_alone_tokens_per_s"] > 0 and 0 < plan["llm_alone_cpu_per_s"] <= len(os.sched_getaffinity(0))
     assert os.path.exists(os.path.join(d, "calibration_alone_llm.csv"))
+    assert os.path.exists(os.path.join(d, "differences.csv"))
     trials = sorted(f for f in os.listdir(os.path.join(d, "trials")) if f.endswith("_t1.json"))
     assert trials == ["headroom_batch_interactive_t1.json", "headroom_interactive_interactive_t1.json"]
     for name in trials:
