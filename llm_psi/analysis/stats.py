@@ -32,19 +32,10 @@ def t_interval(values, level: float = LEVEL) -> tuple[float, float, float]:
 
 def trial_ratio(a, b, level: float = LEVEL) -> tuple[float, float, float]:
     """Geometric mean of a / geometric mean of b with a Welch t-interval on the difference of their mean logs
-    (Welch–Satterthwaite df), exponentiated, so it always contains the ratio; NaN unless both have >= 2."""
+    (difference() on the logs of the finite positive values), exponentiated, so it always contains the ratio;
+    NaN unless both have >= 2."""
     la, lb = (np.log(v[np.isfinite(v) & (v > 0)]) for v in (np.asarray(a, float), np.asarray(b, float)))
-    if not la.size or not lb.size:
-        return np.nan, np.nan, np.nan
-    d = la.mean() - lb.mean()
-    if la.size < 2 or lb.size < 2:
-        return float(np.exp(d)), np.nan, np.nan
-    va, vb = la.var(ddof=1) / la.size, lb.var(ddof=1) / lb.size
-    if va + vb == 0:  # identical trials: a zero-width interval
-        return (float(np.exp(d)),) * 3
-    df = (va + vb) ** 2 / (va ** 2 / (la.size - 1) + vb ** 2 / (lb.size - 1))
-    half = stats.t.ppf(0.5 + level / 2, df) * np.sqrt(va + vb)
-    return float(np.exp(d)), float(np.exp(d - half)), float(np.exp(d + half))
+    return tuple(float(np.exp(x)) for x in difference(la, lb, level))
 
 
 def difference(a, b, level: float = LEVEL) -> tuple[float, float, float]:
